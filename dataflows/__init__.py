@@ -1,0 +1,1 @@
+"""Bytewax wiring: sources, sinks, keying and batching around the engine."""

@@ -1,0 +1,1 @@
+"""Leadflow's domain: events, identity, scoring, qualification, lifecycle, routing, store."""

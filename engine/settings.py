@@ -1,0 +1,533 @@
+"""Typed settings, loaded once at start-up from TOML files plus ``LEADFLOW_*`` env.
+
+Four files live in one configuration directory (default: ``config/`` of this
+checkout, or ``$LEADFLOW_CONFIG_DIR``): ``engine.toml`` (connections, topics,
+keys, limits, dataflow), ``scoring.toml`` (rules, decay, MQL threshold),
+``routing.toml`` (queues) and ``roster.toml`` (SDRs). Every key is documented in
+the README; an unknown key, a wrong type or an out-of-range value stops start-up
+with a :class:`ConfigError` naming the file, the key and what is wrong.
+
+Environment overrides (applied after the files):
+
+* ``LEADFLOW_KAFKA_BOOTSTRAP`` -> ``kafka.bootstrap``
+* ``LEADFLOW_KAFKA_OPT_<NAME>`` -> ``kafka.options``; ``<NAME>`` is the librdkafka
+  option upper-cased with dots as underscores (``SASL_PASSWORD`` -> ``sasl.password``)
+* ``LEADFLOW_REDIS_URL`` -> ``redis.url`` (``redis://``, ``rediss://`` for TLS,
+  ``user:password@`` for AUTH/ACL)
+* ``LEADFLOW_PROCESSES`` -> ``dataflow.processes``
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+CONFIG_FILES = ("engine.toml", "scoring.toml", "routing.toml", "roster.toml")
+EVENT_TYPES = ("track", "page", "identify", "alias")
+MASK = "***"
+# librdkafka option names that carry secrets; their values are never printed.
+_SECRET_OPTION = re.compile(r"password|secret|sasl\.oauthbearer\.config|ssl\.key\.pem", re.I)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration: says which file, which key and what is wrong."""
+
+    def __init__(self, file: str, key: str, problem: str):
+        super().__init__(f"{file}: {key}: {problem}")
+        self.file = file
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    """Connection to the Kafka-protocol cluster."""
+
+    bootstrap: str = "127.0.0.1:9092"
+    # Extra librdkafka options for every client (SASL, TLS, ...).
+    options: Mapping[str, str] = field(default_factory=dict)
+    # Max messages per poll per partition; Bytewax's per-item cost drops ~5x
+    # between batches of 1 and 100+ (shared/BYTEWAX.md).
+    source_batch_size: int = 1000
+    # librdkafka waits this long for a fetch to fill; its 500 ms default puts
+    # ~190 ms on p50 latency on a lightly loaded topic.
+    fetch_wait_max_ms: int = 10
+
+
+@dataclass(frozen=True)
+class TopicSettings:
+    """Names of the topics the engine reads and writes."""
+
+    events: str = "leadflow.events"
+    feedback: str = "leadflow.feedback"
+    decisions: str = "leadflow.decisions"
+    lifecycle: str = "leadflow.lifecycle"
+    dlq: str = "leadflow.dlq"
+    # Partition count `leadflow topics create` uses when not told otherwise.
+    partitions: int = 1
+
+    def all(self) -> tuple[str, ...]:
+        """Every topic name, inputs first."""
+        return (self.events, self.feedback, self.decisions, self.lifecycle, self.dlq)
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """Connection to Redis and the layout of our keys."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "lf:"
+    # Retries with backoff before a batch gives up on Redis and the process exits
+    # (Bytewax recovery then replays the batch).
+    retries: int = 5
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """Guards on input and on per-person state size."""
+
+    max_event_bytes: int = 32_768
+    # How many recent messageIds each person remembers for de-duplication.
+    dedup_window: int = 64
+    # Output records kept per person for replay (re-emitted, never recomputed).
+    outbox_size: int = 8
+    # Events stamped further than this ahead of their ingest time are rejected.
+    max_future_skew_s: int = 86_400
+
+
+@dataclass(frozen=True)
+class DataflowSettings:
+    """How the Bytewax dataflow runs."""
+
+    processes: int = 1
+    workers_per_process: int = 1
+    # First port of the Bytewax cluster on this host (process i uses base + i).
+    cluster_base_port: int = 2101
+    # Directory of Bytewax recovery partitions; empty = recovery off.
+    recovery_dir: str = ""
+    snapshot_interval_s: float = 10.0
+    # Stop at the end of the input instead of waiting for more (replays, tests).
+    stop_at_end: bool = False
+
+
+@dataclass(frozen=True)
+class IdentitySettings:
+    """How One-IDs are derived."""
+
+    # Keyed into every identifier and One-ID digest, so identifiers cannot be
+    # recovered from Redis keys by hashing guessed e-mails.
+    salt: str = "leadflow"
+
+
+@dataclass(frozen=True)
+class ScoringRule:
+    """Points awarded to a person for one kind of event."""
+
+    name: str
+    type: str
+    points: float
+    # track: exact event name; page: glob over the URL path ('' = any).
+    event: str = ""
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """The behaviour score and the MQL threshold."""
+
+    half_life_days: float = 30.0
+    mql_threshold: float = 100.0
+    rules: tuple[ScoringRule, ...] = ()
+    # How many contributions a decision cites as its reasons.
+    reasons: int = 3
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """One routing queue."""
+
+    name: str
+    sla_minutes: int = 30
+
+
+@dataclass(frozen=True)
+class RoutingSettings:
+    """Queues MQLs are routed to."""
+
+    default_queue: str = "inbound"
+    queues: tuple[QueueSettings, ...] = (QueueSettings("inbound"),)
+
+    def queue(self, name: str) -> QueueSettings:
+        """The queue called ``name``."""
+        for q in self.queues:
+            if q.name == name:
+                return q
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class Sdr:
+    """A sales development rep on the roster."""
+
+    id: str
+    queue: str
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class RosterSettings:
+    """Who takes leads, per queue."""
+
+    sdrs: tuple[Sdr, ...] = ()
+
+    def for_queue(self, queue: str) -> tuple[Sdr, ...]:
+        """The SDRs of ``queue`` in roster order."""
+        return tuple(s for s in self.sdrs if s.queue == queue)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the engine needs, validated."""
+
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    topics: TopicSettings = field(default_factory=TopicSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    dataflow: DataflowSettings = field(default_factory=DataflowSettings)
+    identity: IdentitySettings = field(default_factory=IdentitySettings)
+    scoring: ScoringSettings = field(default_factory=ScoringSettings)
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
+    roster: RosterSettings = field(default_factory=RosterSettings)
+    config_dir: str = str(DEFAULT_CONFIG_DIR)
+
+
+class _Table:
+    """A TOML table being read: remembers file and key path for error messages."""
+
+    def __init__(self, file: str, path: str, data: Mapping[str, Any]):
+        self.file = file
+        self.path = path
+        self.data = data
+        self.used: set[str] = set()
+
+    def _key(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(self.file, self._key(key), problem)
+
+    def _get(self, key: str, default: Any) -> Any:
+        self.used.add(key)
+        return self.data.get(key, default)
+
+    def str(self, key: str, default: str, *, pattern: re.Pattern[str] | None = None) -> str:
+        value = self._get(key, default)
+        if not isinstance(value, str):
+            raise self.error(key, f"expected a string, got {_show(value)}")
+        if pattern is not None and not pattern.match(value):
+            raise self.error(key, f"{value!r} is not a valid name (letters, digits, _ . -)")
+        return value
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {_show(value)}")
+        return value
+
+    def int(self, key: str, default: int, *, min: int, max: int | None = None) -> int:  # noqa: A002
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"expected an integer, got {_show(value)}")
+        if value < min or (max is not None and value > max):
+            bounds = f">= {min}" if max is None else f"between {min} and {max}"
+            raise self.error(key, f"must be {bounds}, got {value}")
+        return value
+
+    def float(self, key: str, default: float, *, positive: bool = False) -> float:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(key, f"expected a number, got {_show(value)}")
+        if not math.isfinite(value):
+            raise self.error(key, f"must be finite, got {value}")
+        if positive and value <= 0:
+            raise self.error(key, f"must be > 0, got {value}")
+        return float(value)
+
+    def table(self, key: str) -> _Table:
+        value = self._get(key, {})
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected a table, got {_show(value)}")
+        return _Table(self.file, self._key(key), value)
+
+    def tables(self, key: str) -> list[_Table]:
+        value = self._get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self.error(key, f"expected an array of tables ([[{self._key(key)}]])")
+        return [_Table(self.file, f"{self._key(key)}[{i}]", v) for i, v in enumerate(value)]
+
+    def string_map(self, key: str) -> dict[str, str]:
+        t = self.table(key)
+        out: dict[str, str] = {}
+        for k, v in t.data.items():
+            if isinstance(v, bool):
+                v = "true" if v else "false"
+            if not isinstance(v, str | int | float):
+                raise t.error(k, f"expected a string or number, got {_show(v)}")
+            out[k] = str(v)
+        t.used.update(t.data)
+        return out
+
+    def done(self) -> None:
+        """Reject keys nobody read: a typo must not silently fall back to a default."""
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise self.error(unknown[0], "unknown key (check the spelling; see README)")
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _read_file(directory: Path, name: str) -> _Table:
+    path = directory / name
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(str(path), "-", "file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(path), "-", f"not valid TOML: {e}") from None
+    return _Table(str(path), "", data)
+
+
+def load_settings(
+    config_dir: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Read, override from the environment and validate all configuration.
+
+    Args:
+        config_dir: directory holding the four TOML files; defaults to
+            ``$LEADFLOW_CONFIG_DIR`` or the ``config/`` folder of this checkout.
+        env: environment to read overrides from (defaults to ``os.environ``).
+
+    Raises:
+        ConfigError: on the first problem found, naming file, key and problem.
+    """
+    env = os.environ if env is None else env
+    directory = Path(config_dir or env.get("LEADFLOW_CONFIG_DIR") or DEFAULT_CONFIG_DIR)
+    engine, scoring, routing, roster = (_read_file(directory, n) for n in CONFIG_FILES)
+    settings = Settings(
+        kafka=_kafka(engine.table("kafka"), env),
+        topics=_topics(engine.table("topics")),
+        redis=_redis(engine.table("redis"), env),
+        limits=_limits(engine.table("limits")),
+        dataflow=_dataflow(engine.table("dataflow"), env),
+        identity=_identity(engine.table("identity")),
+        scoring=_scoring(scoring.table("scoring")),
+        routing=_routing(routing.table("routing")),
+        roster=_roster(roster),
+        config_dir=str(directory),
+    )
+    for t in (engine, scoring, routing, roster):
+        t.done()
+    _check_roster(settings, roster.file)
+    return settings
+
+
+def _kafka(t: _Table, env: Mapping[str, str]) -> KafkaSettings:
+    options = t.string_map("options")
+    for name, value in env.items():
+        if name.startswith("LEADFLOW_KAFKA_OPT_"):
+            options[name.removeprefix("LEADFLOW_KAFKA_OPT_").lower().replace("_", ".")] = value
+    s = KafkaSettings(
+        bootstrap=env.get("LEADFLOW_KAFKA_BOOTSTRAP") or t.str("bootstrap", KafkaSettings.bootstrap),
+        options=options,
+        source_batch_size=t.int("source_batch_size", 1000, min=1, max=100_000),
+        fetch_wait_max_ms=t.int("fetch_wait_max_ms", 10, min=0, max=60_000),
+    )
+    t.used.add("bootstrap")
+    t.done()
+    return s
+
+
+def _topics(t: _Table) -> TopicSettings:
+    d = TopicSettings()
+    s = TopicSettings(
+        events=t.str("events", d.events, pattern=_NAME),
+        feedback=t.str("feedback", d.feedback, pattern=_NAME),
+        decisions=t.str("decisions", d.decisions, pattern=_NAME),
+        lifecycle=t.str("lifecycle", d.lifecycle, pattern=_NAME),
+        dlq=t.str("dlq", d.dlq, pattern=_NAME),
+        partitions=t.int("partitions", 1, min=1, max=10_000),
+    )
+    t.done()
+    if len(set(s.all())) != len(s.all()):
+        raise t.error("-", "topic names must all be different")
+    return s
+
+
+def _redis(t: _Table, env: Mapping[str, str]) -> RedisSettings:
+    url = env.get("LEADFLOW_REDIS_URL") or t.str("url", RedisSettings.url)
+    t.used.add("url")
+    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise t.error("url", f"must start with redis://, rediss:// or unix://, got {mask_url(url)!r}")
+    s = RedisSettings(
+        url=url,
+        key_prefix=t.str("key_prefix", RedisSettings.key_prefix),
+        retries=t.int("retries", 5, min=0, max=100),
+    )
+    t.done()
+    return s
+
+
+def _limits(t: _Table) -> LimitSettings:
+    s = LimitSettings(
+        max_event_bytes=t.int("max_event_bytes", 32_768, min=256, max=1_048_576),
+        dedup_window=t.int("dedup_window", 64, min=1, max=10_000),
+        outbox_size=t.int("outbox_size", 8, min=1, max=1_000),
+        max_future_skew_s=t.int("max_future_skew_s", 86_400, min=0),
+    )
+    t.done()
+    return s
+
+
+def _dataflow(t: _Table, env: Mapping[str, str]) -> DataflowSettings:
+    processes = t.int("processes", 1, min=1, max=256)
+    if "LEADFLOW_PROCESSES" in env:
+        raw = env["LEADFLOW_PROCESSES"]
+        if not raw.isdigit() or int(raw) < 1:
+            raise ConfigError("env", "LEADFLOW_PROCESSES", f"expected an integer >= 1, got {raw!r}")
+        processes = int(raw)
+    s = DataflowSettings(
+        processes=processes,
+        workers_per_process=t.int("workers_per_process", 1, min=1, max=64),
+        cluster_base_port=t.int("cluster_base_port", 2101, min=1024, max=65000),
+        recovery_dir=t.str("recovery_dir", ""),
+        snapshot_interval_s=t.float("snapshot_interval_s", 10.0, positive=True),
+        stop_at_end=t.bool("stop_at_end", False),
+    )
+    t.done()
+    return s
+
+
+def _identity(t: _Table) -> IdentitySettings:
+    s = IdentitySettings(salt=t.str("salt", IdentitySettings.salt))
+    if not s.salt:
+        raise t.error("salt", "must not be empty")
+    t.done()
+    return s
+
+
+def _scoring(t: _Table) -> ScoringSettings:
+    rules = []
+    for r in t.tables("rules"):
+        rule = ScoringRule(
+            name=r.str("name", "", pattern=_NAME),
+            type=r.str("type", ""),
+            points=r.float("points", 0.0),
+            event=r.str("event", ""),
+            path=r.str("path", ""),
+        )
+        if rule.type not in ("track", "page"):
+            raise r.error("type", f"must be 'track' or 'page', got {rule.type!r}")
+        if rule.type == "track" and not rule.event:
+            raise r.error("event", "a track rule needs the event name it scores")
+        if rule.type == "page" and rule.event:
+            raise r.error("event", "page rules match on 'path', not 'event'")
+        if rule.points == 0:
+            raise r.error("points", "must not be 0")
+        r.done()
+        rules.append(rule)
+    names = [r.name for r in rules]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise t.error("rules", f"rule name {dupes[0]!r} is used more than once")
+    s = ScoringSettings(
+        half_life_days=t.float("half_life_days", 30.0, positive=True),
+        mql_threshold=t.float("mql_threshold", 100.0, positive=True),
+        rules=tuple(rules),
+        reasons=t.int("reasons", 3, min=1, max=20),
+    )
+    t.done()
+    return s
+
+
+def _routing(t: _Table) -> RoutingSettings:
+    queues = []
+    for q in t.tables("queues"):
+        queues.append(
+            QueueSettings(
+                name=q.str("name", "", pattern=_NAME),
+                sla_minutes=q.int("sla_minutes", 30, min=1),
+            )
+        )
+        q.done()
+    if not queues:
+        raise t.error("queues", "at least one [[routing.queues]] is required")
+    names = [q.name for q in queues]
+    if len(set(names)) != len(names):
+        raise t.error("queues", "queue names must be unique")
+    default = t.str("default_queue", names[0])
+    if default not in names:
+        raise t.error("default_queue", f"{default!r} is not one of the queues {names}")
+    t.done()
+    return RoutingSettings(default_queue=default, queues=tuple(queues))
+
+
+def _roster(t: _Table) -> RosterSettings:
+    sdrs = []
+    for s in t.tables("sdrs"):
+        sdrs.append(Sdr(id=s.str("id", "", pattern=_NAME), queue=s.str("queue", ""), name=s.str("name", "")))
+        s.done()
+    return RosterSettings(sdrs=tuple(sdrs))
+
+
+def _check_roster(settings: Settings, file: str) -> None:
+    ids = [s.id for s in settings.roster.sdrs]
+    for i, sdr in enumerate(settings.roster.sdrs):
+        if ids.count(sdr.id) > 1:
+            raise ConfigError(file, f"sdrs[{i}].id", f"SDR id {sdr.id!r} appears more than once")
+        if sdr.queue not in [q.name for q in settings.routing.queues]:
+            raise ConfigError(file, f"sdrs[{i}].queue", f"unknown queue {sdr.queue!r} (see routing.toml)")
+    for q in settings.routing.queues:
+        if not settings.roster.for_queue(q.name):
+            raise ConfigError(file, "sdrs", f"queue {q.name!r} has no SDR")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:" if parts.username else ":"
+    return urlunsplit(parts._replace(netloc=f"{user}{MASK}@{netloc}"))
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """Settings as plain data with every secret masked, safe to print or log."""
+
+    def walk(obj: Any, path: str) -> Any:
+        if is_dataclass(obj) and not isinstance(obj, type):
+            return {f.name: walk(getattr(obj, f.name), f"{path}.{f.name}") for f in fields(obj)}
+        if isinstance(obj, Mapping):
+            return {k: MASK if _SECRET_OPTION.search(k) else walk(v, f"{path}.{k}") for k, v in obj.items()}
+        if isinstance(obj, tuple):
+            return [walk(v, path) for v in obj]
+        if path == ".redis.url":
+            return mask_url(obj)
+        if path == ".identity.salt":
+            return MASK
+        return obj
+
+    result: dict[str, Any] = walk(settings, "")
+    return result

