@@ -5,14 +5,19 @@ from __future__ import annotations
 import logging
 
 import orjson
-from bytewax.connectors.kafka import KafkaError, KafkaSink, KafkaSinkMessage, KafkaSource, KafkaSourceMessage
-
-from engine.events import Origin, Rejection
-from engine.person import DECISION, Output
-from engine.settings import Settings
+from bytewax.connectors.kafka import (
+    KafkaError,
+    KafkaSink,
+    KafkaSinkMessage,
+    KafkaSource,
+    KafkaSourceMessage,
+)
 
 from dataflows.metrics import metrics
 from dataflows.stages import RawMessage
+from engine.events import Origin, Rejection
+from engine.person import DECISION, Output
+from engine.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -20,14 +25,17 @@ SourceItem = KafkaSourceMessage[bytes | None, bytes | None] | KafkaError[bytes |
 SinkMessage = KafkaSinkMessage[bytes | None, bytes | None]
 
 
-def client_options(settings: Settings) -> dict[str, str]:
-    """librdkafka options shared by every client: bootstrap plus ``kafka.options``."""
+ClientConfig = dict[str, str | int | float | bool]
+
+
+def client_options(settings: Settings) -> ClientConfig:
+    """Librdkafka options shared by every client: bootstrap plus ``kafka.options``."""
     return {"bootstrap.servers": settings.kafka.bootstrap, **settings.kafka.options}
 
 
 def kafka_source(settings: Settings) -> KafkaSource:
     """The input: events (untrusted) and feedback (trusted) topics, one source."""
-    options = {k: v for k, v in client_options(settings).items() if k != "bootstrap.servers"}
+    options = dict(settings.kafka.options)
     options.setdefault("fetch.wait.max.ms", str(settings.kafka.fetch_wait_max_ms))
     return KafkaSource(
         brokers=settings.kafka.bootstrap.split(","),
@@ -42,7 +50,7 @@ def kafka_source(settings: Settings) -> KafkaSource:
 
 def kafka_sink(settings: Settings) -> KafkaSink:
     """The output: one producer per worker, topic chosen per record."""
-    options = {k: v for k, v in client_options(settings).items() if k != "bootstrap.servers"}
+    options = dict(settings.kafka.options)
     return KafkaSink(brokers=settings.kafka.bootstrap.split(","), topic=None, add_config=options)
 
 
@@ -70,10 +78,14 @@ def to_dlq_message(rejection: Rejection, settings: Settings) -> SinkMessage:
         ("leadflow.source.partition", str(o.partition).encode()),
         ("leadflow.source.offset", str(o.offset).encode()),
     ]
-    return KafkaSinkMessage(key=o.key, value=rejection.raw, topic=settings.topics.dlq, headers=headers)
+    return KafkaSinkMessage(
+        key=o.key, value=rejection.raw, topic=settings.topics.dlq, headers=headers
+    )
 
 
 def to_output_message(output: Output, settings: Settings) -> SinkMessage:
     """A decision or lifecycle record as JSON, keyed by One-ID."""
     topic = settings.topics.decisions if output.kind == DECISION else settings.topics.lifecycle
-    return KafkaSinkMessage(key=output.one_id.encode(), value=orjson.dumps(output.value), topic=topic)
+    return KafkaSinkMessage(
+        key=output.one_id.encode(), value=orjson.dumps(output.value), topic=topic
+    )

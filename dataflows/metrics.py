@@ -30,14 +30,26 @@ class Metrics:
     def create(cls, registry: CollectorRegistry = REGISTRY, prefix: str = "leadflow") -> Metrics:
         """Build and register the metrics."""
         return cls(
-            events=Counter(f"{prefix}_events", "Valid events consumed", ["type", "source"], registry=registry),
-            rejected=Counter(f"{prefix}_dlq", "Messages sent to the DLQ", ["reason"], registry=registry),
-            identity_conflicts=Counter(
-                f"{prefix}_identity_conflicts", "Events whose identifiers belong to two people", registry=registry
+            events=Counter(
+                f"{prefix}_events", "Valid events consumed", ["type", "source"], registry=registry
             ),
-            promotions=Counter(f"{prefix}_mql_promotions", "Promotions to MQL", ["queue"], registry=registry),
-            assignments=Counter(f"{prefix}_assignments", "MQLs assigned", ["queue", "sdr"], registry=registry),
-            kafka_errors=Counter(f"{prefix}_kafka_errors", "Consumer errors reported by Kafka", registry=registry),
+            rejected=Counter(
+                f"{prefix}_dlq", "Messages sent to the DLQ", ["reason"], registry=registry
+            ),
+            identity_conflicts=Counter(
+                f"{prefix}_identity_conflicts",
+                "Events whose identifiers belong to two people",
+                registry=registry,
+            ),
+            promotions=Counter(
+                f"{prefix}_mql_promotions", "Promotions to MQL", ["queue"], registry=registry
+            ),
+            assignments=Counter(
+                f"{prefix}_assignments", "MQLs assigned", ["queue", "sdr"], registry=registry
+            ),
+            kafka_errors=Counter(
+                f"{prefix}_kafka_errors", "Consumer errors reported by Kafka", registry=registry
+            ),
             decision_latency=Histogram(
                 f"{prefix}_ingest_to_decision_seconds",
                 "Broker ingest time of the triggering event to decision",

@@ -22,15 +22,10 @@ import time
 from collections.abc import Iterable
 
 import bytewax.operators as op
-from bytewax.dataflow import Dataflow
+from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
-
-from engine.events import Event, Rejection
-from engine.person import Output
-from engine.settings import Settings, load_settings
-from engine.store import RedisStore
 
 from dataflows.kafka_io import (
     SinkMessage,
@@ -42,6 +37,10 @@ from dataflows.kafka_io import (
     to_raw_messages,
 )
 from dataflows.stages import Clock, Decoder, IdentityStage, PersonStage, Resolved
+from engine.events import Event, Rejection
+from engine.person import Output
+from engine.settings import Settings, load_settings
+from engine.store import RedisStore
 
 # Routing keys for the person stage. More shards than workers ever run, so every
 # worker gets some; few enough that a batch splits into few (key, batch) groups,
@@ -81,8 +80,8 @@ def build_flow(
     raw = op.flat_map_batch("unwrap", messages, to_raw_messages)
     decoded = op.flat_map_batch("decode", raw, Decoder(settings, clock))
     split = op.branch("split_rejected", decoded, _is_event)
-    events: op.Stream[Event] = split.trues  # type: ignore[assignment]  # narrowed by _is_event
-    rejected: op.Stream[Rejection] = split.falses  # type: ignore[assignment]  # complement of the above
+    events: Stream[Event] = split.trues  # type: ignore[assignment]  # narrowed by _is_event
+    rejected: Stream[Rejection] = split.falses  # type: ignore[assignment]  # complement of the above
     resolved = op.flat_map_batch("resolve_identity", events, IdentityStage(settings, store))
     keyed = op.key_on("key_by_person", resolved, person_shard)
     owned = op.key_rm("drop_key", op.stateful_batch("to_owner", keyed, lambda _resume: _ToOwner()))
@@ -94,7 +93,9 @@ def build_flow(
     def record(o: Output) -> SinkMessage:
         return to_output_message(o, settings)
 
-    out = op.merge("records", op.map("dlq_records", rejected, dlq), op.map("output_records", outputs, record))
+    out = op.merge(
+        "records", op.map("dlq_records", rejected, dlq), op.map("output_records", outputs, record)
+    )
     op.output("output", out, sink or kafka_sink(settings))
     return flow
 

@@ -133,7 +133,9 @@ def decode_event(
         return Rejection(e.reason, e.detail, data, origin)
 
 
-def _decode(raw: bytes, ingested_ms: int, trusted: bool, max_bytes: int, skew_ms: int) -> Event:
+def _decode(  # noqa: PLR0912  # one flat list of checks, in the order they apply
+    raw: bytes, ingested_ms: int, trusted: bool, max_bytes: int, skew_ms: int
+) -> Event:
     if len(raw) > max_bytes:
         raise _Invalid("oversized", f"{len(raw)} bytes > limit {max_bytes}")
     try:
@@ -208,7 +210,11 @@ def _identifier(obj: dict[str, Any], key: str) -> str:
 
 def _email(obj: dict[str, Any]) -> str:
     """The e-mail from traits, context.traits or properties, as sent."""
-    for holder in (obj.get("traits"), (obj.get("context") or {}).get("traits"), obj.get("properties")):
+    for holder in (
+        obj.get("traits"),
+        (obj.get("context") or {}).get("traits"),
+        obj.get("properties"),
+    ):
         if isinstance(holder, dict) and holder.get("email") is not None:
             value = holder["email"]
             if not isinstance(value, str) or len(value) > _MAX_ID_LEN:
@@ -239,7 +245,9 @@ def _event_time(value: Any, ingested_ms: int, skew_ms: int) -> int:
     if value is None:
         return ingested_ms
     if not isinstance(value, str):
-        raise _Invalid("bad_timestamp", f"timestamp must be an ISO-8601 string, got {_short(value)}")
+        raise _Invalid(
+            "bad_timestamp", f"timestamp must be an ISO-8601 string, got {_short(value)}"
+        )
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
@@ -250,5 +258,7 @@ def _event_time(value: Any, ingested_ms: int, skew_ms: int) -> int:
     if not math.isfinite(ms) or ms < _MIN_EVENT_MS:
         raise _Invalid("bad_timestamp", f"before 2000: {_short(value)}")
     if ms > ingested_ms + skew_ms:
-        raise _Invalid("bad_timestamp", f"{_short(value)} is further ahead of ingest time than allowed")
+        raise _Invalid(
+            "bad_timestamp", f"{_short(value)} is further ahead of ingest time than allowed"
+        )
     return int(ms)

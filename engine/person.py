@@ -86,7 +86,11 @@ def stable_id(one_id: str, kind: str, n: int) -> str:
 
 def iso(ms: int) -> str:
     """Epoch milliseconds as ISO-8601 UTC with millisecond precision."""
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return (
+        datetime.fromtimestamp(ms / 1000, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
 
 
 def encode_state(p: PersonState) -> bytes:
@@ -155,12 +159,16 @@ def apply_event(
     if event.email and "email" not in p.channels:
         p.channels.append("email")
     for rule in model.matching_rules(event):
-        p.ref_ms = add_points(p.contributions, p.ref_ms, rule.name, rule.points, event.event_ms, model.half_life_ms)
+        p.ref_ms = add_points(
+            p.contributions, p.ref_ms, rule.name, rule.points, event.event_ms, model.half_life_ms
+        )
     p.ref_ms = max(p.ref_ms, event.event_ms)
 
     score = score_at(p.contributions, p.ref_ms, p.ref_ms, model.half_life_ms)
     if p.stage in lifecycle.NURTURE and is_mql(score, settings.scoring):
-        outputs.append(_transition(p, p.stage, lifecycle.MQL, "score_threshold", event, now_ms, score))
+        outputs.append(
+            _transition(p, p.stage, lifecycle.MQL, "score_threshold", event, now_ms, score)
+        )
         p.promotions += 1
         promotion = Promotion(
             person=p,
@@ -183,7 +191,9 @@ def complete_promotion(
     sdr = pick_sdr(ticket, settings.roster.for_queue(promotion.queue))
     queue = settings.routing.queue(promotion.queue)
     p.queue, p.owner = queue.name, sdr.id
-    reasons = top_contributions(p.contributions, p.ref_ms, p.ref_ms, model.half_life_ms, settings.scoring.reasons)
+    reasons = top_contributions(
+        p.contributions, p.ref_ms, p.ref_ms, model.half_life_ms, settings.scoring.reasons
+    )
     decision = {
         "decision_id": promotion.decision_id,
         "one_id": p.one_id,
@@ -214,7 +224,13 @@ def complete_promotion(
 
 
 def _transition(
-    p: PersonState, from_stage: str | None, to_stage: str, cause: str, event: Event, now_ms: int, score: float = 0.0
+    p: PersonState,
+    from_stage: str | None,
+    to_stage: str,
+    cause: str,
+    event: Event,
+    now_ms: int,
+    score: float = 0.0,
 ) -> Output:
     if from_stage is not None:
         lifecycle.check_transition(from_stage, to_stage)

@@ -66,7 +66,7 @@ def add_points(
     at_ms: int,
     half_life_ms: float,
 ) -> int:
-    """Add ``points`` earned at ``at_ms`` to ``contributions`` (mutated); return the new ``ref_ms``."""
+    """Add ``points`` earned at ``at_ms`` to ``contributions`` (mutated); return new ``ref_ms``."""
     if at_ms > ref_ms:
         if contributions:
             factor = decay(1.0, at_ms - ref_ms, half_life_ms)
@@ -77,7 +77,9 @@ def add_points(
     return ref_ms
 
 
-def score_at(contributions: Mapping[str, float], ref_ms: int, at_ms: int, half_life_ms: float) -> float:
+def score_at(
+    contributions: Mapping[str, float], ref_ms: int, at_ms: int, half_life_ms: float
+) -> float:
     """The total behaviour score at ``at_ms`` (>= ``ref_ms`` for decay; earlier grows it back)."""
     return decay(sum(contributions.values()), at_ms - ref_ms, half_life_ms)
 
@@ -87,4 +89,6 @@ def top_contributions(
 ) -> list[Contribution]:
     """The ``n`` largest contributions at ``at_ms``, largest first: the reasons for a score."""
     ranked = sorted(contributions.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
-    return [Contribution(rule, round(decay(v, at_ms - ref_ms, half_life_ms), 3)) for rule, v in ranked]
+    return [
+        Contribution(rule, round(decay(v, at_ms - ref_ms, half_life_ms), 3)) for rule, v in ranked
+    ]

@@ -15,6 +15,7 @@ Environment overrides (applied after the files):
 * ``LEADFLOW_REDIS_URL`` -> ``redis.url`` (``redis://``, ``rediss://`` for TLS,
   ``user:password@`` for AUTH/ACL)
 * ``LEADFLOW_PROCESSES`` -> ``dataflow.processes``
+* ``LEADFLOW_METRICS_PORT`` -> ``metrics.port``
 """
 
 from __future__ import annotations
@@ -120,6 +121,14 @@ class DataflowSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """Where Prometheus scrapes the engine."""
+
+    # Process i of a local cluster serves /metrics on port + i; 0 turns it off.
+    port: int = 3030
+
+
+@dataclass(frozen=True)
 class IdentitySettings:
     """How One-IDs are derived."""
 
@@ -203,6 +212,7 @@ class Settings:
     redis: RedisSettings = field(default_factory=RedisSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     dataflow: DataflowSettings = field(default_factory=DataflowSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     identity: IdentitySettings = field(default_factory=IdentitySettings)
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
@@ -229,7 +239,7 @@ class _Table:
         self.used.add(key)
         return self.data.get(key, default)
 
-    def str(self, key: str, default: str, *, pattern: re.Pattern[str] | None = None) -> str:
+    def text(self, key: str, default: str, *, pattern: re.Pattern[str] | None = None) -> str:
         value = self._get(key, default)
         if not isinstance(value, str):
             raise self.error(key, f"expected a string, got {_show(value)}")
@@ -237,13 +247,13 @@ class _Table:
             raise self.error(key, f"{value!r} is not a valid name (letters, digits, _ . -)")
         return value
 
-    def bool(self, key: str, default: bool) -> bool:
+    def flag(self, key: str, default: bool) -> bool:
         value = self._get(key, default)
         if not isinstance(value, bool):
             raise self.error(key, f"expected true or false, got {_show(value)}")
         return value
 
-    def int(self, key: str, default: int, *, min: int, max: int | None = None) -> int:  # noqa: A002
+    def integer(self, key: str, default: int, *, min: int, max: int | None = None) -> int:
         value = self._get(key, default)
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.error(key, f"expected an integer, got {_show(value)}")
@@ -252,7 +262,7 @@ class _Table:
             raise self.error(key, f"must be {bounds}, got {value}")
         return value
 
-    def float(self, key: str, default: float, *, positive: bool = False) -> float:
+    def number(self, key: str, default: float, *, positive: bool = False) -> float:
         value = self._get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.error(key, f"expected a number, got {_show(value)}")
@@ -278,11 +288,10 @@ class _Table:
         t = self.table(key)
         out: dict[str, str] = {}
         for k, v in t.data.items():
-            if isinstance(v, bool):
-                v = "true" if v else "false"
             if not isinstance(v, str | int | float):
                 raise t.error(k, f"expected a string or number, got {_show(v)}")
-            out[k] = str(v)
+            # librdkafka wants "true"/"false", not Python's "True"/"False".
+            out[k] = ("true" if v else "false") if isinstance(v, bool) else str(v)
         t.used.update(t.data)
         return out
 
@@ -331,6 +340,7 @@ def load_settings(
         redis=_redis(engine.table("redis"), env),
         limits=_limits(engine.table("limits")),
         dataflow=_dataflow(engine.table("dataflow"), env),
+        metrics=_metrics(engine.table("metrics"), env),
         identity=_identity(engine.table("identity")),
         scoring=_scoring(scoring.table("scoring")),
         routing=_routing(routing.table("routing")),
@@ -349,10 +359,11 @@ def _kafka(t: _Table, env: Mapping[str, str]) -> KafkaSettings:
         if name.startswith("LEADFLOW_KAFKA_OPT_"):
             options[name.removeprefix("LEADFLOW_KAFKA_OPT_").lower().replace("_", ".")] = value
     s = KafkaSettings(
-        bootstrap=env.get("LEADFLOW_KAFKA_BOOTSTRAP") or t.str("bootstrap", KafkaSettings.bootstrap),
+        bootstrap=env.get("LEADFLOW_KAFKA_BOOTSTRAP")
+        or t.text("bootstrap", KafkaSettings.bootstrap),
         options=options,
-        source_batch_size=t.int("source_batch_size", 1000, min=1, max=100_000),
-        fetch_wait_max_ms=t.int("fetch_wait_max_ms", 10, min=0, max=60_000),
+        source_batch_size=t.integer("source_batch_size", 1000, min=1, max=100_000),
+        fetch_wait_max_ms=t.integer("fetch_wait_max_ms", 10, min=0, max=60_000),
     )
     t.used.add("bootstrap")
     t.done()
@@ -362,12 +373,12 @@ def _kafka(t: _Table, env: Mapping[str, str]) -> KafkaSettings:
 def _topics(t: _Table) -> TopicSettings:
     d = TopicSettings()
     s = TopicSettings(
-        events=t.str("events", d.events, pattern=_NAME),
-        feedback=t.str("feedback", d.feedback, pattern=_NAME),
-        decisions=t.str("decisions", d.decisions, pattern=_NAME),
-        lifecycle=t.str("lifecycle", d.lifecycle, pattern=_NAME),
-        dlq=t.str("dlq", d.dlq, pattern=_NAME),
-        partitions=t.int("partitions", 1, min=1, max=10_000),
+        events=t.text("events", d.events, pattern=_NAME),
+        feedback=t.text("feedback", d.feedback, pattern=_NAME),
+        decisions=t.text("decisions", d.decisions, pattern=_NAME),
+        lifecycle=t.text("lifecycle", d.lifecycle, pattern=_NAME),
+        dlq=t.text("dlq", d.dlq, pattern=_NAME),
+        partitions=t.integer("partitions", 1, min=1, max=10_000),
     )
     t.done()
     if len(set(s.all())) != len(s.all()):
@@ -376,14 +387,16 @@ def _topics(t: _Table) -> TopicSettings:
 
 
 def _redis(t: _Table, env: Mapping[str, str]) -> RedisSettings:
-    url = env.get("LEADFLOW_REDIS_URL") or t.str("url", RedisSettings.url)
+    url = env.get("LEADFLOW_REDIS_URL") or t.text("url", RedisSettings.url)
     t.used.add("url")
     if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-        raise t.error("url", f"must start with redis://, rediss:// or unix://, got {mask_url(url)!r}")
+        raise t.error(
+            "url", f"must start with redis://, rediss:// or unix://, got {mask_url(url)!r}"
+        )
     s = RedisSettings(
         url=url,
-        key_prefix=t.str("key_prefix", RedisSettings.key_prefix),
-        retries=t.int("retries", 5, min=0, max=100),
+        key_prefix=t.text("key_prefix", RedisSettings.key_prefix),
+        retries=t.integer("retries", 5, min=0, max=100),
     )
     t.done()
     return s
@@ -391,17 +404,17 @@ def _redis(t: _Table, env: Mapping[str, str]) -> RedisSettings:
 
 def _limits(t: _Table) -> LimitSettings:
     s = LimitSettings(
-        max_event_bytes=t.int("max_event_bytes", 32_768, min=256, max=1_048_576),
-        dedup_window=t.int("dedup_window", 64, min=1, max=10_000),
-        outbox_size=t.int("outbox_size", 8, min=1, max=1_000),
-        max_future_skew_s=t.int("max_future_skew_s", 86_400, min=0),
+        max_event_bytes=t.integer("max_event_bytes", 32_768, min=256, max=1_048_576),
+        dedup_window=t.integer("dedup_window", 64, min=1, max=10_000),
+        outbox_size=t.integer("outbox_size", 8, min=1, max=1_000),
+        max_future_skew_s=t.integer("max_future_skew_s", 86_400, min=0),
     )
     t.done()
     return s
 
 
 def _dataflow(t: _Table, env: Mapping[str, str]) -> DataflowSettings:
-    processes = t.int("processes", 1, min=1, max=256)
+    processes = t.integer("processes", 1, min=1, max=256)
     if "LEADFLOW_PROCESSES" in env:
         raw = env["LEADFLOW_PROCESSES"]
         if not raw.isdigit() or int(raw) < 1:
@@ -409,18 +422,31 @@ def _dataflow(t: _Table, env: Mapping[str, str]) -> DataflowSettings:
         processes = int(raw)
     s = DataflowSettings(
         processes=processes,
-        workers_per_process=t.int("workers_per_process", 1, min=1, max=64),
-        cluster_base_port=t.int("cluster_base_port", 2101, min=1024, max=65000),
-        recovery_dir=t.str("recovery_dir", ""),
-        snapshot_interval_s=t.float("snapshot_interval_s", 10.0, positive=True),
-        stop_at_end=t.bool("stop_at_end", False),
+        workers_per_process=t.integer("workers_per_process", 1, min=1, max=64),
+        cluster_base_port=t.integer("cluster_base_port", 2101, min=1024, max=65000),
+        recovery_dir=t.text("recovery_dir", ""),
+        snapshot_interval_s=t.number("snapshot_interval_s", 10.0, positive=True),
+        stop_at_end=t.flag("stop_at_end", False),
     )
     t.done()
     return s
 
 
+def _metrics(t: _Table, env: Mapping[str, str]) -> MetricsSettings:
+    port = t.integer("port", 3030, min=0, max=65535)
+    if "LEADFLOW_METRICS_PORT" in env:
+        raw = env["LEADFLOW_METRICS_PORT"]
+        if not raw.isdigit() or int(raw) > 65535:
+            raise ConfigError(
+                "env", "LEADFLOW_METRICS_PORT", f"expected a port 0..65535, got {raw!r}"
+            )
+        port = int(raw)
+    t.done()
+    return MetricsSettings(port=port)
+
+
 def _identity(t: _Table) -> IdentitySettings:
-    s = IdentitySettings(salt=t.str("salt", IdentitySettings.salt))
+    s = IdentitySettings(salt=t.text("salt", IdentitySettings.salt))
     if not s.salt:
         raise t.error("salt", "must not be empty")
     t.done()
@@ -431,11 +457,11 @@ def _scoring(t: _Table) -> ScoringSettings:
     rules = []
     for r in t.tables("rules"):
         rule = ScoringRule(
-            name=r.str("name", "", pattern=_NAME),
-            type=r.str("type", ""),
-            points=r.float("points", 0.0),
-            event=r.str("event", ""),
-            path=r.str("path", ""),
+            name=r.text("name", "", pattern=_NAME),
+            type=r.text("type", ""),
+            points=r.number("points", 0.0),
+            event=r.text("event", ""),
+            path=r.text("path", ""),
         )
         if rule.type not in ("track", "page"):
             raise r.error("type", f"must be 'track' or 'page', got {rule.type!r}")
@@ -452,10 +478,10 @@ def _scoring(t: _Table) -> ScoringSettings:
     if dupes:
         raise t.error("rules", f"rule name {dupes[0]!r} is used more than once")
     s = ScoringSettings(
-        half_life_days=t.float("half_life_days", 30.0, positive=True),
-        mql_threshold=t.float("mql_threshold", 100.0, positive=True),
+        half_life_days=t.number("half_life_days", 30.0, positive=True),
+        mql_threshold=t.number("mql_threshold", 100.0, positive=True),
         rules=tuple(rules),
-        reasons=t.int("reasons", 3, min=1, max=20),
+        reasons=t.integer("reasons", 3, min=1, max=20),
     )
     t.done()
     return s
@@ -466,8 +492,8 @@ def _routing(t: _Table) -> RoutingSettings:
     for q in t.tables("queues"):
         queues.append(
             QueueSettings(
-                name=q.str("name", "", pattern=_NAME),
-                sla_minutes=q.int("sla_minutes", 30, min=1),
+                name=q.text("name", "", pattern=_NAME),
+                sla_minutes=q.integer("sla_minutes", 30, min=1),
             )
         )
         q.done()
@@ -476,7 +502,7 @@ def _routing(t: _Table) -> RoutingSettings:
     names = [q.name for q in queues]
     if len(set(names)) != len(names):
         raise t.error("queues", "queue names must be unique")
-    default = t.str("default_queue", names[0])
+    default = t.text("default_queue", names[0])
     if default not in names:
         raise t.error("default_queue", f"{default!r} is not one of the queues {names}")
     t.done()
@@ -486,7 +512,13 @@ def _routing(t: _Table) -> RoutingSettings:
 def _roster(t: _Table) -> RosterSettings:
     sdrs = []
     for s in t.tables("sdrs"):
-        sdrs.append(Sdr(id=s.str("id", "", pattern=_NAME), queue=s.str("queue", ""), name=s.str("name", "")))
+        sdrs.append(
+            Sdr(
+                id=s.text("id", "", pattern=_NAME),
+                queue=s.text("queue", ""),
+                name=s.text("name", ""),
+            )
+        )
         s.done()
     return RosterSettings(sdrs=tuple(sdrs))
 
@@ -494,10 +526,12 @@ def _roster(t: _Table) -> RosterSettings:
 def _check_roster(settings: Settings, file: str) -> None:
     ids = [s.id for s in settings.roster.sdrs]
     for i, sdr in enumerate(settings.roster.sdrs):
-        if ids.count(sdr.id) > 1:
+        if sdr.id in ids[:i]:
             raise ConfigError(file, f"sdrs[{i}].id", f"SDR id {sdr.id!r} appears more than once")
         if sdr.queue not in [q.name for q in settings.routing.queues]:
-            raise ConfigError(file, f"sdrs[{i}].queue", f"unknown queue {sdr.queue!r} (see routing.toml)")
+            raise ConfigError(
+                file, f"sdrs[{i}].queue", f"unknown queue {sdr.queue!r} (see routing.toml)"
+            )
     for q in settings.routing.queues:
         if not settings.roster.for_queue(q.name):
             raise ConfigError(file, "sdrs", f"queue {q.name!r} has no SDR")
@@ -520,7 +554,10 @@ def masked(settings: Settings) -> dict[str, Any]:
         if is_dataclass(obj) and not isinstance(obj, type):
             return {f.name: walk(getattr(obj, f.name), f"{path}.{f.name}") for f in fields(obj)}
         if isinstance(obj, Mapping):
-            return {k: MASK if _SECRET_OPTION.search(k) else walk(v, f"{path}.{k}") for k, v in obj.items()}
+            return {
+                k: MASK if _SECRET_OPTION.search(k) else walk(v, f"{path}.{k}")
+                for k, v in obj.items()
+            }
         if isinstance(obj, tuple):
             return [walk(v, path) for v in obj]
         if path == ".redis.url":

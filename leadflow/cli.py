@@ -22,15 +22,24 @@ EXIT_CONFIG = 2
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leadflow", description="Real-time lead scoring and routing.")
-    p.add_argument("--config-dir", help="directory of engine/scoring/routing/roster.toml (env LEADFLOW_CONFIG_DIR)")
+    p.add_argument(
+        "--config-dir",
+        help="directory of engine/scoring/routing/roster.toml (env LEADFLOW_CONFIG_DIR)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the dataflow against the configured Kafka and Redis")
-    run.add_argument("--processes", type=int, help="Bytewax processes on this host (overrides config)")
+    run.add_argument(
+        "--processes", type=int, help="Bytewax processes on this host (overrides config)"
+    )
     run.add_argument("--process-id", type=int, help="this process's index in a multi-host cluster")
-    run.add_argument("--addresses", help='all cluster members, "host:port;host:port" (with --process-id)')
-    run.add_argument("--stop-at-end", action="store_true", help="stop when the input is drained (replays)")
+    run.add_argument(
+        "--addresses", help='all cluster members, "host:port;host:port" (with --process-id)'
+    )
+    run.add_argument(
+        "--stop-at-end", action="store_true", help="stop when the input is drained (replays)"
+    )
 
     demo = sub.add_parser("demo", help="run everything locally on a synthetic stream")
     demo.add_argument("--people", type=int, default=300, help="synthetic people (default 300)")
@@ -40,12 +49,18 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=7, help="random seed of the synthetic stream")
     demo.add_argument("--quiet", action="store_true", help="print the summary only, not each alert")
 
-    topics = sub.add_parser("topics", help="manage topics").add_subparsers(dest="topics_command", required=True)
+    topics = sub.add_parser("topics", help="manage topics").add_subparsers(
+        dest="topics_command", required=True
+    )
     create = topics.add_parser("create", help="create all topics that do not exist yet")
-    create.add_argument("--partitions", type=int, help="partitions per topic (default topics.partitions)")
+    create.add_argument(
+        "--partitions", type=int, help="partitions per topic (default topics.partitions)"
+    )
     create.add_argument("--replication", type=int, default=1, help="replication factor (default 1)")
 
-    config = sub.add_parser("config", help="inspect configuration").add_subparsers(dest="config_command", required=True)
+    config = sub.add_parser("config", help="inspect configuration").add_subparsers(
+        dest="config_command", required=True
+    )
     config.add_parser("show", help="print the effective configuration as JSON, secrets masked")
     config.add_parser("check", help="validate the configuration")
     return p
@@ -59,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``leadflow`` console script."""
     args = _parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
     )
     try:
         return _dispatch(args)

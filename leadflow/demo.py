@@ -28,7 +28,7 @@ from confluent_kafka import Producer
 
 from dataflows.kafka_io import client_options
 from engine.settings import Settings, load_settings
-from leadflow.servers import LocalBroker, LocalRedis, die_with_parent, stop_process
+from leadflow.servers import LocalBroker, LocalRedis, die_with_parent, free_port, stop_process
 from leadflow.synthetic import MALFORMED, synthetic_events
 from leadflow.topics import create_topics
 from leadflow.watch import Observed, OutputWatcher
@@ -73,34 +73,46 @@ def run_demo(opts: DemoOptions) -> int:
     try:
         broker.start()
         redis.start()
-        print(f"broker  {broker.bootstrap} (tansu, memory)\nredis   {redis.url} ({Path(redis.binary).name})")
+        print(
+            f"broker  {broker.bootstrap} (tansu, memory)\n"
+            f"redis   {redis.url} ({Path(redis.binary).name})"
+        )
         env = {
             **os.environ,
             "LEADFLOW_KAFKA_BOOTSTRAP": broker.bootstrap,
             "LEADFLOW_REDIS_URL": redis.url,
             "LEADFLOW_PROCESSES": str(opts.processes),
+            "LEADFLOW_METRICS_PORT": str(free_port()),
         }
         settings = load_settings(opts.config_dir, env)
         create_topics(settings)
         engine_log = workdir / "engine.log"
         with engine_log.open("wb") as log:
-            engine = subprocess.Popen(  # noqa: S603  # our own interpreter and module
+            engine = subprocess.Popen(  # our own interpreter and module
                 [sys.executable, "-m", "leadflow.cli", "--config-dir", settings.config_dir, "run"],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 preexec_fn=die_with_parent,  # noqa: PLW1509  # the engine must not outlive the demo
             )
-        print(f"engine  {opts.processes} process(es), log {engine_log}\n")
+        print(f"engine  {opts.processes} process(es), log {engine_log}")
+        print(f"metrics http://127.0.0.1:{settings.metrics.port}/metrics\n")
         watcher = OutputWatcher(settings, None if opts.quiet else _print_alert).start()
         sent = _produce(settings, opts)
-        print(f"\nsent {sent.events} events ({sent.duplicates} retried duplicates, {sent.malformed} malformed)")
+        print(
+            f"\nsent {sent.events} events "
+            f"({sent.duplicates} retried duplicates, {sent.malformed} malformed)"
+        )
         seen = watcher.wait_until(
-            lambda o: len(o.dlq) >= sent.malformed and time.monotonic() - o.last_change > SETTLE_QUIET_S,
+            lambda o: (
+                len(o.dlq) >= sent.malformed and time.monotonic() - o.last_change > SETTLE_QUIET_S
+            ),
             SETTLE_TIMEOUT_S,
         )
         if engine.poll() is not None:
-            print(f"engine exited early with {engine.returncode}; see {engine_log}", file=sys.stderr)
+            print(
+                f"engine exited early with {engine.returncode}; see {engine_log}", file=sys.stderr
+            )
             return 1
         _print_summary(settings, sent, seen)
         return 0
@@ -162,13 +174,20 @@ def _print_summary(settings: Settings, sent: Sent, seen: Observed) -> None:
     stages = Counter(r["to"] for r in seen.lifecycle.values())
     lat = np.array(seen.latencies_ms) if seen.latencies_ms else np.zeros(1)
     print("\n== Leadflow demo summary ==")
-    print(f"events in            {sent.events + sent.duplicates + sent.malformed}"
-          f"  ({sent.events} distinct, {sent.duplicates} duplicates, {sent.malformed} malformed)")
-    print(f"people               {stages.get('lead', 0)} leads (of {sent.people} synthetic personas)")
+    print(
+        f"events in            {sent.events + sent.duplicates + sent.malformed}"
+        f"  ({sent.events} distinct, {sent.duplicates} duplicates, {sent.malformed} malformed)"
+    )
+    print(
+        f"people               {stages.get('lead', 0)} leads (of {sent.people} synthetic personas)"
+    )
     print(f"MQLs                 {len(seen.decisions)}")
     for sdr in settings.roster.sdrs:
         print(f"  assigned to {sdr.id:<10} {per_sdr.get(sdr.id, 0)}")
     print(f"DLQ                  {len(seen.dlq)}  {dict(reasons)}")
-    print(f"decision latency     p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms"
-          "  (event produced -> decision consumed)")
+    print(
+        f"decision latency     p50 {np.percentile(lat, 50):.1f} ms, "
+        f"p99 {np.percentile(lat, 99):.1f} ms"
+        "  (event produced -> decision consumed)"
+    )
     print(f"duplicate outputs    {seen.duplicates} (re-emitted records with the same id)")

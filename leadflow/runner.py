@@ -11,6 +11,7 @@ resumes from recovery.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ from types import FrameType
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
 
+from dataflows.metrics import metrics
 from dataflows.pipeline import build_flow
 from engine.settings import Settings
 from leadflow.servers import die_with_parent, stop_process
@@ -32,6 +34,17 @@ log = logging.getLogger(__name__)
 
 # Recovery partitions must be at least the largest worker count ever used.
 MIN_RECOVERY_PARTITIONS = 16
+# The engine allocates many short-lived dicts per batch while holding many live
+# ones; with CPython's default threshold (700) the cyclic GC ran so often that
+# JSON decoding cost 2.5x more (measured: 6.6 -> 2.7 us per event).
+GC_THRESHOLDS = (50_000, 20, 20)
+
+
+def tune_gc() -> None:
+    """Collect young objects less often; move start-up objects out of the GC's sight."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _graceful_sigterm() -> None:
@@ -41,6 +54,15 @@ def _graceful_sigterm() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def serve_metrics(settings: Settings, process_id: int) -> None:
+    """Ask Bytewax to serve /metrics (its own and ours, one registry) on this process's port."""
+    if settings.metrics.port:
+        metrics()  # register ours before the first scrape
+        os.environ["BYTEWAX_DATAFLOW_API_ENABLED"] = "1"
+        os.environ["BYTEWAX_DATAFLOW_API_PORT"] = str(settings.metrics.port + process_id)
+        log.info("metrics on http://0.0.0.0:%d/metrics", settings.metrics.port + process_id)
 
 
 def recovery_config(settings: Settings) -> RecoveryConfig | None:
@@ -56,9 +78,13 @@ def recovery_config(settings: Settings) -> RecoveryConfig | None:
     return RecoveryConfig(str(path))
 
 
-def run_member(settings: Settings, process_id: int | None = None, addresses: list[str] | None = None) -> None:
+def run_member(
+    settings: Settings, process_id: int | None = None, addresses: list[str] | None = None
+) -> None:
     """Run this process's part of the dataflow until the input ends or we are stopped."""
     _graceful_sigterm()
+    tune_gc()
+    serve_metrics(settings, process_id or 0)
     recovery = recovery_config(settings)
     epoch = timedelta(seconds=settings.dataflow.snapshot_interval_s)
     log.info(
@@ -88,7 +114,7 @@ def run_local_cluster(settings: Settings, config_dir: str) -> int:
     addresses = ";".join(f"127.0.0.1:{base + i}" for i in range(n))
     extra = ["--stop-at-end"] if settings.dataflow.stop_at_end else []
     children = [
-        subprocess.Popen(  # noqa: S603  # our own interpreter and module
+        subprocess.Popen(  # our own interpreter and module
             [
                 sys.executable, "-m", "leadflow.cli", "--config-dir", config_dir,
                 "run", "--process-id", str(i), "--addresses", addresses, *extra,

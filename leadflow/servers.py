@@ -50,7 +50,9 @@ def die_with_parent() -> None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 10.0, sig: int = signal.SIGTERM) -> int:
+def stop_process(
+    proc: subprocess.Popen[bytes], grace_s: float = 10.0, sig: int = signal.SIGTERM
+) -> int:
     """Stop ``proc`` with ``sig``, then SIGKILL after ``grace_s``; return its exit code."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
@@ -82,7 +84,7 @@ class LocalServer:
     def start(self) -> LocalServer:
         """Start the server and wait until it accepts connections."""
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(  # noqa: S603  # our own binaries, no shell
+            self.proc = subprocess.Popen(  # our own binaries, no shell
                 self.command(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -93,14 +95,18 @@ class LocalServer:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ServerError(f"{self.name} exited with {self.proc.returncode}; log: {self.log_path}")
+                raise ServerError(
+                    f"{self.name} exited with {self.proc.returncode}; log: {self.log_path}"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return self
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        raise ServerError(f"{self.name} did not listen on port {self.port} within {READY_TIMEOUT_S}s")
+        raise ServerError(
+            f"{self.name} did not listen on port {self.port} within {READY_TIMEOUT_S}s"
+        )
 
     def stop(self) -> None:
         """Stop the server and remove its working directory if we made it."""
@@ -184,7 +190,11 @@ class LocalRedis(LocalServer):
     name = "redis"
 
     def __init__(
-        self, flavor: str = "", password: str = "", appendonly: bool = False, workdir: str | None = None
+        self,
+        flavor: str = "",
+        password: str = "",
+        appendonly: bool = False,
+        workdir: str | None = None,
     ):
         super().__init__(workdir)
         self.binary = redis_server_binary(flavor)

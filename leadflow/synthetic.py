@@ -16,8 +16,32 @@ from dataclasses import dataclass
 
 import orjson
 
-_COMPANIES = ("acme", "globex", "initech", "umbrella", "hooli", "stark", "wayne", "tyrell", "cyberdyne", "soylent")
-_FIRST = ("ana", "bruno", "carla", "diego", "elena", "fabio", "wei", "li", "mei", "jun", "sara", "tom")
+_COMPANIES = (
+    "acme",
+    "globex",
+    "initech",
+    "umbrella",
+    "hooli",
+    "stark",
+    "wayne",
+    "tyrell",
+    "cyberdyne",
+    "soylent",
+)
+_FIRST = (
+    "ana",
+    "bruno",
+    "carla",
+    "diego",
+    "elena",
+    "fabio",
+    "wei",
+    "li",
+    "mei",
+    "jun",
+    "sara",
+    "tom",
+)
 _BLOG = ("/blog/lead-scoring-101", "/blog/routing-rules", "/blog/mql-vs-sql", "/blog/gdpr-consent")
 
 
@@ -45,12 +69,19 @@ def personas(people: int, seed: int) -> list[Persona]:
 
 def _journey(p: Persona, rng: random.Random) -> list[dict[str, object]]:
     def page(path: str) -> dict[str, object]:
-        return {"type": "page", "name": path, "properties": {"path": path, "url": f"https://leadflow.example{path}"}}
+        return {
+            "type": "page",
+            "name": path,
+            "properties": {"path": path, "url": f"https://leadflow.example{path}"},
+        }
 
     def track(name: str, **props: object) -> dict[str, object]:
         return {"type": "track", "event": name, "properties": props}
 
-    identify = {"type": "identify", "traits": {"email": p.email, "company": p.email.split("@")[1].split(".")[0]}}
+    identify: dict[str, object] = {
+        "type": "identify",
+        "traits": {"email": p.email, "company": p.email.split("@")[1].split(".")[0]},
+    }
     steps: list[dict[str, object]] = [page("/")]
     steps += [page(rng.choice(_BLOG)) for _ in range(rng.randint(1, 4))]
     if p.kind == "cold":
@@ -65,8 +96,14 @@ def _journey(p: Persona, rng: random.Random) -> list[dict[str, object]]:
     if rng.random() < 0.4:
         steps.append(track("Webinar Attended", webinar="Speed to Lead"))
     if p.kind == "hot":
-        steps += [page("/pricing"), page("/pricing/enterprise"), track("Webinar Attended", webinar="Live Demo")]
-        steps.append(track(rng.choice(("Demo Requested", "Contact Form Submitted", "Trade Show Visited"))))
+        steps += [
+            page("/pricing"),
+            page("/pricing/enterprise"),
+            track("Webinar Attended", webinar="Live Demo"),
+        ]
+        steps.append(
+            track(rng.choice(("Demo Requested", "Contact Form Submitted", "Trade Show Visited")))
+        )
         steps.append(track("Demo Requested", plan="enterprise"))
     return steps
 
@@ -94,8 +131,14 @@ def synthetic_events(people: int, seed: int = 7) -> Iterator[dict[str, object]]:
 # Malformed input every real stream gets; each is rejected with the reason given.
 MALFORMED: tuple[tuple[str, bytes], ...] = (
     ("invalid_json", b"{this is not json"),
-    ("missing_message_id", orjson.dumps({"type": "track", "event": "Demo Requested", "anonymousId": "x"})),
+    (
+        "missing_message_id",
+        orjson.dumps({"type": "track", "event": "Demo Requested", "anonymousId": "x"}),
+    ),
     ("unknown_type", orjson.dumps({"type": "screen", "messageId": "bad-1", "anonymousId": "x"})),
-    ("untrusted_source", orjson.dumps({"type": "track", "event": "manual_mql", "messageId": "bad-2", "userId": "u"})),
+    (
+        "untrusted_source",
+        orjson.dumps({"type": "track", "event": "manual_mql", "messageId": "bad-2", "userId": "u"}),
+    ),
     ("not_an_object", b"[1, 2, 3]"),
 )

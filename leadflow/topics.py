@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 
 from dataflows.kafka_io import client_options
 from engine.settings import Settings
@@ -14,7 +15,9 @@ from engine.settings import Settings
 METADATA_TIMEOUT_S = 30.0
 
 
-def create_topics(settings: Settings, partitions: int | None = None, replication: int = 1) -> list[str]:
+def create_topics(
+    settings: Settings, partitions: int | None = None, replication: int = 1
+) -> list[str]:
     """Create every topic that does not exist yet; return the names created.
 
     Args:
@@ -25,7 +28,10 @@ def create_topics(settings: Settings, partitions: int | None = None, replication
     admin = AdminClient(client_options(settings))
     count = partitions or settings.topics.partitions
     futures = admin.create_topics(
-        [NewTopic(t, num_partitions=count, replication_factor=replication) for t in settings.topics.all()]
+        [
+            NewTopic(t, num_partitions=count, replication_factor=replication)
+            for t in settings.topics.all()
+        ]
     )
     created = []
     for topic, future in futures.items():

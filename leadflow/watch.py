@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from dataflows.kafka_io import client_options
 from engine.settings import Settings
@@ -42,6 +42,10 @@ class Observed:
     last_change: float = field(default_factory=time.monotonic)
 
 
+def _text(value: str | bytes | None) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value or ""
+
+
 def parse_iso_ms(text: str) -> float:
     """ISO-8601 UTC (``...Z``) to epoch milliseconds."""
     return datetime.fromisoformat(text).timestamp() * 1000
@@ -50,7 +54,9 @@ def parse_iso_ms(text: str) -> float:
 class OutputWatcher:
     """Consume the output topics from the beginning in a background thread."""
 
-    def __init__(self, settings: Settings, on_decision: Callable[[dict[str, Any], float], None] | None = None):
+    def __init__(
+        self, settings: Settings, on_decision: Callable[[dict[str, Any], float], None] | None = None
+    ):
         self.settings = settings
         self.on_decision = on_decision
         self.observed = Observed()
@@ -63,6 +69,7 @@ class OutputWatcher:
                 "group.id": "leadflow-watcher",
                 "enable.auto.commit": False,
                 "fetch.wait.max.ms": settings.kafka.fetch_wait_max_ms,
+                "enable.partition.eof": True,
             }
         )
         topics = settings.topics
@@ -71,6 +78,7 @@ class OutputWatcher:
             meta = self._consumer.list_topics(topic, timeout=10).topics[topic]
             parts += [TopicPartition(topic, p, 0) for p in meta.partitions]
         self._consumer.assign(parts)
+        self._partitions = len(parts)
 
     def start(self) -> OutputWatcher:
         """Start consuming."""
@@ -80,7 +88,8 @@ class OutputWatcher:
     def stop(self) -> None:
         """Stop consuming and close the consumer."""
         self._stop.set()
-        self._thread.join(10)
+        if self._thread.ident is not None:
+            self._thread.join(10)
         self._consumer.close()
 
     def snapshot(self) -> Observed:
@@ -88,7 +97,12 @@ class OutputWatcher:
         with self.lock:
             o = self.observed
             return Observed(
-                dict(o.decisions), dict(o.lifecycle), list(o.dlq), list(o.latencies_ms), o.duplicates, o.last_change
+                dict(o.decisions),
+                dict(o.lifecycle),
+                list(o.dlq),
+                list(o.latencies_ms),
+                o.duplicates,
+                o.last_change,
             )
 
     def wait_until(self, condition: Callable[[Observed], bool], timeout_s: float) -> Observed:
@@ -105,36 +119,52 @@ class OutputWatcher:
             f"{len(seen.lifecycle)} lifecycle records, {len(seen.dlq)} DLQ messages"
         )
 
+    def read_to_end(self, timeout_s: float = 30.0) -> Observed:
+        """Read synchronously until every output partition reports its end (no thread)."""
+        at_end: set[tuple[str, int]] = set()
+        deadline = time.monotonic() + timeout_s
+        while len(at_end) < self._partitions:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"output topics not read to the end within {timeout_s}s")
+            for msg in self._consumer.consume(500, 0.2):
+                err = msg.error()
+                if err is None:
+                    self._handle(msg)
+                elif err.code() == KafkaError._PARTITION_EOF:
+                    at_end.add((str(msg.topic()), int(msg.partition() or 0)))
+        return self.snapshot()
+
     def _run(self) -> None:
-        topics = self.settings.topics
         while not self._stop.is_set():
             for msg in self._consumer.consume(500, 0.1):
-                if msg.error():
-                    continue
-                now_ms = time.time() * 1000
-                with self.lock:
-                    o = self.observed
-                    o.last_change = time.monotonic()
-                    if msg.topic() == topics.dlq:
-                        headers = dict(msg.headers() or [])
-                        o.dlq.append(
-                            DlqRecord(
-                                headers.get("leadflow.reason", b"").decode(),
-                                headers.get("leadflow.detail", b"").decode(),
-                                msg.value() or b"",
-                            )
-                        )
-                        continue
-                    record = orjson.loads(msg.value())
-                    if msg.topic() == topics.lifecycle:
-                        o.duplicates += record["record_id"] in o.lifecycle
-                        o.lifecycle[record["record_id"]] = record
-                        continue
-                    if record["decision_id"] in o.decisions:
-                        o.duplicates += 1
-                        continue
-                    o.decisions[record["decision_id"]] = record
-                    latency = now_ms - parse_iso_ms(record["trigger"]["ingested_at"])
-                    o.latencies_ms.append(latency)
-                if self.on_decision is not None:
-                    self.on_decision(record, latency)
+                if msg.error() is None:
+                    self._handle(msg)
+
+    def _handle(self, msg: Message) -> None:
+        topics = self.settings.topics
+        now_ms = time.time() * 1000
+        with self.lock:
+            o = self.observed
+            o.last_change = time.monotonic()
+            if msg.topic() == topics.dlq:
+                raw = msg.headers() or []
+                pairs = raw.items() if isinstance(raw, dict) else raw  # consumers get a list
+                headers = {k: _text(v) for k, v in pairs}
+                reason = headers.get("leadflow.reason", "")
+                o.dlq.append(
+                    DlqRecord(reason, headers.get("leadflow.detail", ""), msg.value() or b"")
+                )
+                return
+            record = orjson.loads(msg.value() or b"null")
+            if msg.topic() == topics.lifecycle:
+                o.duplicates += record["record_id"] in o.lifecycle
+                o.lifecycle[record["record_id"]] = record
+                return
+            if record["decision_id"] in o.decisions:
+                o.duplicates += 1
+                return
+            o.decisions[record["decision_id"]] = record
+            latency = now_ms - parse_iso_ms(record["trigger"]["ingested_at"])
+            o.latencies_ms.append(latency)
+        if self.on_decision is not None:
+            self.on_decision(record, latency)

@@ -1,0 +1,44 @@
+"""Shared fixtures: real servers on free loopback ports, settings pointing at them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+
+from engine.settings import Settings, load_settings
+from leadflow.servers import LocalBroker, LocalRedis
+from leadflow.topics import create_topics
+
+
+@pytest.fixture
+def broker() -> Iterator[LocalBroker]:
+    """A tansu broker, stopped after the test."""
+    with LocalBroker() as b:
+        assert isinstance(b, LocalBroker)
+        yield b
+
+
+@pytest.fixture
+def redis_server() -> Iterator[LocalRedis]:
+    """A Redis 6.2 server (the oldest we support), stopped after the test."""
+    with LocalRedis("redis") as r:
+        assert isinstance(r, LocalRedis)
+        yield r
+
+
+def local_settings(broker: LocalBroker, redis: LocalRedis, **dataflow: object) -> Settings:
+    """The default configuration pointed at the local servers."""
+    s = load_settings(
+        env={"LEADFLOW_KAFKA_BOOTSTRAP": broker.bootstrap, "LEADFLOW_REDIS_URL": redis.url}
+    )
+    return replace(s, dataflow=replace(s.dataflow, **dataflow))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def settings(broker: LocalBroker, redis_server: LocalRedis) -> Settings:
+    """Default settings on the local servers; stop at end of input; 2-partition topics."""
+    s = local_settings(broker, redis_server, stop_at_end=True)
+    create_topics(s, partitions=2)
+    return s

@@ -1,0 +1,124 @@
+"""Helpers for integration tests: send events, run the real dataflow, read its outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from bytewax.testing import cluster_main, run_main
+from confluent_kafka import Producer
+
+from dataflows.kafka_io import client_options
+from dataflows.pipeline import build_flow
+from engine.person import PersonState, decode_state
+from engine.scoring import ScoringModel, score_at
+from engine.settings import Settings
+from engine.store import RedisStore
+from leadflow.watch import Observed, OutputWatcher
+
+T0 = "2026-11-02T09:00:00.000Z"
+
+
+def at(seconds: float) -> str:
+    """An ISO timestamp ``seconds`` after T0."""
+    from datetime import datetime, timedelta
+
+    return (datetime.fromisoformat(T0) + timedelta(seconds=seconds)).isoformat(
+        timespec="milliseconds"
+    )
+
+
+def page(message_id: str, anon: str, path: str, t: float = 0) -> dict[str, Any]:
+    return {
+        "type": "page",
+        "messageId": message_id,
+        "anonymousId": anon,
+        "timestamp": at(t),
+        "properties": {"path": path},
+    }
+
+
+def track(message_id: str, anon: str, name: str, t: float = 0, email: str = "") -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "type": "track",
+        "event": name,
+        "messageId": message_id,
+        "anonymousId": anon,
+        "timestamp": at(t),
+    }
+    if email:
+        event["traits"] = {"email": email}
+    return event
+
+
+def hot_lead(anon: str, t: float = 0) -> list[dict[str, Any]]:
+    """Events taking a new person from 0 to 105 points: demo 50 + webinar 25 + contact 30."""
+    return [
+        track(f"{anon}-1", anon, "Demo Requested", t),
+        track(f"{anon}-2", anon, "Webinar Attended", t + 1),
+        track(f"{anon}-3", anon, "Contact Form Submitted", t + 2),
+    ]
+
+
+def send(
+    settings: Settings, items: Sequence[dict[str, Any] | bytes], topic: str = "", key: str = ""
+) -> None:
+    """Produce ``items`` in order (dicts as JSON, bytes as is), keyed by ``key`` or anonymousId."""
+    producer = Producer(client_options(settings))
+    for item in items:
+        if isinstance(item, bytes):
+            producer.produce(topic or settings.topics.events, item, key.encode() or None)
+        else:
+            k = (key or str(item.get("anonymousId", ""))).encode() or None
+            producer.produce(topic or settings.topics.events, orjson.dumps(item), k)
+    assert producer.flush(10) == 0
+
+
+def run_flow(settings: Settings, workers: int) -> None:
+    """Run the real dataflow over everything in the input topics, on ``workers`` workers."""
+    assert settings.dataflow.stop_at_end, "the flow must stop at the end of the input"
+    flow = build_flow(settings)
+    if workers == 1:
+        run_main(flow)
+    else:
+        cluster_main(flow, [], 0, worker_count_per_proc=workers)
+
+
+def outputs(settings: Settings) -> Observed:
+    """Everything on the output topics, read to the end."""
+    watcher = OutputWatcher(settings)
+    try:
+        return watcher.read_to_end()
+    finally:
+        watcher.stop()
+
+
+def person_of(settings: Settings, event: dict[str, Any]) -> PersonState:
+    """The stored state of the person an event resolved to."""
+    from engine.events import Event
+    from engine.identity import identifiers_of
+
+    store = RedisStore(settings.redis)
+    try:
+        probe = Event(
+            type="page",
+            message_id="probe",
+            event_ms=0,
+            ingested_ms=0,
+            anonymous_id=event.get("anonymousId", ""),
+            user_id=event.get("userId", ""),
+        )
+        ident = identifiers_of(probe, settings.identity.salt)[0]
+        (one_id,) = store.owners([ident])
+        assert one_id is not None, "identifier unknown to the store"
+        (raw,) = store.load_people([one_id])
+        return decode_state(one_id, raw)
+    finally:
+        store.close()
+
+
+def behavior_score(settings: Settings, person: PersonState) -> float:
+    """A person's behaviour score at their latest event time."""
+    model = ScoringModel(settings.scoring)
+    return score_at(person.contributions, person.ref_ms, person.ref_ms, model.half_life_ms)

@@ -1,0 +1,123 @@
+"""The console script as a user runs it: real processes, real servers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from engine.settings import Settings
+from leadflow.servers import LocalBroker, LocalRedis, free_port
+from leadflow.topics import create_topics
+from tests.conftest import local_settings
+from tests.integration.flow import hot_lead, outputs, run_flow, send
+
+LEADFLOW = [sys.executable, "-m", "leadflow.cli"]
+
+
+def _env(broker: LocalBroker, redis: LocalRedis) -> dict[str, str]:
+    return {
+        **os.environ,
+        "LEADFLOW_KAFKA_BOOTSTRAP": broker.bootstrap,
+        "LEADFLOW_REDIS_URL": redis.url,
+        "LEADFLOW_METRICS_PORT": str(free_port()),
+    }
+
+
+def _server_pids() -> set[str]:
+    ps = subprocess.run(
+        ["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True
+    ).stdout
+    return {
+        line.split()[0]
+        for line in ps.splitlines()
+        if (
+            "tansu" in line
+            or "redis-server" in line
+            or "valkey-server" in line
+            or "leadflow.cli" in line
+        )
+        and ":6379" not in line  # the machine's own Redis is not ours
+    }
+
+
+def test_run_with_two_processes_forms_one_cluster(
+    broker: LocalBroker, redis_server: LocalRedis
+) -> None:
+    settings = local_settings(broker, redis_server)
+    create_topics(settings, partitions=2)
+    send(settings, [e for n in range(6) for e in hot_lead(f"anon-{n}", t=n)])
+    result = subprocess.run(
+        [*LEADFLOW, "run", "--processes", "2", "--stop-at-end"],
+        env=_env(broker, redis_server),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    seen = outputs(settings)
+    assert len(seen.decisions) == 6
+    assert sorted(d["ticket"] for d in seen.decisions.values()) == [1, 2, 3, 4, 5, 6]
+    assert "process 1 of 2" in result.stderr
+
+
+def test_demo_runs_end_to_end_and_leaves_nothing_behind() -> None:
+    before = _server_pids()
+    result = subprocess.run(
+        [*LEADFLOW, "demo", "--people", "60", "--rate", "1500", "--quiet"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=150,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    out = result.stdout
+    assert "== Leadflow demo summary ==" in out
+    assert "decision latency" in out
+    assert "DLQ                  5" in out  # the five malformed messages the demo sends
+    assert "60 leads" in out
+    assert _server_pids() - before == set()
+
+
+def test_bad_config_stops_start_up_naming_file_key_and_problem(tmp_path: Path) -> None:
+    config = Path(__file__).resolve().parents[2] / "config"
+    for f in config.glob("*.toml"):
+        (tmp_path / f.name).write_text(f.read_text())
+    scoring = tmp_path / "scoring.toml"
+    scoring.write_text(
+        scoring.read_text().replace("mql_threshold = 100.0", 'mql_threshold = "high"')
+    )
+    result = subprocess.run(
+        [*LEADFLOW, "--config-dir", str(tmp_path), "run"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert f"{scoring}: scoring.mql_threshold: expected a number, got str 'high'" in result.stderr
+
+
+def test_config_show_masks_secrets() -> None:
+    env = {
+        **os.environ,
+        "LEADFLOW_REDIS_URL": "redis://app:s3cret-pw@10.0.0.5:6379/0",
+        "LEADFLOW_KAFKA_OPT_SASL_PASSWORD": "kafka-s3cret",
+    }
+    result = subprocess.run(
+        [*LEADFLOW, "config", "show"], env=env, capture_output=True, text=True, check=True
+    )
+    assert "s3cret" not in result.stdout
+    assert "redis://app:***@10.0.0.5:6379/0" in result.stdout
+    assert '"sasl.password": "***"' in result.stdout
+
+
+def test_pipeline_on_valkey(broker: LocalBroker) -> None:
+    with LocalRedis("valkey") as valkey:
+        assert isinstance(valkey, LocalRedis)
+        settings: Settings = local_settings(broker, valkey, stop_at_end=True)
+        create_topics(settings, partitions=1)
+        send(settings, hot_lead("anon-v"))
+        run_flow(settings, 1)
+        assert len(outputs(settings).decisions) == 1

@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from engine.settings import DEFAULT_CONFIG_DIR, ConfigError, load_settings, mask_url, masked
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    for f in DEFAULT_CONFIG_DIR.glob("*.toml"):
+        shutil.copy(f, tmp_path / f.name)
+    return tmp_path
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+def test_default_configuration_is_valid() -> None:
+    s = load_settings(env={})
+    assert s.scoring.mql_threshold == 100.0
+    assert len(s.roster.for_queue(s.routing.default_queue)) == 3
+
+
+def test_environment_overrides_connections_and_librdkafka_options() -> None:
+    s = load_settings(
+        env={
+            "LEADFLOW_KAFKA_BOOTSTRAP": "k1:9092,k2:9092",
+            "LEADFLOW_REDIS_URL": "rediss://r:6380/1",
+            "LEADFLOW_KAFKA_OPT_SASL_MECHANISM": "SCRAM-SHA-512",
+            "LEADFLOW_PROCESSES": "4",
+        }
+    )
+    assert s.kafka.bootstrap == "k1:9092,k2:9092"
+    assert s.redis.url == "rediss://r:6380/1"
+    assert s.kafka.options["sasl.mechanism"] == "SCRAM-SHA-512"
+    assert s.dataflow.processes == 4
+
+
+@pytest.mark.parametrize(
+    ("file", "old", "new", "key", "problem"),
+    [
+        (
+            "scoring.toml",
+            "half_life_days = 30.0",
+            "half_life_days = 0",
+            "scoring.half_life_days",
+            "must be > 0",
+        ),
+        (
+            "scoring.toml",
+            "mql_threshold = 100.0",
+            "mql_treshold = 100.0",
+            "scoring.mql_treshold",
+            "unknown key",
+        ),
+        (
+            "scoring.toml",
+            'type = "track"',
+            'type = "click"',
+            "scoring.rules[4].type",
+            "must be 'track' or 'page'",
+        ),
+        (
+            "scoring.toml",
+            "points = 15",
+            'points = "15"',
+            "scoring.rules[4].points",
+            "expected a number",
+        ),
+        (
+            "engine.toml",
+            "dedup_window = 64",
+            "dedup_window = 0",
+            "limits.dedup_window",
+            "must be between",
+        ),
+        (
+            "engine.toml",
+            'url = "redis://',
+            'url = "http://',
+            "redis.url",
+            "must start with redis://",
+        ),
+        (
+            "routing.toml",
+            'default_queue = "inbound"',
+            'default_queue = "vip"',
+            "routing.default_queue",
+            "not one of",
+        ),
+        (
+            "roster.toml",
+            'queue = "inbound"\n\n[[sdrs]]\nid = "sdr-bruno"',
+            'queue = "outbound"\n\n[[sdrs]]\nid = "sdr-bruno"',
+            "sdrs[0].queue",
+            "unknown queue 'outbound'",
+        ),
+        (
+            "roster.toml",
+            'id = "sdr-chen"',
+            'id = "sdr-ana"',
+            "sdrs[2].id",
+            "appears more than once",
+        ),
+    ],
+)
+def test_invalid_configuration_names_file_key_and_problem(
+    config: Path, file: str, old: str, new: str, key: str, problem: str
+) -> None:
+    edit(config / file, old, new)
+    with pytest.raises(ConfigError) as e:
+        load_settings(config, env={})
+    assert e.value.file == str(config / file)
+    assert e.value.key == key
+    assert problem in e.value.problem
+
+
+def test_broken_toml_and_missing_files_are_reported(config: Path) -> None:
+    (config / "routing.toml").write_text("[routing\n")
+    with pytest.raises(ConfigError, match=r"routing\.toml: -: not valid TOML"):
+        load_settings(config, env={})
+    (config / "roster.toml").unlink()
+    with pytest.raises(ConfigError):
+        load_settings(config, env={})
+
+
+def test_secrets_are_masked() -> None:
+    assert mask_url("redis://user:pw@host:1/0") == "redis://user:***@host:1/0"
+    assert mask_url("redis://host:1/0") == "redis://host:1/0"
+    s = load_settings(
+        env={"LEADFLOW_REDIS_URL": "redis://:pw@h:1/0", "LEADFLOW_KAFKA_OPT_SASL_PASSWORD": "pw"}
+    )
+    shown = masked(s)
+    assert shown["redis"]["url"] == "redis://:***@h:1/0"
+    assert shown["kafka"]["options"]["sasl.password"] == "***"
+    assert shown["identity"]["salt"] == "***"
