@@ -7,7 +7,6 @@ stages import no Bytewax and can be driven directly against a real Redis.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -28,8 +27,6 @@ from engine.person import (
 from engine.scoring import ScoringModel
 from engine.settings import Settings
 from engine.store import RedisStore
-
-log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 

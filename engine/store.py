@@ -143,13 +143,6 @@ class RedisStore:
             return []
         return cast(list[bytes | None], self._retry(lambda: self.client.mget(keys)))
 
-    def ping(self) -> bool:
-        """True when Redis answers."""
-        try:
-            return bool(self.client.ping())
-        except redis.RedisError:
-            return False
-
     def close(self) -> None:
         """Release the connection pool."""
         self.client.close()

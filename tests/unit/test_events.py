@@ -5,7 +5,7 @@ from typing import Any
 import orjson
 import pytest
 
-from engine.events import Event, Origin, Rejection, decode_event
+from engine.events import REASONS, Event, Origin, Rejection, decode_event
 
 ORIGIN = Origin("leadflow.events", 0, 42, b"k")
 NOW_MS = 1_793_000_000_000  # 2026-10-26
@@ -119,6 +119,7 @@ def test_bad_input_is_rejected_with_a_reason_and_the_original_bytes(
     result = decode(raw)
     assert isinstance(result, Rejection)
     assert result.reason == reason, result.detail
+    assert reason in REASONS
     assert result.raw == raw
     assert result.origin == ORIGIN
 
