@@ -19,12 +19,12 @@ from engine.person import (
     Output,
     PersonState,
     Promotion,
+    Rulebook,
     apply_event,
     complete_promotion,
     decode_state,
     encode_state,
 )
-from engine.scoring import ScoringModel
 from engine.settings import Settings
 from engine.store import RedisStore
 
@@ -147,7 +147,7 @@ class PersonStage(_LazyStore):
         self, settings: Settings, store: RedisStore | None = None, clock: Clock = time.time
     ):
         super().__init__(settings, store)
-        self.model = ScoringModel(settings.scoring)
+        self.rules = Rulebook(settings)
         self.clock = clock
 
     def __call__(self, items: list[Resolved]) -> list[Output]:
@@ -165,7 +165,7 @@ class PersonStage(_LazyStore):
             person = decode_state(one_id, raw)
             states.append(person)
             for event in by_person[one_id]:
-                produced, promotion = apply_event(person, event, self.model, self.settings, now_ms)
+                produced, promotion = apply_event(person, event, self.rules, now_ms)
                 if promotion is None:
                     outputs.extend(produced)
                 else:
@@ -173,7 +173,7 @@ class PersonStage(_LazyStore):
         tickets = self.store.draw_tickets([(p.queue, p.decision_id) for p in promotions])
         m = metrics()
         for promotion, ticket in zip(promotions, tickets, strict=True):
-            outputs.extend(complete_promotion(promotion, ticket, self.model, self.settings, now_ms))
+            outputs.extend(complete_promotion(promotion, ticket, self.rules, now_ms))
             person = promotion.person
             m.promotions.labels(person.queue).inc()
             m.assignments.labels(person.queue, person.owner).inc()

@@ -1,37 +1,62 @@
 """A person's state and what one event does to it.
 
-This is where the rules meet: de-duplication, scoring, qualification,
-lifecycle and routing, applied to one person at a time. Nothing here does I/O;
-the dataflow loads states, calls :func:`apply_event` for each event, draws one
-routing ticket per promotion from the store, calls :func:`complete_promotion`,
-and saves the states.
+This is where the rules meet: de-duplication, cleansing, profile, scoring,
+fit, qualification, lifecycle and routing, applied to one person at a time.
+Nothing here does I/O; the dataflow loads states, calls :func:`apply_event`
+for each event, draws one routing ticket per promotion from the store, calls
+:func:`complete_promotion`, and saves the states.
 
 Nothing lost, nothing doubled: the state remembers the digests of the last
-``limits.dedup_window`` messageIds it applied, and, in an *outbox*, the output
-records of its last ``limits.outbox_size`` output-producing events. An event
-seen again (a client retry, or Bytewax replaying input after a crash) changes
-nothing and re-emits the records it produced the first time, with the same
-ids, so downstream consumers see at-least-once delivery of identical records.
+``limits.dedup_window`` messageIds it applied (and of the content of its
+recent ``track`` events: the same form submitted twice scores once), and, in
+an *outbox*, the output records of its last ``limits.outbox_size``
+output-producing events. An event seen again (a client retry, or Bytewax
+replaying input after a crash) changes nothing and re-emits the records it
+produced the first time, with the same ids.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
 from engine import lifecycle
+from engine.cleansing import Cleanser
 from engine.events import Event
-from engine.qualification import is_mql
+from engine.fit import FitFactor, FitModel
+from engine.profile import Profile, merge_traits, present_fields, traits_of
+from engine.qualification import Verdict, is_mql
 from engine.routing import choose_queue, pick_sdr
-from engine.scoring import ScoringModel, add_points, score_at, top_contributions
+from engine.scoring import (
+    TOTAL,
+    BehaviorScore,
+    Contribution,
+    ScoringModel,
+    award,
+    observe,
+    score_at,
+    top_contributions,
+)
 from engine.settings import Settings
 
+PROFILE_FIELDS = tuple(f.name for f in fields(Profile))
 DECISION = "decision"
 LIFECYCLE = "lifecycle"
+MANUAL_MQL = "manual_mql"
+
+
+class Rulebook:
+    """The configuration, compiled once: everything :func:`apply_event` applies."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.scoring = ScoringModel(settings.scoring)
+        self.fit = FitModel(settings.fit)
+        self.cleanser = Cleanser(settings.cleansing)
 
 
 @dataclass(slots=True)
@@ -49,9 +74,10 @@ class PersonState:
 
     one_id: str
     stage: str = lifecycle.LEAD
-    ref_ms: int = 0  # contributions are referenced to this event time
-    contributions: dict[str, float] = field(default_factory=dict)
-    seen: list[str] = field(default_factory=list)  # recent messageId digests, oldest first
+    score: BehaviorScore = field(default_factory=BehaviorScore)
+    profile: Profile = field(default_factory=Profile)
+    disqualified: str = ""  # the cleansing reason, once disqualified
+    seen: list[str] = field(default_factory=list)  # recent message/content digests, oldest first
     transitions: int = 0  # lifecycle records written so far (makes record ids stable)
     promotions: int = 0
     queue: str = ""
@@ -64,19 +90,36 @@ class PersonState:
 
 @dataclass(slots=True)
 class Promotion:
-    """A promotion to MQL awaiting its routing ticket."""
+    """A promotion to MQL awaiting its routing ticket, with the facts as they were at that moment.
+
+    The ticket is drawn once per batch, after later events of the same person
+    may have been applied: the decision must describe the moment of promotion.
+    """
 
     person: PersonState
     event: Event
     decision_id: str
     queue: str
-    score: float
+    verdict: Verdict
+    cause: str
     outputs: list[Output]  # the event's other records, emitted with the decision
+    scores: dict[str, float]
+    fit: float
+    fit_factors: list[FitFactor]
+    reasons: dict[str, list[Contribution]]  # "" (total) and each dimension qualified on
 
 
 def message_digest(message_id: str) -> str:
     """48-bit digest of a messageId: collisions within one person's window are ~1e-11."""
     return hashlib.blake2b(message_id.encode(), digest_size=6).hexdigest()
+
+
+def content_digest(event: Event) -> str:
+    """Digest of what a track event says (name and properties), to spot a form sent twice."""
+    body = orjson.dumps(
+        [event.name, event.payload.get("properties") or {}], option=orjson.OPT_SORT_KEYS
+    )
+    return "c" + hashlib.blake2b(body, digest_size=6).hexdigest()
 
 
 def stable_id(one_id: str, kind: str, n: int) -> str:
@@ -94,14 +137,25 @@ def iso(ms: int) -> str:
 
 
 def encode_state(p: PersonState) -> bytes:
-    """Compact JSON for Redis; short keys keep memory per person low."""
-    doc: dict[str, Any] = {"s": p.stage, "t": p.ref_ms, "c": p.contributions, "m": p.seen}
+    """Compact JSON for Redis; short keys and omitted defaults keep memory per person low."""
+    doc: dict[str, Any] = {
+        "s": p.stage,
+        "t": [p.score.ref_ms, p.score.last_ms],
+        "c": p.score.contributions,
+        "m": p.seen,
+    }
+    if p.score.caps:
+        doc["k"] = p.score.caps
+    # Not dataclasses.asdict: its recursive deep copy was the costliest call per batch.
+    profile = {name: v for name in PROFILE_FIELDS if (v := getattr(p.profile, name))}
+    if profile:
+        doc["p"] = profile
+    if p.disqualified:
+        doc["dq"] = p.disqualified
     if p.transitions:
-        doc["k"] = p.transitions
-    if p.promotions:
-        doc["n"] = p.promotions
-        doc["q"] = p.queue
-        doc["o"] = p.owner
+        doc["n"] = [p.transitions, p.promotions]
+    if p.owner:
+        doc["o"] = [p.queue, p.owner]
     if p.channels:
         doc["h"] = p.channels
     if p.outbox:
@@ -114,16 +168,20 @@ def decode_state(one_id: str, raw: bytes | None) -> PersonState:
     if raw is None:
         return PersonState(one_id, is_new=True)
     d = orjson.loads(raw)
+    transitions, promotions = d.get("n", (0, 0))
+    queue, owner = d.get("o", ("", ""))
+    ref_ms, last_ms = d["t"]
     return PersonState(
         one_id=one_id,
         stage=d["s"],
-        ref_ms=d["t"],
-        contributions=d["c"],
+        score=BehaviorScore(ref_ms, last_ms, d["c"], d.get("k", {})),
+        profile=Profile(**d.get("p", {})),
+        disqualified=d.get("dq", ""),
         seen=d["m"],
-        transitions=d.get("k", 0),
-        promotions=d.get("n", 0),
-        queue=d.get("q", ""),
-        owner=d.get("o", ""),
+        transitions=transitions,
+        promotions=promotions,
+        queue=queue,
+        owner=owner,
         channels=d.get("h", []),
         outbox=d.get("x", []),
     )
@@ -137,8 +195,14 @@ def replayed_outputs(p: PersonState, digest: str) -> list[Output]:
     return []
 
 
+def current_scores(p: PersonState, rules: Rulebook) -> dict[str, float]:
+    """Every behaviour score of the person at their latest event time."""
+    model = rules.scoring
+    return {dim: score_at(p.score, p.score.last_ms, model, dim) for dim in model.threshold}
+
+
 def apply_event(
-    p: PersonState, event: Event, model: ScoringModel, settings: Settings, now_ms: int
+    p: PersonState, event: Event, rules: Rulebook, now_ms: int
 ) -> tuple[list[Output], Promotion | None]:
     """Apply ``event`` to ``p`` (mutated) and say what it produced.
 
@@ -146,67 +210,143 @@ def apply_event(
     event made the person an MQL; its decision is completed by
     :func:`complete_promotion` once the routing ticket is drawn.
     """
+    settings = rules.settings
     digest = message_digest(event.message_id)
     if digest in p.seen:
         return replayed_outputs(p, digest), None
-    p.seen.append(digest)
-    del p.seen[: -settings.limits.dedup_window]
+    _see(p, digest, settings.limits.dedup_window)
 
     outputs: list[Output] = []
     if p.is_new:
         p.is_new = False
-        outputs.append(_transition(p, None, lifecycle.LEAD, "first_event", event, now_ms))
-    if event.email and "email" not in p.channels:
-        p.channels.append("email")
-    for rule in model.matching_rules(event):
-        p.ref_ms = add_points(
-            p.contributions, p.ref_ms, rule.name, rule.points, event.event_ms, model.half_life_ms
-        )
-    p.ref_ms = max(p.ref_ms, event.event_ms)
+        outputs.append(_transition(p, lifecycle.LEAD, "first_event", event, rules, now_ms))
+    changed = _learn(p, event, rules, outputs, now_ms)
 
-    score = score_at(p.contributions, p.ref_ms, p.ref_ms, model.half_life_ms)
-    if p.stage in lifecycle.NURTURE and is_mql(score, settings.scoring):
-        outputs.append(
-            _transition(p, p.stage, lifecycle.MQL, "score_threshold", event, now_ms, score)
-        )
-        p.promotions += 1
-        promotion = Promotion(
-            person=p,
-            event=event,
-            decision_id=stable_id(p.one_id, DECISION, p.promotions),
-            queue=choose_queue(settings.routing),
-            score=score,
-            outputs=outputs,
-        )
-        return outputs, promotion
+    duplicate_submission = False
+    if event.type == "track":
+        fingerprint = content_digest(event)
+        duplicate_submission = fingerprint in p.seen
+        _see(p, fingerprint, settings.limits.dedup_window)
+    if not duplicate_submission:
+        for rule in rules.scoring.matching_rules(event):
+            changed |= award(p.score, rule, event.event_ms, rules.scoring)
+    observe(p.score, event.event_ms, rules.scoring)
+
+    if p.stage in lifecycle.NURTURE:
+        if event.trusted and event.name == MANUAL_MQL:
+            manual = Verdict(True, ("manual",))
+            return outputs, _promote(p, event, rules, manual, MANUAL_MQL, outputs, now_ms)
+        # Without new points or new facts the rule cannot have become true: scores only decay.
+        verdict = qualification(p, rules) if changed else None
+        if verdict is not None and verdict.qualified:
+            return outputs, _promote(p, event, rules, verdict, "score_threshold", outputs, now_ms)
     _remember(p, digest, outputs, settings.limits.outbox_size)
     return outputs, None
 
 
+def qualification(p: PersonState, rules: Rulebook) -> Verdict:
+    """The MQL rule applied to the person as they are now."""
+    return is_mql(
+        current_scores(p, rules),
+        rules.scoring.threshold,
+        lambda: rules.fit.score(p.profile)[0],
+        present_fields(p.profile),
+        bool(p.disqualified),
+        rules.settings.qualification,
+    )
+
+
+def _learn(
+    p: PersonState, event: Event, rules: Rulebook, outputs: list[Output], now_ms: int
+) -> bool:
+    """Cleanse the event's traits and fold them into the profile and channels; False if none."""
+    traits = traits_of(event)
+    if traits is None:
+        return False
+    reason = rules.cleanser.disqualification(traits)
+    valid_phone = bool(traits.phone) and not rules.cleanser.is_fake_phone(traits.phone)
+    merge_traits(
+        p.profile,
+        traits,
+        event.event_ms,
+        cleansing=rules.settings.cleansing,
+        levels=rules.fit.levels,
+        valid_phone=valid_phone,
+    )
+    for channel, known in (("email", bool(traits.email) and not reason), ("phone", valid_phone)):
+        if known and channel not in p.channels:
+            p.channels.append(channel)
+    if reason and not p.disqualified and lifecycle.DISQUALIFIED in lifecycle.ALLOWED[p.stage]:
+        p.disqualified = reason
+        outputs.append(
+            _transition(p, lifecycle.DISQUALIFIED, f"cleansing:{reason}", event, rules, now_ms)
+        )
+    return True
+
+
+def _promote(
+    p: PersonState,
+    event: Event,
+    rules: Rulebook,
+    verdict: Verdict,
+    cause: str,
+    outputs: list[Output],
+    now_ms: int,
+) -> Promotion:
+    outputs.append(_transition(p, lifecycle.MQL, cause, event, rules, now_ms))
+    p.promotions += 1
+    fit, fit_factors = rules.fit.score(p.profile)
+    return Promotion(
+        person=p,
+        event=event,
+        decision_id=stable_id(p.one_id, DECISION, p.promotions),
+        queue=choose_queue(rules.settings.routing),
+        verdict=verdict,
+        cause=cause,
+        outputs=outputs,
+        scores=current_scores(p, rules),
+        fit=fit,
+        fit_factors=fit_factors,
+        reasons={
+            dim: top_contributions(
+                p.score, p.score.last_ms, rules.scoring, rules.settings.scoring.reasons, dim
+            )
+            for dim in (TOTAL, *(d for d in verdict.on if d in rules.scoring.threshold))
+        },
+    )
+
+
 def complete_promotion(
-    promotion: Promotion, ticket: int, model: ScoringModel, settings: Settings, now_ms: int
+    promotion: Promotion, ticket: int, rules: Rulebook, now_ms: int
 ) -> list[Output]:
     """Assign the promoted person to an SDR and build the decision (the lead alert)."""
+    settings = rules.settings
     p, event = promotion.person, promotion.event
     sdr = pick_sdr(ticket, settings.roster.for_queue(promotion.queue))
     queue = settings.routing.queue(promotion.queue)
     p.queue, p.owner = queue.name, sdr.id
-    reasons = top_contributions(
-        p.contributions, p.ref_ms, p.ref_ms, model.half_life_ms, settings.scoring.reasons
-    )
+    scores = promotion.scores
     decision = {
         "decision_id": promotion.decision_id,
         "one_id": p.one_id,
         "stage": lifecycle.MQL,
         "promotion": p.promotions,
+        "cause": promotion.cause,
         "queue": queue.name,
         "sdr": sdr.id,
         "sdr_name": sdr.name,
         "ticket": ticket,
-        "score": round(promotion.score, 3),
-        "fit": None,
+        "score": round(scores[TOTAL], 3),
         "threshold": settings.scoring.mql_threshold,
-        "reasons": [{"rule": c.rule, "points": c.points} for c in reasons],
+        "dimensions": {dim: round(s, 3) for dim, s in scores.items() if dim != TOTAL},
+        "qualified_on": list(promotion.verdict.on),
+        "fit": round(promotion.fit, 3),
+        "fit_minimum": settings.qualification.min_fit,
+        "fit_reasons": [{"factor": f.factor, "points": f.points} for f in promotion.fit_factors],
+        "reasons": _cite(promotion.reasons[TOTAL]),
+        "dimension_reasons": {
+            dim: _cite(r) for dim, r in promotion.reasons.items() if dim != TOTAL
+        },
         "channels": list(p.channels),
         "trigger": {
             "message_id": event.message_id,
@@ -223,15 +363,17 @@ def complete_promotion(
     return outputs
 
 
+def _cite(contributions: list[Contribution]) -> list[dict[str, Any]]:
+    return [
+        {"rule": c.rule, "points": c.points, "last_event_time": iso(c.last_ms)}
+        for c in contributions
+    ]
+
+
 def _transition(
-    p: PersonState,
-    from_stage: str | None,
-    to_stage: str,
-    cause: str,
-    event: Event,
-    now_ms: int,
-    score: float = 0.0,
+    p: PersonState, to_stage: str, cause: str, event: Event, rules: Rulebook, now_ms: int
 ) -> Output:
+    from_stage = None if p.transitions == 0 else p.stage
     if from_stage is not None:
         lifecycle.check_transition(from_stage, to_stage)
     p.stage = to_stage
@@ -246,9 +388,14 @@ def _transition(
         "message_id": event.message_id,
         "event_time": iso(event.event_ms),
         "recorded_at": iso(now_ms),
-        "score": round(score, 3),
+        "score": round(score_at(p.score, p.score.last_ms, rules.scoring), 3),
     }
     return Output(LIFECYCLE, p.one_id, record)
+
+
+def _see(p: PersonState, digest: str, window: int) -> None:
+    p.seen.append(digest)
+    del p.seen[:-window]
 
 
 def _remember(p: PersonState, digest: str, outputs: list[Output], size: int) -> None:

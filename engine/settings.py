@@ -147,6 +147,23 @@ class ScoringRule:
     # track: exact event name; page: glob over the URL path ('' = any).
     event: str = ""
     path: str = ""
+    # Conditions on the event: dotted path -> allowed values (any of them).
+    where: tuple[tuple[str, tuple[str | int | float | bool, ...]], ...] = ()
+    # At most `cap` awards per `cap_period_days` (0 days = ever): the earliest
+    # events of each period by event time count, whatever order they arrive in.
+    cap: int = 0
+    cap_period_days: float = 1.0
+    # Named score dimensions (product lines, interests) this rule also feeds.
+    dimensions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """A named behaviour score with its own decay and threshold (e.g. a product line)."""
+
+    name: str
+    half_life_days: float
+    mql_threshold: float
 
 
 @dataclass(frozen=True)
@@ -156,8 +173,76 @@ class ScoringSettings:
     half_life_days: float = 30.0
     mql_threshold: float = 100.0
     rules: tuple[ScoringRule, ...] = ()
+    dimensions: tuple[Dimension, ...] = ()
     # How many contributions a decision cites as its reasons.
     reasons: int = 3
+    # "No interaction for `inactivity_period_days` costs `inactivity_points`",
+    # once per whole period since the last event (0 = off).
+    inactivity_points: float = 0.0
+    inactivity_period_days: float = 30.0
+
+
+@dataclass(frozen=True)
+class SeniorityLevel:
+    """Job titles matching any pattern (case-insensitive regex) earn ``points``."""
+
+    name: str
+    points: float
+    patterns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SizeBand:
+    """Companies with ``min``..``max`` employees (inclusive) earn ``points``."""
+
+    min: int
+    max: int
+    points: float
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """Profile fit: points per trait of the person and their company."""
+
+    company_email_points: float = 0.0
+    seniority: tuple[SeniorityLevel, ...] = ()
+    company_size: tuple[SizeBand, ...] = ()
+    # Country (ISO 3166 alpha-2, upper case) -> points; "*" for any other.
+    countries: Mapping[str, float] = field(default_factory=dict)
+    # Industry (lower case) -> points; "*" for any other.
+    industries: Mapping[str, float] = field(default_factory=dict)
+    # Points per MQL field present (company_name, company_email, mobile, title, company_size).
+    completeness: Mapping[str, float] = field(default_factory=dict)
+    # Points per BANT answer given (budget, authority, need, timing).
+    bant: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CleansingSettings:
+    """What disqualifies a lead before anything counts."""
+
+    test_email_patterns: tuple[str, ...] = ()
+    test_name_patterns: tuple[str, ...] = ()
+    internal_domains: tuple[str, ...] = ()
+    competitor_domains: tuple[str, ...] = ()
+    disposable_domains: frozenset[str] = frozenset()
+    free_mail_domains: frozenset[str] = frozenset()
+    # Regexes over a phone's national digits that mark it as made up.
+    fake_phone_patterns: tuple[str, ...] = ()
+    # A whole number of at least this many digits in one ascending or descending run is fake.
+    consecutive_phone_digits: int = 6
+
+
+MQL_FIELDS = ("company_name", "company_email", "mobile", "title", "company_size")
+BANT = ("budget", "authority", "need", "timing")
+
+
+@dataclass(frozen=True)
+class QualificationSettings:
+    """The MQL rule besides the behaviour threshold."""
+
+    min_fit: float = 0.0
+    required_fields: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -215,6 +300,9 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     identity: IdentitySettings = field(default_factory=IdentitySettings)
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
+    fit: FitSettings = field(default_factory=FitSettings)
+    cleansing: CleansingSettings = field(default_factory=CleansingSettings)
+    qualification: QualificationSettings = field(default_factory=QualificationSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     roster: RosterSettings = field(default_factory=RosterSettings)
     config_dir: str = str(DEFAULT_CONFIG_DIR)
@@ -271,6 +359,12 @@ class _Table:
         if positive and value <= 0:
             raise self.error(key, f"must be > 0, got {value}")
         return float(value)
+
+    def strings(self, key: str) -> list[str]:
+        value = self._get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(key, f"expected a list of strings, got {_show(value)}")
+        return value
 
     def table(self, key: str) -> _Table:
         value = self._get(key, {})
@@ -343,6 +437,9 @@ def load_settings(
         metrics=_metrics(engine.table("metrics"), env),
         identity=_identity(engine.table("identity")),
         scoring=_scoring(scoring.table("scoring")),
+        fit=_fit(scoring.table("fit")),
+        cleansing=_cleansing(scoring.table("cleansing"), directory),
+        qualification=_qualification(scoring.table("qualification")),
         routing=_routing(routing.table("routing")),
         roster=_roster(roster),
         config_dir=str(directory),
@@ -454,25 +551,22 @@ def _identity(t: _Table) -> IdentitySettings:
 
 
 def _scoring(t: _Table) -> ScoringSettings:
-    rules = []
-    for r in t.tables("rules"):
-        rule = ScoringRule(
-            name=r.text("name", "", pattern=_NAME),
-            type=r.text("type", ""),
-            points=r.number("points", 0.0),
-            event=r.text("event", ""),
-            path=r.text("path", ""),
+    dimensions = []
+    dims = t.table("dimensions")
+    for name in sorted(dims.data):
+        dt = dims.table(name)
+        if not _NAME.match(name):
+            raise dt.error("-", f"{name!r} is not a valid dimension name")
+        dimensions.append(
+            Dimension(
+                name=name,
+                half_life_days=dt.number("half_life_days", 30.0, positive=True),
+                mql_threshold=dt.number("mql_threshold", 100.0, positive=True),
+            )
         )
-        if rule.type not in ("track", "page"):
-            raise r.error("type", f"must be 'track' or 'page', got {rule.type!r}")
-        if rule.type == "track" and not rule.event:
-            raise r.error("event", "a track rule needs the event name it scores")
-        if rule.type == "page" and rule.event:
-            raise r.error("event", "page rules match on 'path', not 'event'")
-        if rule.points == 0:
-            raise r.error("points", "must not be 0")
-        r.done()
-        rules.append(rule)
+        dt.done()
+    known_dims = {d.name for d in dimensions}
+    rules = [_rule(r, known_dims) for r in t.tables("rules")]
     names = [r.name for r in rules]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -481,8 +575,151 @@ def _scoring(t: _Table) -> ScoringSettings:
         half_life_days=t.number("half_life_days", 30.0, positive=True),
         mql_threshold=t.number("mql_threshold", 100.0, positive=True),
         rules=tuple(rules),
+        dimensions=tuple(dimensions),
         reasons=t.integer("reasons", 3, min=1, max=20),
+        inactivity_points=t.number("inactivity_points", 0.0),
+        inactivity_period_days=t.number("inactivity_period_days", 30.0, positive=True),
     )
+    if s.inactivity_points < 0:
+        raise t.error("inactivity_points", "is a cost: give it as a positive number")
+    t.done()
+    return s
+
+
+def _rule(r: _Table, known_dims: set[str]) -> ScoringRule:
+    where = []
+    wt = r.table("where")
+    for path, value in wt.data.items():
+        values = tuple(value) if isinstance(value, list) else (value,)
+        if not values or not all(isinstance(v, str | int | float | bool) for v in values):
+            raise wt.error(path, "expected a string, number, boolean or a list of them")
+        if not path.startswith(("properties.", "traits.", "context.")):
+            raise wt.error(path, "must start with properties., traits. or context.")
+        where.append((path, values))
+    wt.used.update(wt.data)
+    rule = ScoringRule(
+        name=r.text("name", "", pattern=_NAME),
+        type=r.text("type", ""),
+        points=r.number("points", 0.0),
+        event=r.text("event", ""),
+        path=r.text("path", ""),
+        where=tuple(where),
+        cap=r.integer("cap", 0, min=0),
+        cap_period_days=r.number("cap_period_days", 1.0),
+        dimensions=tuple(r.strings("dimensions")),
+    )
+    if rule.type not in ("track", "page"):
+        raise r.error("type", f"must be 'track' or 'page', got {rule.type!r}")
+    if rule.type == "track" and not rule.event:
+        raise r.error("event", "a track rule needs the event name it scores")
+    if rule.type == "page" and rule.event:
+        raise r.error("event", "page rules match on 'path', not 'event'")
+    if rule.points == 0:
+        raise r.error("points", "must not be 0")
+    if rule.cap_period_days < 0:
+        raise r.error("cap_period_days", "must be >= 0 (0 = over the person's whole life)")
+    for d in rule.dimensions:
+        if d not in known_dims:
+            raise r.error(
+                "dimensions", f"unknown dimension {d!r}; declare [scoring.dimensions.{d}]"
+            )
+    r.done()
+    return rule
+
+
+def _points_map(t: _Table, key: str, allowed: tuple[str, ...] | None = None) -> dict[str, float]:
+    m = t.table(key)
+    out = {}
+    for k in m.data:
+        if allowed is not None and k not in allowed:
+            raise m.error(k, f"unknown; expected one of {', '.join(allowed)}")
+        out[k] = m.number(k, 0.0)
+    m.done()
+    return out
+
+
+def _fit(t: _Table) -> FitSettings:
+    seniority = []
+    for lt in t.tables("seniority"):
+        level = SeniorityLevel(
+            lt.text("name", "", pattern=_NAME),
+            lt.number("points", 0.0),
+            tuple(lt.strings("patterns")),
+        )
+        for i, pattern in enumerate(level.patterns):
+            _compile(lt, f"patterns[{i}]", pattern)
+        lt.done()
+        seniority.append(level)
+    bands = []
+    for bt in t.tables("company_size"):
+        band = SizeBand(
+            bt.integer("min", 0, min=0), bt.integer("max", 10**9, min=0), bt.number("points", 0.0)
+        )
+        if band.max < band.min:
+            raise bt.error("max", f"must be >= min ({band.min})")
+        bt.done()
+        bands.append(band)
+    s = FitSettings(
+        company_email_points=t.number("company_email_points", 0.0),
+        seniority=tuple(seniority),
+        company_size=tuple(bands),
+        countries={k.upper(): v for k, v in _points_map(t, "countries").items()},
+        industries={k.lower(): v for k, v in _points_map(t, "industries").items()},
+        completeness=_points_map(t, "completeness", MQL_FIELDS),
+        bant=_points_map(t, "bant", BANT),
+    )
+    t.done()
+    return s
+
+
+def _compile(t: _Table, key: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise t.error(key, f"invalid regular expression {pattern!r}: {e}") from None
+
+
+def _domain_list(t: _Table, key: str, directory: Path) -> frozenset[str]:
+    name = t.text(key, "")
+    if not name:
+        return frozenset()
+    path = directory / name
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise t.error(key, f"cannot read {path}: {e.strerror}") from None
+    return frozenset(
+        d.strip().lower() for d in lines if d.strip() and not d.lstrip().startswith("#")
+    )
+
+
+def _cleansing(t: _Table, directory: Path) -> CleansingSettings:
+    s = CleansingSettings(
+        test_email_patterns=tuple(t.strings("test_email_patterns")),
+        test_name_patterns=tuple(t.strings("test_name_patterns")),
+        internal_domains=tuple(d.lower() for d in t.strings("internal_domains")),
+        competitor_domains=tuple(d.lower() for d in t.strings("competitor_domains")),
+        disposable_domains=_domain_list(t, "disposable_domains_file", directory),
+        free_mail_domains=_domain_list(t, "free_mail_domains_file", directory),
+        fake_phone_patterns=tuple(t.strings("fake_phone_patterns")),
+        consecutive_phone_digits=t.integer("consecutive_phone_digits", 6, min=3, max=20),
+    )
+    for key in ("test_email_patterns", "test_name_patterns", "fake_phone_patterns"):
+        for i, pattern in enumerate(getattr(s, key)):
+            _compile(t, f"{key}[{i}]", pattern)
+    t.done()
+    return s
+
+
+def _qualification(t: _Table) -> QualificationSettings:
+    s = QualificationSettings(
+        min_fit=t.number("min_fit", 0.0), required_fields=tuple(t.strings("required_fields"))
+    )
+    for f in s.required_fields:
+        if f not in MQL_FIELDS:
+            raise t.error(
+                "required_fields", f"unknown field {f!r}; expected some of {', '.join(MQL_FIELDS)}"
+            )
     t.done()
     return s
 
@@ -550,7 +787,7 @@ def mask_url(url: str) -> str:
 def masked(settings: Settings) -> dict[str, Any]:
     """Settings as plain data with every secret masked, safe to print or log."""
 
-    def walk(obj: Any, path: str) -> Any:
+    def walk(obj: Any, path: str) -> Any:  # noqa: PLR0911  # one return per kind of value
         if is_dataclass(obj) and not isinstance(obj, type):
             return {f.name: walk(getattr(obj, f.name), f"{path}.{f.name}") for f in fields(obj)}
         if isinstance(obj, Mapping):
@@ -560,6 +797,8 @@ def masked(settings: Settings) -> dict[str, Any]:
             }
         if isinstance(obj, tuple):
             return [walk(v, path) for v in obj]
+        if isinstance(obj, frozenset):
+            return sorted(obj)
         if path == ".redis.url":
             return mask_url(obj)
         if path == ".identity.salt":

@@ -184,6 +184,9 @@ def _print_summary(settings: Settings, sent: Sent, seen: Observed) -> None:
     print(f"MQLs                 {len(seen.decisions)}")
     for sdr in settings.roster.sdrs:
         print(f"  assigned to {sdr.id:<10} {per_sdr.get(sdr.id, 0)}")
+    causes = Counter(r["cause"] for r in seen.lifecycle.values() if r["to"] == "disqualified")
+    cleansed = {cause.removeprefix("cleansing:"): n for cause, n in sorted(causes.items())}
+    print(f"disqualified         {sum(causes.values())}  {cleansed}")
     print(f"DLQ                  {len(seen.dlq)}  {dict(reasons)}")
     print(
         f"decision latency     p50 {np.percentile(lat, 50):.1f} ms, "

@@ -2,10 +2,12 @@
 
 People arrive as anonymous cookies, browse (blog, product, customer stories,
 pricing, careers), download white papers, attend webinars, identify themselves
-with a company e-mail in a form, and some request a demo. About one in six is
-a hot lead that should qualify under the default scoring model. Journeys are
-interleaved the way a site sees them. The stream is fully determined by the
-seed, so a run can be repeated exactly.
+in a form (company e-mail or a free mailbox, title in English or Chinese,
+company size, country, phone), and some request a demo or start a trial. About
+one in six is a hot lead that should qualify under the default model; one in
+twenty-five is junk that cleansing must catch (a test account, a made-up phone
+number, a disposable mailbox, a competitor). Journeys are interleaved the way a
+site sees them. The stream is fully determined by the seed.
 """
 
 from __future__ import annotations
@@ -43,6 +45,29 @@ _FIRST = (
     "tom",
 )
 _BLOG = ("/blog/lead-scoring-101", "/blog/routing-rules", "/blog/mql-vs-sql", "/blog/gdpr-consent")
+_TITLES = (
+    "CEO",
+    "VP Sales",
+    "Head of Marketing",
+    "Marketing Manager",
+    "Sales Operations Analyst",
+    "销售总监",
+    "市场部经理",
+    "首席营销官",
+    "Demand Generation Specialist",
+    "Founder",
+)
+_COUNTRIES = ("US", "BR", "CN", "DE", "GB", "FR", "IN")
+_INDUSTRIES = ("software", "financial services", "manufacturing", "retail", "education")
+# What junk looks like, as (email, name, phone); each is caught by one cleansing rule.
+_JUNK = (
+    ("test@acme.example", "Test User", ""),
+    ("jun.li@qq.com", "张三", ""),
+    ("lead@mailinator.com", "Sam Doe", ""),
+    ("ops@hubspot.com", "Competitor Research", ""),
+    ("wei.chen@initech.example", "Wei Chen", "+86 133 3333 3333"),
+    ("buyer@globex.example", "Pat Kim", "12345678"),
+)
 
 
 @dataclass(frozen=True)
@@ -52,18 +77,42 @@ class Persona:
     index: int
     anonymous_id: str
     email: str
-    kind: str  # "cold", "warm" or "hot"
+    kind: str  # "cold", "warm", "hot" or "junk"
+    traits: dict[str, object]
 
 
 def personas(people: int, seed: int) -> list[Persona]:
-    """``people`` personas: about 60% cold, 25% warm, 15% hot."""
+    """``people`` personas: about 56% cold, 25% warm, 15% hot, 4% junk."""
     rng = random.Random(seed)
     out = []
     for i in range(people):
         roll = rng.random()
-        kind = "hot" if roll < 0.15 else "warm" if roll < 0.40 else "cold"
-        email = f"{rng.choice(_FIRST)}.{i}@{rng.choice(_COMPANIES)}.example"
-        out.append(Persona(i, f"anon-{seed}-{i:06d}", email, kind))
+        kind = (
+            "junk" if roll < 0.04 else "hot" if roll < 0.19 else "warm" if roll < 0.44 else "cold"
+        )
+        first, company = rng.choice(_FIRST), rng.choice(_COMPANIES)
+        domain = (
+            f"{company}.example"
+            if rng.random() < 0.8
+            else rng.choice(("gmail.com", "qq.com", "163.com"))
+        )
+        traits: dict[str, object] = {
+            "email": f"{first}.{i}@{domain}",
+            "name": f"{first.title()} {company.title()}",
+            "company": {
+                "name": company.title(),
+                "employee_count": rng.choice((8, 40, 150, 600, 5000)),
+                "industry": rng.choice(_INDUSTRIES),
+            },
+            "title": rng.choice(_TITLES),
+            "address": {"country": rng.choice(_COUNTRIES)},
+        }
+        if rng.random() < 0.5:
+            traits["phone"] = f"+55 11 9{rng.randrange(10**7, 10**8)}"
+        if kind == "junk":
+            email, name, phone = rng.choice(_JUNK)
+            traits.update(email=email, name=name, phone=phone)
+        out.append(Persona(i, f"anon-{seed}-{i:06d}", str(traits["email"]), kind, traits))
     return out
 
 
@@ -78,10 +127,7 @@ def _journey(p: Persona, rng: random.Random) -> list[dict[str, object]]:
     def track(name: str, **props: object) -> dict[str, object]:
         return {"type": "track", "event": name, "properties": props}
 
-    identify: dict[str, object] = {
-        "type": "identify",
-        "traits": {"email": p.email, "company": p.email.split("@")[1].split(".")[0]},
-    }
+    identify: dict[str, object] = {"type": "identify", "traits": p.traits}
     steps: list[dict[str, object]] = [page("/")]
     steps += [page(rng.choice(_BLOG)) for _ in range(rng.randint(1, 4))]
     if p.kind == "cold":
@@ -90,21 +136,22 @@ def _journey(p: Persona, rng: random.Random) -> list[dict[str, object]]:
         if rng.random() < 0.1:
             steps.append(track("Whitepaper Downloaded", title="State of B2B Leads"))
         return steps
-    steps += [page("/product"), page(f"/customers/{rng.choice(_COMPANIES)}"), page("/pricing")]
+    product = rng.choice(("analytics", "routing"))
+    steps += [
+        page(f"/product/{product}"),
+        page(f"/customers/{rng.choice(_COMPANIES)}"),
+        page("/pricing"),
+    ]
     steps.append(identify)
     steps.append(track("Whitepaper Downloaded", title="Routing Playbook"))
     if rng.random() < 0.4:
         steps.append(track("Webinar Attended", webinar="Speed to Lead"))
-    if p.kind == "hot":
-        steps += [
-            page("/pricing"),
-            page("/pricing/enterprise"),
-            track("Webinar Attended", webinar="Live Demo"),
-        ]
-        steps.append(
-            track(rng.choice(("Demo Requested", "Contact Form Submitted", "Trade Show Visited")))
-        )
-        steps.append(track("Demo Requested", plan="enterprise"))
+    if p.kind in ("hot", "junk"):
+        steps += [page("/pricing"), page("/pricing/enterprise")]
+        steps.append(track("Webinar Attended", webinar="Live Demo"))
+        closing = rng.choice(("Contact Form Submitted", "Trade Show Visited", "Trial Started"))
+        steps.append(track(closing, product=product))
+        steps.append(track("Demo Requested", plan=rng.choice(("enterprise", "team"))))
     return steps
 
 

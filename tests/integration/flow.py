@@ -11,8 +11,7 @@ from confluent_kafka import Producer
 
 from dataflows.kafka_io import client_options
 from dataflows.pipeline import build_flow
-from engine.person import PersonState, decode_state
-from engine.scoring import ScoringModel, score_at
+from engine.person import PersonState, Rulebook, current_scores, decode_state
 from engine.settings import Settings
 from engine.store import RedisStore
 from leadflow.watch import Observed, OutputWatcher
@@ -52,9 +51,23 @@ def track(message_id: str, anon: str, name: str, t: float = 0, email: str = "") 
     return event
 
 
+BUYER = {"company": {"name": "Acme"}}  # with a company e-mail: fit 25, the default minimum
+
+
+def identify(message_id: str, anon: str, email: str, t: float = 0) -> dict[str, Any]:
+    return {
+        "type": "identify",
+        "messageId": message_id,
+        "anonymousId": anon,
+        "timestamp": at(t),
+        "traits": {"email": email, **BUYER},
+    }
+
+
 def hot_lead(anon: str, t: float = 0) -> list[dict[str, Any]]:
-    """Events taking a new person from 0 to 105 points: demo 50 + webinar 25 + contact 30."""
+    """A buyer from a company (fit 25) who earns 105 points: demo 50 + webinar 25 + contact 30."""
     return [
+        identify(f"{anon}-0", anon, f"{anon}@acme.example", t),
         track(f"{anon}-1", anon, "Demo Requested", t),
         track(f"{anon}-2", anon, "Webinar Attended", t + 1),
         track(f"{anon}-3", anon, "Contact Form Submitted", t + 2),
@@ -119,6 +132,5 @@ def person_of(settings: Settings, event: dict[str, Any]) -> PersonState:
 
 
 def behavior_score(settings: Settings, person: PersonState) -> float:
-    """A person's behaviour score at their latest event time."""
-    model = ScoringModel(settings.scoring)
-    return score_at(person.contributions, person.ref_ms, person.ref_ms, model.half_life_ms)
+    """A person's total behaviour score at their latest event time."""
+    return current_scores(person, Rulebook(settings))[""]

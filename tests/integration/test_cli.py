@@ -83,7 +83,7 @@ def test_demo_runs_end_to_end_and_leaves_nothing_behind() -> None:
 
 def test_bad_config_stops_start_up_naming_file_key_and_problem(tmp_path: Path) -> None:
     config = Path(__file__).resolve().parents[2] / "config"
-    for f in config.glob("*.toml"):
+    for f in config.iterdir():
         (tmp_path / f.name).write_text(f.read_text())
     scoring = tmp_path / "scoring.toml"
     scoring.write_text(

@@ -11,6 +11,7 @@ from engine.settings import Settings
 from tests.integration.flow import (
     behavior_score,
     hot_lead,
+    identify,
     outputs,
     page,
     person_of,
@@ -28,7 +29,8 @@ def workers(request: pytest.FixtureRequest) -> int:
 def test_crossing_the_threshold_alerts_exactly_once(settings: Settings, workers: int) -> None:
     events = [
         page("p1", "anon-a", "/pricing", 0),  # 1 + 10
-        track("p2", "anon-a", "Demo Requested", 10, email="Ana.Souza@Acme.example"),  # 50
+        identify("p1b", "anon-a", "Ana.Souza@Acme.example", 5),  # fit 25: company e-mail and name
+        track("p2", "anon-a", "Demo Requested", 10),  # 50
         track("p3", "anon-a", "Webinar Attended", 20),  # 25 -> 86
         track("p4", "anon-a", "Contact Form Submitted", 30),  # 30 -> 116: crosses here
         track("p5", "anon-a", "Demo Requested", 40),  # still an MQL: no second alert
@@ -152,12 +154,12 @@ def test_identify_joins_a_cookie_and_an_email_into_one_person(
                 "messageId": "j2",
                 "anonymousId": "anon-j",
                 "timestamp": "2026-11-02T09:00:01Z",
-                "traits": {"email": "Jun@Initech.example"},
+                "traits": {"email": "Jun@Initech.example", "company": "Initech"},
             },
             # the same person from another device, known only by e-mail:
             {
                 "type": "track",
-                "event": "Demo Requested",
+                "event": "Contact Form Submitted",
                 "messageId": "j3",
                 "timestamp": "2026-11-02T09:00:02Z",
                 "properties": {"email": "  jun@initech.example "},
@@ -175,6 +177,24 @@ def test_identify_joins_a_cookie_and_an_email_into_one_person(
     run_flow(settings, workers)
     seen = outputs(settings)
 
-    assert len(seen.decisions) == 1  # 50 on the cookie + 75 by e-mail: only together >= 100
+    assert len(seen.decisions) == 1  # 50 on the cookie + 55 by e-mail: only together >= 100
     leads = [r for r in seen.lifecycle.values() if r["to"] == "lead"]
     assert len(leads) == 1
+
+
+def test_a_junk_lead_is_disqualified_on_the_audit_trail_and_never_alerts(
+    settings: Settings, workers: int
+) -> None:
+    junk = hot_lead("anon-junk")
+    junk[0]["traits"]["phone"] = "+86 133 3333 3333"  # a made-up Chinese mobile
+    send(settings, junk + hot_lead("anon-real"))
+    run_flow(settings, workers)
+    seen = outputs(settings)
+
+    assert len(seen.decisions) == 1
+    (decision,) = seen.decisions.values()
+    assert decision["fit"] >= decision["fit_minimum"] == 25.0
+    assert {f["factor"] for f in decision["fit_reasons"]} >= {"company_email", "has:company_name"}
+    disqualified = [r for r in seen.lifecycle.values() if r["to"] == "disqualified"]
+    assert [(r["from"], r["cause"]) for r in disqualified] == [("lead", "cleansing:fake_phone")]
+    assert disqualified[0]["one_id"] != decision["one_id"]

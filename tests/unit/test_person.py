@@ -1,114 +1,231 @@
 from __future__ import annotations
 
+import random
 from dataclasses import replace
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.events import Event
 from engine.person import (
     DECISION,
     LIFECYCLE,
     PersonState,
+    Rulebook,
     apply_event,
     complete_promotion,
+    current_scores,
     decode_state,
     encode_state,
 )
-from engine.scoring import ScoringModel
-from engine.settings import Settings, load_settings
+from engine.settings import load_settings
 
 NOW_MS = 1_793_000_000_000
+RULES = Rulebook(load_settings(env={}))
+COMPANY = {
+    "email": "ana@acme.example",
+    "company": {"name": "Acme", "employee_count": 150},
+    "title": "CMO",
+}
 
 
-@pytest.fixture(scope="module")
-def settings() -> Settings:
-    return load_settings()
-
-
-@pytest.fixture(scope="module")
-def model(settings: Settings) -> ScoringModel:
-    return ScoringModel(settings.scoring)
-
-
-def track(message_id: str, name: str, t_ms: int = NOW_MS, email: str = "") -> Event:
+def event(
+    message_id: str,
+    name: str = "",
+    t_ms: int = NOW_MS,
+    type_: str = "track",
+    trusted: bool = False,
+    traits: dict[str, Any] | None = None,
+    **properties: Any,
+) -> Event:
+    payload: dict[str, Any] = {"properties": properties}
+    if traits:
+        payload["traits"] = traits
     return Event(
-        type="track",
+        type=type_,
         message_id=message_id,
         event_ms=t_ms,
         ingested_ms=t_ms,
         name=name,
         anonymous_id="a",
-        email=email,
+        email=str((traits or {}).get("email", "")),
+        trusted=trusted,
+        payload=payload,
     )
 
 
-def test_first_event_creates_a_lead_and_records_the_transition(
-    settings: Settings, model: ScoringModel
-) -> None:
+def known_buyer() -> PersonState:
+    """A person with a company profile (fit 70) and no behaviour yet."""
     p = PersonState("p1", is_new=True)
-    outputs, promotion = apply_event(
-        p, track("m1", "Whitepaper Downloaded"), model, settings, NOW_MS
-    )
+    apply_event(p, event("id", type_="identify", traits=COMPANY), RULES, NOW_MS)
+    return p
+
+
+def test_first_event_creates_a_lead_and_records_the_transition() -> None:
+    p = PersonState("p1", is_new=True)
+    outputs, promotion = apply_event(p, event("m1", "Whitepaper Downloaded"), RULES, NOW_MS)
     assert promotion is None
     assert [(o.kind, o.value["from"], o.value["to"]) for o in outputs] == [
         (LIFECYCLE, None, "lead")
     ]
-    assert p.contributions == {"whitepaper_download": 15.0}
+    assert current_scores(p, RULES)[""] == 15.0
 
 
-def test_a_seen_message_changes_nothing_and_replays_its_records(
-    settings: Settings, model: ScoringModel
-) -> None:
+def test_a_seen_message_changes_nothing_and_replays_its_records() -> None:
     p = PersonState("p1", is_new=True)
-    first, _ = apply_event(p, track("m1", "Demo Requested"), model, settings, NOW_MS)
+    first, _ = apply_event(p, event("m1", "Demo Requested"), RULES, NOW_MS)
     before = encode_state(p)
-    again, promotion = apply_event(p, track("m1", "Demo Requested"), model, settings, NOW_MS + 5)
+    again, promotion = apply_event(p, event("m1", "Demo Requested"), RULES, NOW_MS + 5)
     assert promotion is None
     assert encode_state(p) == before
     assert [o.value for o in again] == [o.value for o in first]
 
 
-def test_promotion_builds_one_decision_with_stable_ids(
-    settings: Settings, model: ScoringModel
-) -> None:
+def test_the_same_form_submitted_twice_scores_once() -> None:
     p = PersonState("p1", is_new=True)
-    apply_event(p, track("m1", "Demo Requested", email="x@acme.example"), model, settings, NOW_MS)
-    _, promotion = apply_event(p, track("m2", "Demo Requested", NOW_MS), model, settings, NOW_MS)
+    apply_event(p, event("m1", "Whitepaper Downloaded", title="Routing Playbook"), RULES, NOW_MS)
+    apply_event(
+        p, event("m2", "Whitepaper Downloaded", title="Routing Playbook"), RULES, NOW_MS + 1
+    )
+    assert current_scores(p, RULES)[""] == pytest.approx(15.0)
+    apply_event(
+        p, event("m3", "Whitepaper Downloaded", title="State of B2B Leads"), RULES, NOW_MS + 2
+    )
+    assert current_scores(p, RULES)[""] == pytest.approx(30.0)
+
+
+def test_promotion_needs_behaviour_and_fit_and_builds_one_decision_with_reasons() -> None:
+    p = PersonState("p1", is_new=True)
+    apply_event(p, event("m1", "Demo Requested"), RULES, NOW_MS)
+    _, none = apply_event(p, event("m2", "Contact Form Submitted"), RULES, NOW_MS)
+    _, none2 = apply_event(p, event("m3", "Webinar Attended"), RULES, NOW_MS)
+    assert none is None and none2 is None  # 105 points, but no fit yet: no company e-mail
+    _, promotion = apply_event(p, event("m4", type_="identify", traits=COMPANY), RULES, NOW_MS)
     assert promotion is not None
-    outputs = complete_promotion(promotion, 5, model, settings, NOW_MS)
-    kinds = [o.kind for o in outputs]
-    assert kinds == [LIFECYCLE, DECISION]
+    outputs = complete_promotion(promotion, 5, RULES, NOW_MS)
+    assert [o.kind for o in outputs] == [LIFECYCLE, DECISION]
     decision = outputs[1].value
     assert decision["sdr"] == "sdr-bruno"  # ticket 5 of 3 SDRs in roster order
-    assert decision["trigger"]["message_id"] == "m2"
+    assert decision["trigger"]["message_id"] == "m4"
+    assert decision["qualified_on"] == ["total"]
+    assert decision["score"] == 105.0
+    assert [r["rule"] for r in decision["reasons"]] == [
+        "demo_request",
+        "contact_form",
+        "webinar_attended",
+    ]
+    assert decision["fit"] == 70.0 and decision["fit_minimum"] == 25.0  # 25+15+10+4x5
+    assert decision["fit_reasons"][0] == {"factor": "title:c_level", "points": 25.0}
     assert decision["channels"] == ["email"]
     assert p.stage == "mql" and p.owner == "sdr-bruno"
-
-    # the same person, rebuilt from scratch and fed the same events, gets the same ids
-    q = PersonState("p1", is_new=True)
-    apply_event(q, track("m1", "Demo Requested", email="x@acme.example"), model, settings, NOW_MS)
-    _, again = apply_event(q, track("m2", "Demo Requested", NOW_MS), model, settings, NOW_MS + 999)
-    assert again is not None and again.decision_id == promotion.decision_id
-
-    # an MQL earns more points without a second promotion
-    _, none = apply_event(p, track("m3", "Demo Requested", NOW_MS + 2), model, settings, NOW_MS)
-    assert none is None
+    _, again = apply_event(p, event("m5", "Trade Show Visited"), RULES, NOW_MS)
+    assert again is None  # already an MQL: more points, no second promotion
 
 
-def test_state_round_trips_through_its_encoding(settings: Settings, model: ScoringModel) -> None:
+def test_a_product_line_can_qualify_on_its_own_dimension() -> None:
+    p = known_buyer()
+    apply_event(p, event("t1", "Trial Started", product="analytics"), RULES, NOW_MS)  # 40 analytics
+    _, promotion = apply_event(p, event("t2", type_="page"), RULES, NOW_MS)
+    assert promotion is None
+    page = replace(event("t3", type_="page"), path="/product/analytics/dashboards")
+    _, promotion = apply_event(p, page, RULES, NOW_MS)  # +5
+    assert promotion is None
+    for n in range(
+        4
+    ):  # four more product pages: 40 + 25 = 65 >= 60 on analytics, total far below 100
+        _, promotion = apply_event(
+            p, replace(page, message_id=f"t4-{n}", event_ms=NOW_MS + n), RULES, NOW_MS
+        )
+    assert promotion is not None and promotion.verdict.on == ("analytics",)
+    decision = complete_promotion(promotion, 1, RULES, NOW_MS)[-1].value
+    assert decision["dimensions"]["analytics"] == pytest.approx(65.0, abs=0.01)
+    cited = [r["rule"] for r in decision["dimension_reasons"]["analytics"]]
+    assert cited == ["analytics_trial", "analytics_product_page"]
+    assert decision["score"] < 100
+
+
+def test_a_cleansed_lead_is_kept_disqualified_with_its_reason_and_never_promoted() -> None:
     p = PersonState("p1", is_new=True)
-    apply_event(p, track("m1", "Demo Requested", email="x@acme.example"), model, settings, NOW_MS)
-    _, promotion = apply_event(p, track("m2", "Demo Requested", NOW_MS), model, settings, NOW_MS)
+    outputs, _ = apply_event(
+        p, event("m1", type_="identify", traits={"email": "lead@mailinator.com"}), RULES, NOW_MS
+    )
+    assert [(o.value["to"], o.value["cause"]) for o in outputs] == [
+        ("lead", "first_event"),
+        ("disqualified", "cleansing:disposable_email"),
+    ]
+    for n, name in enumerate(
+        ["Demo Requested", "Contact Form Submitted", "Webinar Attended", "Trade Show Visited"]
+    ):
+        _, promotion = apply_event(p, event(f"m{n + 2}", name), RULES, NOW_MS)
+        assert promotion is None
+    assert p.stage == "disqualified" and p.disqualified == "disposable_email"
+    assert current_scores(p, RULES)[""] == 135.0  # still recorded, for the funnel
+    assert "email" not in p.channels
+
+
+def test_telemarketing_can_promote_by_hand_only_from_the_trusted_topic() -> None:
+    p = PersonState("p1", is_new=True)
+    apply_event(p, event("m1", "Whitepaper Downloaded"), RULES, NOW_MS)
+    _, promotion = apply_event(p, event("m2", "manual_mql", trusted=True), RULES, NOW_MS)
+    assert promotion is not None and promotion.cause == "manual_mql"
+    assert complete_promotion(promotion, 1, RULES, NOW_MS)[-1].value["qualified_on"] == ["manual"]
+    q = PersonState("p2", is_new=True)
+    _, untrusted = apply_event(q, event("m1", "manual_mql", trusted=False), RULES, NOW_MS)
+    assert untrusted is None
+
+
+def test_state_round_trips_through_its_encoding() -> None:
+    p = known_buyer()
+    apply_event(p, event("m1", "Demo Requested", plan="enterprise"), RULES, NOW_MS)
+    _, promotion = apply_event(p, event("m2", "Trade Show Visited"), RULES, NOW_MS)
     assert promotion is not None
-    complete_promotion(promotion, 1, model, settings, NOW_MS)
+    complete_promotion(promotion, 1, RULES, NOW_MS)
     restored = decode_state("p1", encode_state(p))
     assert restored == replace(p, is_new=False)
 
 
-def test_dedup_window_and_outbox_are_bounded(settings: Settings, model: ScoringModel) -> None:
-    small = replace(settings, limits=replace(settings.limits, dedup_window=3, outbox_size=2))
+def test_dedup_window_and_outbox_are_bounded() -> None:
+    small = Rulebook(
+        replace(
+            RULES.settings, limits=replace(RULES.settings.limits, dedup_window=3, outbox_size=2)
+        )
+    )
     p = PersonState("p1", is_new=True)
     for n in range(10):
-        apply_event(p, track(f"m{n}", "Whitepaper Downloaded", NOW_MS + n), model, small, NOW_MS)
+        apply_event(p, event(f"m{n}", "Whitepaper Downloaded", t_ms=NOW_MS + n, n=n), small, NOW_MS)
     assert len(p.seen) == 3
     assert len(p.outbox) == 1  # only the first event produced records
+
+
+SCORED = [
+    "Demo Requested",
+    "Webinar Attended",
+    "Whitepaper Downloaded",
+    "Contact Form Submitted",
+    "Trade Show Visited",
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(SCORED), st.integers(0, 6 * 86_400_000)), min_size=1, max_size=12
+    ),
+    st.lists(st.integers(0, 11), max_size=12),
+    st.randoms(use_true_random=False),
+)
+def test_a_message_id_never_counts_twice_whatever_the_order(
+    events: list[tuple[str, int]], repeats: list[int], rnd: random.Random
+) -> None:
+    unique = [event(f"m{i}", name, NOW_MS + t, n=i) for i, (name, t) in enumerate(events)]
+    stream = unique + [unique[i % len(unique)] for i in repeats]  # retries of some of them
+    rnd.shuffle(stream)
+    clean, noisy = PersonState("p", is_new=True), PersonState("p", is_new=True)
+    for e in unique:
+        apply_event(clean, e, RULES, NOW_MS)
+    for e in stream:
+        apply_event(noisy, e, RULES, NOW_MS)
+    assert current_scores(noisy, RULES) == pytest.approx(current_scores(clean, RULES), rel=1e-9)
+    assert noisy.score.caps == clean.score.caps

@@ -10,7 +10,7 @@ from engine.settings import DEFAULT_CONFIG_DIR, ConfigError, load_settings, mask
 
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
-    for f in DEFAULT_CONFIG_DIR.glob("*.toml"):
+    for f in DEFAULT_CONFIG_DIR.iterdir():
         shutil.copy(f, tmp_path / f.name)
     return tmp_path
 
@@ -63,14 +63,14 @@ def test_environment_overrides_connections_and_librdkafka_options() -> None:
             "scoring.toml",
             'type = "track"',
             'type = "click"',
-            "scoring.rules[4].type",
+            "scoring.rules[6].type",
             "must be 'track' or 'page'",
         ),
         (
             "scoring.toml",
             "points = 15",
             'points = "15"',
-            "scoring.rules[4].points",
+            "scoring.rules[6].points",
             "expected a number",
         ),
         (
