@@ -73,7 +73,7 @@ def main() -> None:
     start = time.perf_counter()
     decoded = [decode(r) for r in raws]
     for ev in decoded:
-        identifiers_of(ev, settings.identity.salt)
+        identifiers_of(ev, settings.identity)
     apply_all(decoded)
     full_s = time.perf_counter() - start
 

@@ -24,6 +24,10 @@ class Metrics:
     promotions: Counter
     assignments: Counter
     kafka_errors: Counter
+    merges: Counter
+    merges_refused: Counter
+    erasures: Counter
+    erased_events: Counter
     decision_latency: Histogram
 
     @classmethod
@@ -49,6 +53,19 @@ class Metrics:
             ),
             kafka_errors=Counter(
                 f"{prefix}_kafka_errors", "Consumer errors reported by Kafka", registry=registry
+            ),
+            merges=Counter(f"{prefix}_merges", "People merged into one", registry=registry),
+            merges_refused=Counter(
+                f"{prefix}_merges_refused",
+                "Merges refused, by reason",
+                ["reason"],
+                registry=registry,
+            ),
+            erasures=Counter(f"{prefix}_erasures", "People erased on request", registry=registry),
+            erased_events=Counter(
+                f"{prefix}_erased_events",
+                "Events dropped for being older than their identifier's erasure",
+                registry=registry,
             ),
             decision_latency=Histogram(
                 f"{prefix}_ingest_to_decision_seconds",

@@ -10,23 +10,29 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dataflows.metrics import metrics
 from engine.events import Event, Origin, Rejection, decode_event
-from engine.identity import Identifier, identifiers_of, resolve
+from engine.identity import Identifier, anchor, identifiers_of, merge_refusal, plan_join
 from engine.person import (
+    DECISION,
+    ERASE,
     Output,
     PersonState,
     Promotion,
     Rulebook,
+    absorb,
     apply_event,
     complete_promotion,
     decode_state,
     encode_state,
+    erase,
+    message_digest,
+    refuse_merge,
 )
 from engine.settings import Settings
-from engine.store import RedisStore
+from engine.store import SAVED, RedisStore, Stored
 
 Clock = Callable[[], float]
 
@@ -42,10 +48,12 @@ class RawMessage:
 
 @dataclass(frozen=True, slots=True)
 class Resolved:
-    """An event and the person it belongs to."""
+    """An event, the person it was routed to, and its identifiers' owners as the router saw them."""
 
     one_id: str
     event: Event
+    identifiers: tuple[Identifier, ...]
+    owners: tuple[str | None, ...]
 
 
 class Decoder:
@@ -103,44 +111,65 @@ class _LazyStore:
 
 
 class IdentityStage(_LazyStore):
-    """Resolve each event to a One-ID: two round trips per batch (look up, claim)."""
+    """Route each event to a person: one round trip per batch (owners and erasures).
+
+    Read-only: claims and merges happen in the person stage, under the person's
+    compare-and-set. Events older than an erasure of one of their identifiers
+    are dropped here (counted), so an erased person cannot be re-created by them.
+    """
 
     def __call__(self, events: list[Event]) -> list[Resolved]:
-        """Resolve ``events`` in order; later events of the batch see earlier claims."""
-        salt = self.settings.identity.salt
-        idents = [identifiers_of(e, salt) for e in events]
-        unique = list({i.digest: i for ids in idents for i in ids}.values())
-        owners: dict[str, str | None] = dict(
-            zip((i.digest for i in unique), self.store.owners(unique), strict=True)
-        )
-        claims: dict[str, tuple[Identifier, str]] = {}
-        for ids in idents:
-            r = resolve(ids, [owners[i.digest] for i in ids])
-            for ident in r.claims:
-                owners[ident.digest] = r.one_id
-                claims[ident.digest] = (ident, r.one_id)
-        # Another worker may have claimed the same identifier a moment earlier:
-        # the store's answer is the truth, so resolve again against it.
-        for (ident, _), winner in zip(
-            claims.values(), self.store.claim(list(claims.values())), strict=True
-        ):
-            owners[ident.digest] = winner
+        """Resolve ``events`` in order; later events of the batch see earlier routings."""
+        idents = [identifiers_of(e, self.settings.identity) for e in events]
+        digests = list(dict.fromkeys(i.digest for ids in idents for i in ids))
+        found, erased_at = self.store.owners(digests)
+        owners: dict[str, str | None] = dict(zip(digests, found, strict=True))
+        erased = dict(zip(digests, erased_at, strict=True))
         out = []
-        conflicts = 0
+        dropped = 0
         for event, ids in zip(events, idents, strict=True):
-            r = resolve(ids, [owners[i.digest] for i in ids])
-            conflicts += r.conflict
-            out.append(Resolved(r.one_id, event))
-        if conflicts:
-            metrics().identity_conflicts.inc(conflicts)
+            if any(0 < event.event_ms <= erased[i.digest] for i in ids):
+                dropped += 1
+                continue
+            seen = tuple(owners[i.digest] for i in ids)
+            person = anchor(ids, seen)
+            out.append(Resolved(person, event, ids, seen))
+            for i in ids:  # tentatively, so the next event of this batch goes to the same person
+                owners[i.digest] = owners[i.digest] or person
+        if dropped:
+            metrics().erased_events.inc(dropped)
         return out
 
 
-class PersonStage(_LazyStore):
-    """Score, qualify and route one worker's people: three round trips per batch.
+# Rounds of compare-and-set before a batch gives up (and the process restarts from recovery).
+MAX_ROUNDS = 20
 
-    Load the states of everyone in the batch, apply their events in order, draw
-    a routing ticket for each promotion, save the states that changed.
+
+@dataclass(slots=True)
+class _Step:
+    """One event of a round, with its planned merges: (other One-ID, refusal reason or '')."""
+
+    item: Resolved
+    merges: list[tuple[str, str]] = field(default_factory=list)
+
+
+class PersonStage(_LazyStore):
+    """Join identities, then score, qualify and route people, under compare-and-set.
+
+    A batch is processed in rounds (:class:`_Round`). Each round loads the people
+    the events were routed to (following redirects of people absorbed meanwhile),
+    plans each event's joins (attach new identifiers within limits; merge other
+    owners or refuse), claims identifiers, freezes the people to absorb (redirect
+    and read in one script, only if unchanged since planned), absorbs them and
+    applies the events in order, draws routing tickets, saves every person only
+    if unchanged and not redirected, and re-points absorbed people's identifiers.
+    What lost a race (a claim taken, a person changed or redirected) is planned
+    again next round from fresh reads, and its outputs are not emitted.
+
+    Every step can be repeated after a crash with the same effect: claims and
+    freezes are set-if-absent, an absorbed person stays readable behind its
+    redirect until its survivor records it in ``merged_from``, and each event's
+    messageId digest makes its second application a replay of its records.
     """
 
     def __init__(
@@ -152,38 +181,217 @@ class PersonStage(_LazyStore):
 
     def __call__(self, items: list[Resolved]) -> list[Output]:
         """Process a batch of resolved events; return the records to publish."""
-        by_person: dict[str, list[Event]] = {}
+        work: dict[str, list[Resolved]] = {}
         for item in items:
-            by_person.setdefault(item.one_id, []).append(item.event)
-        one_ids = list(by_person)
-        loaded = self.store.load_people(one_ids)
-        now_ms = int(self.clock() * 1000)
+            work.setdefault(item.one_id, []).append(item)
+        aliases: dict[str, str] = {}  # One-IDs learnt to be redirected, to their survivor
+        known: dict[str, str] = {}  # identifier digests learnt to be owned (claims lost), to owner
         outputs: list[Output] = []
-        promotions: list[Promotion] = []
-        states: list[PersonState] = []
-        for one_id, raw in zip(one_ids, loaded, strict=True):
-            person = decode_state(one_id, raw)
-            states.append(person)
-            for event in by_person[one_id]:
-                produced, promotion = apply_event(person, event, self.rules, now_ms)
+        for _ in range(MAX_ROUNDS):
+            if not work:
+                return outputs
+            work = _Round(self, work, aliases, known).run(outputs)
+        raise RuntimeError(f"people still contended after {MAX_ROUNDS} rounds: {sorted(work)[:5]}")
+
+
+class _Round:
+    """One round of :class:`PersonStage` over the people of a batch."""
+
+    def __init__(
+        self,
+        stage: PersonStage,
+        work: dict[str, list[Resolved]],
+        aliases: dict[str, str],
+        known: dict[str, str],
+    ):
+        self.settings, self.store, self.rules = stage.settings, stage.store, stage.rules
+        self.now_ms = int(stage.clock() * 1000)
+        self.work, self.aliases, self.known = work, aliases, known
+        self.retry: dict[str, list[Resolved]] = {}
+        self.people: dict[str, PersonState] = {}
+        self.loaded: dict[str, bytes | None] = {}
+        self.steps: dict[str, list[_Step]] = {}
+        self.others: dict[str, Stored] = {}
+        self.claims: list[tuple[Identifier, str, str]] = []  # identifier, claimer, stale owner
+        self.contended: set[str] = set()
+        self.frozen: dict[str, PersonState] = {}
+        self.produced: dict[str, list[Output]] = {}
+        self.promotions: list[Promotion] = []
+        self.erasures: dict[str, tuple[list[str], list[str]]] = {}  # identifiers, absorbed people
+
+    def run(self, outputs: list[Output]) -> dict[str, list[Resolved]]:
+        """Do the round; add the records of people saved to ``outputs``; return what to retry."""
+        self._load()
+        self._plan()
+        self._claim_and_freeze()
+        self._apply()
+        self._save(outputs)
+        return self.retry
+
+    def _again(self, one_id: str, items: list[Resolved]) -> None:
+        self.retry.setdefault(one_id, []).extend(items)
+
+    def _owners(self, item: Resolved) -> list[str | None]:
+        """The owners the router saw, updated with what this batch learnt (claims, redirects)."""
+        out = []
+        for ident, seen in zip(item.identifiers, item.owners, strict=True):
+            owner, hops = self.known.get(ident.digest, seen), 0
+            while owner in self.aliases and hops < MAX_ROUNDS:
+                owner, hops = self.aliases[owner], hops + 1
+            out.append(owner)
+        return out
+
+    def _load(self) -> None:
+        for one_id, stored in zip(self.work, self.store.load_people(list(self.work)), strict=True):
+            if stored.redirect:
+                self.aliases[one_id] = stored.redirect
+                self._again(stored.redirect, self.work[one_id])
+            else:
+                self.people[one_id] = decode_state(one_id, stored.state, stored.version)
+                self.loaded[one_id] = stored.state
+
+    def _plan(self) -> None:
+        """Plan each event's claims and merges, limits counted as the batch goes."""
+        identity = self.settings.identity
+        wanted = {
+            o for p in self.people for r in self.work[p] for o in self._owners(r) if o and o != p
+        }
+        others = sorted(wanted)
+        self.others = dict(zip(others, self.store.load_people(others), strict=True))
+        for one_id, person in self.people.items():
+            held = [(kind, digest) for kind, digest in person.ids]
+            steps = self.steps[one_id] = []
+            for item in self.work[one_id]:
+                step = _Step(item)
+                steps.append(step)
+                if person.erased_ms or message_digest(item.event.message_id) in person.seen:
+                    continue  # an erased person, or a replayed event: no joins
+                plan = plan_join(one_id, held, item.identifiers, self._owners(item), identity)
+                for ident in plan.claims:
+                    stale = self.known.get(ident.digest, "")  # owned by someone since absorbed
+                    self.claims.append((ident, one_id, "" if stale == one_id else stale))
+                    held.append((ident.kind, ident.digest))
+                for other in plan.merges:
+                    stored = self.others.get(other)
+                    if stored is None:
+                        continue  # not loaded: an owner only this round learnt of
+                    if stored.redirect:
+                        self.aliases[other] = stored.redirect  # absorbed meanwhile: follow it
+                        self.contended.add(one_id)
+                        continue
+                    other_ids = [(k, d) for k, d in decode_state(other, stored.state).ids]
+                    reason = merge_refusal(held, other_ids, identity)
+                    if not reason:
+                        held += [i for i in other_ids if i not in held]
+                    step.merges.append((other, reason))
+
+    def _claim_and_freeze(self) -> None:
+        won = self.store.claim(
+            [(ident.digest, one_id, stale) for ident, one_id, stale in self.claims]
+        )
+        for (ident, one_id, _), owner in zip(self.claims, won, strict=True):
+            if owner != one_id:
+                self.known[ident.digest] = (
+                    owner  # someone else got it first: plan again against them
+                )
+                self.contended.add(one_id)
+            elif (
+                one_id in self.people and [ident.kind, ident.digest] not in self.people[one_id].ids
+            ):
+                self.people[one_id].ids.append([ident.kind, ident.digest])
+        plans = [
+            (other, one_id, self.others[other].version)
+            for one_id, steps in self.steps.items()
+            if one_id not in self.contended
+            for step in steps
+            for other, reason in step.merges
+            if not reason
+        ]
+        for (other, one_id, _), stored in zip(plans, self.store.freeze(plans), strict=True):
+            if stored.redirect == one_id:
+                self.frozen[other] = decode_state(other, stored.state, stored.version)
+            else:
+                self.contended.add(one_id)
+                if stored.redirect:
+                    self.aliases[other] = stored.redirect
+
+    def _apply(self) -> None:
+        """Absorb, then apply each event, in order, for every uncontended person."""
+        for one_id, person in self.people.items():
+            if one_id in self.contended:
+                self._again(one_id, self.work[one_id])
+                continue
+            out = self.produced[one_id] = []
+            for step in self.steps[one_id]:
+                event = step.item.event
+                for other, reason in step.merges:
+                    if reason:
+                        out.append(
+                            refuse_merge(person, other, reason, event, self.rules, self.now_ms)
+                        )
+                    elif not any(m[0] == other for m in person.merged_from):
+                        out.append(
+                            absorb(person, self.frozen[other], event, self.rules, self.now_ms)
+                        )
+                if event.trusted and event.name == ERASE and not person.erased_ms:
+                    self.erasures[one_id] = (
+                        [d for _, d in person.ids],
+                        [o for o, _ in person.merged_from],
+                    )
+                    out.append(erase(person, event, self.rules, self.now_ms))
+                    continue
+                records, promotion = apply_event(person, event, self.rules, self.now_ms)
                 if promotion is None:
-                    outputs.extend(produced)
+                    out.extend(records)
                 else:
-                    promotions.append(promotion)
-        tickets = self.store.draw_tickets([(p.queue, p.decision_id) for p in promotions])
+                    self.promotions.append(promotion)
+        tickets = self.store.draw_tickets([(p.queue, p.decision_id) for p in self.promotions])
+        for promotion, ticket in zip(self.promotions, tickets, strict=True):
+            records = complete_promotion(promotion, ticket, self.rules, self.now_ms)
+            self.produced[promotion.person.one_id].extend(records)
+
+    def _save(self, outputs: list[Output]) -> None:
+        """Save whoever changed; emit the records of those saved; losers go round again."""
+        identity = self.settings.identity
+        block_ms = identity.erasure_block_days * 86_400_000
+        saves, done = [], []
+        for one_id in self.produced:
+            person = self.people[one_id]
+            raw = encode_state(person)
+            if raw == self.loaded[one_id]:
+                done.append(one_id)  # only replays: nothing to save, records to re-emit
+            else:
+                saves.append((one_id, person.version, raw, block_ms if person.erased_ms else 0))
+        for (one_id, _, _, _), status in zip(saves, self.store.save_people(saves), strict=True):
+            if status == SAVED:
+                done.append(one_id)
+            else:
+                self._again(one_id, self.work[one_id])
+        repoints: list[tuple[str, str, str]] = []
+        ingested = {p.decision_id: p.event.ingested_ms for p in self.promotions}
         m = metrics()
-        for promotion, ticket in zip(promotions, tickets, strict=True):
-            outputs.extend(complete_promotion(promotion, ticket, self.rules, now_ms))
-            person = promotion.person
-            m.promotions.labels(person.queue).inc()
-            m.assignments.labels(person.queue, person.owner).inc()
-            m.decision_latency.labels(person.queue).observe(
-                max(0, now_ms - promotion.event.ingested_ms) / 1000
-            )
-        changed = []
-        for person, raw in zip(states, loaded, strict=True):
-            new = encode_state(person)
-            if new != raw:
-                changed.append((person.one_id, new))
-        self.store.save_people(changed)
-        return outputs
+        for one_id in done:
+            person = self.people[one_id]
+            outputs.extend(self.produced[one_id])
+            for record in self.produced[one_id]:
+                cause = record.value.get("cause", "")
+                if cause == "merge" and record.value["merged_from"] in self.frozen:
+                    m.merges.inc()
+                    absorbed = self.frozen[record.value["merged_from"]]
+                    repoints += [(d, absorbed.one_id, one_id) for _, d in absorbed.ids]
+                elif cause.startswith("merge_refused:"):
+                    m.merges_refused.labels(cause.removeprefix("merge_refused:")).inc()
+                elif record.kind == DECISION and record.value["decision_id"] in ingested:
+                    m.promotions.labels(person.queue).inc()
+                    m.assignments.labels(person.queue, person.owner).inc()
+                    latency_s = max(0, self.now_ms - ingested[record.value["decision_id"]]) / 1000
+                    m.decision_latency.labels(person.queue).observe(latency_s)
+            if one_id in self.erasures:
+                digests, absorbed_ids = self.erasures[one_id]
+                repoints += [(d, one_id, "") for d in digests]
+                self.store.mark_erased(
+                    digests, person.erased_ms, identity.erasure_block_days * 86_400
+                )
+                self.store.drop_people(absorbed_ids)
+                m.erasures.inc()
+        self.store.repoint(repoints)

@@ -1,30 +1,41 @@
-"""One-ID: which person an event belongs to.
+"""One-ID: which person an event belongs to, and when two people are one.
 
-Every identifier of an event (``userId``, e-mail, ``anonymousId``, alias
-``previousId``) is reduced to a salted digest; Redis maps each digest to the
-One-ID that owns it. The rules here are pure: given the owners the store
-already knows, :func:`resolve` says which One-ID the event belongs to and which
-identifiers it newly claims for that person.
+Identifiers. Every identifier of an event is normalised and reduced to a
+salted digest (kind + value): ``userId`` (kind ``user``), e-mail (trimmed,
+lower-cased, ``+tag`` and Gmail-style dots folded as configured), phone
+(E.164, the default calling code added when missing), ``anonymousId`` and an
+``alias`` call's ``previousId`` (``anon``), and any kind declared in config
+(a CRM id, a WeChat openid...) read from the paths it names. Each kind has a
+priority (lower is stronger) and a limit: how many values of that kind one
+person may hold (one ``userId``, five cookies by default), so one shared office
+computer cannot glue a company into one person.
 
-One-IDs are derived, not random: a new person's One-ID is the digest of its
-highest-priority identifier, so two workers that see the same new person at
-once, or a replay after a crash, arrive at the same One-ID.
+Routing. An event goes to the *anchor*: the person owning its strongest
+identifier that already has an owner, or, if none has, a new person whose
+One-ID is derived from its strongest identifier (so concurrent workers and
+replays agree on it).
 
-Foundation limit (the One-ID issue replaces it with real merges): when an
-event's identifiers already belong to two different people, the event goes to
-the owner of its highest-priority identifier, nothing is merged, and the
-result is flagged ``conflict``.
+Joining. The person stage, holding the anchor, then looks at the event's
+other identifiers (:func:`plan_join`): a new identifier is attached if the
+kind's limit allows; an identifier owned by someone else means the two are one
+person and are merged, unless the merge would break a limit or join two
+different ``userId`` values; then it is refused and recorded instead.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from engine.events import Event
+from engine.settings import IdentitySettings
 
-# Highest priority first: a userId is the strongest claim on a person.
-PRIORITY = ("user", "email", "anon")
+_NON_DIGIT = re.compile(r"\D+")
+_MIN_PHONE_DIGITS = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,55 +46,159 @@ class Identifier:
     digest: str
 
 
-@dataclass(frozen=True, slots=True)
-class Resolution:
-    """Which person an event belongs to and what it teaches the store."""
-
-    one_id: str
-    claims: tuple[Identifier, ...]
-    conflict: bool = False
-
-
-def normalise_email(email: str) -> str:
-    """Trim and lower-case an e-mail address."""
-    return email.strip().lower()
-
-
 def digest(salt: str, text: str) -> str:
     """A salted 64-bit hex digest: stable, short, and not reversible by guessing."""
     return hashlib.blake2b(text.encode(), digest_size=8, key=salt.encode()[:64]).hexdigest()
 
 
-def identifiers_of(event: Event, salt: str) -> tuple[Identifier, ...]:
-    """The event's identifiers, de-duplicated, highest priority first."""
-    raw: list[tuple[str, str]] = []
+def normalise_email(email: str, settings: IdentitySettings | None = None) -> str:
+    """Trim and lower-case; fold ``+tag`` and Gmail-style dots when configured."""
+    email = email.strip().lower()
+    if settings is None or "@" not in email:
+        return email
+    local, _, domain = email.rpartition("@")
+    if settings.fold_plus:
+        local = local.split("+", 1)[0]
+    if domain in settings.fold_dots_domains:
+        local = local.replace(".", "")
+    return f"{local}@{domain}"
+
+
+def normalise_phone(phone: str, default_calling_code: str) -> str:
+    """E.164 (``+<digits>``); '' when there are too few digits to be a number.
+
+    ``+`` or ``00`` mark an international number; otherwise a national trunk
+    ``0`` is dropped and the default calling code added.
+    """
+    text = phone.strip()
+    digits = _NON_DIGIT.sub("", text)
+    if len(digits) < _MIN_PHONE_DIGITS:
+        return ""
+    if text.startswith("+"):
+        return "+" + digits
+    if digits.startswith("00"):
+        return "+" + digits[2:]
+    return "+" + default_calling_code + digits.lstrip("0")
+
+
+def _lookup(payload: dict[str, Any], dotted: str) -> Any:
+    value: Any = payload
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _trait(event: Event, key: str) -> Any:
+    for holder in (event.payload.get("traits"), (event.payload.get("context") or {}).get("traits")):
+        if isinstance(holder, dict) and holder.get(key) not in (None, ""):
+            return holder[key]
+    return None
+
+
+def raw_identifiers(event: Event, settings: IdentitySettings) -> list[tuple[str, str]]:
+    """The event's identifiers as normalised ``(kind, value)`` pairs, in no particular order."""
+    found: list[tuple[str, str]] = []
     if event.user_id:
-        raw.append(("user", event.user_id))
+        found.append(("user", event.user_id))
     if event.email:
-        raw.append(("email", normalise_email(event.email)))
-    if event.anonymous_id:
-        raw.append(("anon", event.anonymous_id))
-    if event.previous_id:
-        # Segment's alias: previousId is the id the person had before (usually a cookie).
-        raw.append(("anon", event.previous_id))
+        found.append(("email", normalise_email(event.email, settings)))
+    phone = _trait(event, "phone")
+    if isinstance(phone, str) and (e164 := normalise_phone(phone, settings.default_calling_code)):
+        found.append(("phone", e164))
+    for anon in (event.anonymous_id, event.previous_id):
+        if anon:
+            found.append(("anon", anon))
+    for kind in settings.kinds:
+        for path in kind.paths:
+            value = _lookup(event.payload, path)
+            if isinstance(value, str | int) and not isinstance(value, bool) and str(value).strip():
+                found.append((kind.name, str(value).strip()))
+    return found
+
+
+def identifiers_of(event: Event, settings: IdentitySettings) -> tuple[Identifier, ...]:
+    """The event's identifiers, de-duplicated, strongest first."""
+    rank = {k.name: k.priority for k in settings.kinds}
     seen: set[str] = set()
     out = []
-    for kind, value in raw:
-        d = digest(salt, f"{kind}:{value}")
+    for kind, value in raw_identifiers(event, settings):
+        if kind not in rank:
+            continue
+        d = digest(settings.salt, f"{kind}:{value}")
         if d not in seen:
             seen.add(d)
             out.append(Identifier(kind, d))
+    out.sort(key=lambda i: rank[i.kind])
     return tuple(out)
 
 
-def resolve(identifiers: tuple[Identifier, ...], owners: list[str | None]) -> Resolution:
-    """Decide the One-ID for an event whose identifiers currently have ``owners``.
+def anchor(identifiers: Sequence[Identifier], owners: Sequence[str | None]) -> str:
+    """The person an event goes to: its strongest owned identifier's owner, else a new One-ID."""
+    for owner in owners:
+        if owner is not None:
+            return owner
+    return identifiers[0].digest
+
+
+@dataclass(frozen=True, slots=True)
+class JoinPlan:
+    """What an event's identifiers ask of the person it was routed to."""
+
+    claims: tuple[Identifier, ...]  # new identifiers to attach
+    merges: tuple[str, ...]  # other people the event says are this one
+    over_limit: tuple[Identifier, ...]  # new identifiers refused by a kind's limit
+
+
+def plan_join(
+    person: str,
+    held: Iterable[tuple[str, str]],
+    identifiers: Sequence[Identifier],
+    owners: Sequence[str | None],
+    settings: IdentitySettings,
+) -> JoinPlan:
+    """Which of an event's identifiers to attach to ``person`` and whom to merge with it.
 
     Args:
-        identifiers: from :func:`identifiers_of`, highest priority first (non-empty).
-        owners: the One-ID owning each identifier, or None where unknown.
+        person: the One-ID the event was routed to.
+        held: ``(kind, digest)`` of the identifiers the person holds.
+        identifiers: the event's identifiers, strongest first.
+        owners: their owners as last seen (None: nobody's).
+        settings: kinds, priorities and limits.
     """
-    known = [o for o in owners if o is not None]
-    one_id = known[0] if known else identifiers[0].digest
-    claims = tuple(i for i, o in zip(identifiers, owners, strict=True) if o is None)
-    return Resolution(one_id, claims, conflict=len(set(known)) > 1)
+    limits = {k.name: k.limit for k in settings.kinds}
+    held_digests = {d for _, d in held}
+    counts = Counter(kind for kind, _ in held)
+    claims, merges, over = [], [], []
+    for ident, owner in zip(identifiers, owners, strict=True):
+        if ident.digest in held_digests:
+            continue
+        if owner is None or owner == person:
+            if counts[ident.kind] < limits[ident.kind]:
+                counts[ident.kind] += 1
+                claims.append(ident)
+            else:
+                over.append(ident)
+        elif owner not in merges:
+            merges.append(owner)
+    return JoinPlan(tuple(claims), tuple(merges), tuple(over))
+
+
+def merge_refusal(
+    survivor: Iterable[tuple[str, str]],
+    absorbed: Iterable[tuple[str, str]],
+    settings: IdentitySettings,
+) -> str:
+    """Why two people's identifiers cannot be one person's ('' when they can).
+
+    Reasons: ``conflicting_user_id`` (two different ``userId`` values) and
+    ``identifier_limit`` (more values of a kind than its limit).
+    """
+    a, b = set(survivor), set(absorbed)
+    users = {d for kind, d in a | b if kind == "user"}
+    if len(users) > 1:
+        return "conflicting_user_id"
+    limits = {k.name: k.limit for k in settings.kinds}
+    counts = Counter(kind for kind, _ in a | b)
+    if any(counts[kind] > limits.get(kind, 0) for kind in counts):
+        return "identifier_limit"
+    return ""

@@ -43,3 +43,22 @@ def check_transition(from_stage: str, to_stage: str) -> None:
     """Raise :class:`IllegalTransition` unless ``from_stage -> to_stage`` is allowed."""
     if to_stage not in ALLOWED.get(from_stage, frozenset()):
         raise IllegalTransition(f"{from_stage} -> {to_stage} is not an allowed transition")
+
+
+# Progress through the funnel, for choosing "the further stage" when two people merge.
+_RANK = {LEAD: 0, RECYCLED: 1, MQL: 2, SAL: 3, SQL: 4, OPPORTUNITY: 5, CUSTOMER: 6}
+
+
+def further_stage(a: str, b: str) -> str:
+    """The stage further down the funnel; Disqualified only when neither side got past nurture.
+
+    A merged person whose other half was disqualified by cleansing stays
+    disqualified while in nurture; one that sales already works (MQL or later)
+    keeps its stage.
+    """
+    best = max(
+        (s for s in (a, b) if s != DISQUALIFIED), key=_RANK.__getitem__, default=DISQUALIFIED
+    )
+    if DISQUALIFIED in (a, b) and best in NURTURE:
+        return DISQUALIFIED
+    return best

@@ -28,7 +28,7 @@ from engine import lifecycle
 from engine.cleansing import Cleanser
 from engine.events import Event
 from engine.fit import FitFactor, FitModel
-from engine.profile import Profile, merge_traits, present_fields, traits_of
+from engine.profile import Profile, merge_profiles, merge_traits, present_fields, traits_of
 from engine.qualification import Verdict, is_mql
 from engine.routing import choose_queue, pick_sdr
 from engine.scoring import (
@@ -37,6 +37,7 @@ from engine.scoring import (
     Contribution,
     ScoringModel,
     award,
+    merge_scores,
     observe,
     score_at,
     top_contributions,
@@ -47,6 +48,7 @@ PROFILE_FIELDS = tuple(f.name for f in fields(Profile))
 DECISION = "decision"
 LIFECYCLE = "lifecycle"
 MANUAL_MQL = "manual_mql"
+ERASE = "erase"
 
 
 class Rulebook:
@@ -85,6 +87,16 @@ class PersonState:
     channels: list[str] = field(default_factory=list)
     # [[event digest, [[kind, record], ...]], ...], oldest first
     outbox: list[list[Any]] = field(default_factory=list)
+    ids: list[list[str]] = field(default_factory=list)  # [[kind, digest], ...] held
+    merged_from: list[list[Any]] = field(default_factory=list)  # [[one_id, at_ms], ...] absorbed
+    refused: list[list[Any]] = field(
+        default_factory=list
+    )  # [[one_id, reason, at_ms], ...] latest last
+    # Campaign touches: [campaign name, source, medium, event ms]; first and latest.
+    first_touch: list[Any] = field(default_factory=list)
+    last_touch: list[Any] = field(default_factory=list)
+    erased_ms: int = 0  # a tombstone: erased at this time; everything else is empty
+    version: int = 0  # the stored version this state was read at (compare-and-set); not stored
     is_new: bool = False  # not stored
 
 
@@ -160,14 +172,28 @@ def encode_state(p: PersonState) -> bytes:
         doc["h"] = p.channels
     if p.outbox:
         doc["x"] = p.outbox
+    optional = {
+        "i": p.ids,
+        "mf": p.merged_from,
+        "mr": p.refused,
+        "ft": p.first_touch,
+        "lt": p.last_touch,
+    }
+    for key, value in optional.items():
+        if value:
+            doc[key] = value
+    if p.erased_ms:
+        return orjson.dumps({"e": p.erased_ms})
     return orjson.dumps(doc)
 
 
-def decode_state(one_id: str, raw: bytes | None) -> PersonState:
-    """The state stored for ``one_id``, or a fresh lead when there is none."""
+def decode_state(one_id: str, raw: bytes | None, version: int = 0) -> PersonState:
+    """The state stored for ``one_id`` at ``version``, or a fresh lead when there is none."""
     if raw is None:
-        return PersonState(one_id, is_new=True)
+        return PersonState(one_id, is_new=True, version=version)
     d = orjson.loads(raw)
+    if "e" in d:
+        return PersonState(one_id, erased_ms=d["e"], version=version)
     transitions, promotions = d.get("n", (0, 0))
     queue, owner = d.get("o", ("", ""))
     ref_ms, last_ms = d["t"]
@@ -184,6 +210,12 @@ def decode_state(one_id: str, raw: bytes | None) -> PersonState:
         owner=owner,
         channels=d.get("h", []),
         outbox=d.get("x", []),
+        ids=d.get("i", []),
+        merged_from=d.get("mf", []),
+        refused=d.get("mr", []),
+        first_touch=d.get("ft", []),
+        last_touch=d.get("lt", []),
+        version=version,
     )
 
 
@@ -211,6 +243,10 @@ def apply_event(
     :func:`complete_promotion` once the routing ticket is drawn.
     """
     settings = rules.settings
+    if p.erased_ms:
+        if event.event_ms <= p.erased_ms:
+            return [], None  # events from before an erasure cannot bring the person back
+        _revive(p)
     digest = message_digest(event.message_id)
     if digest in p.seen:
         return replayed_outputs(p, digest), None
@@ -221,6 +257,7 @@ def apply_event(
         p.is_new = False
         outputs.append(_transition(p, lifecycle.LEAD, "first_event", event, rules, now_ms))
     changed = _learn(p, event, rules, outputs, now_ms)
+    _touch(p, event)
 
     duplicate_submission = False
     if event.type == "track":
@@ -363,6 +400,84 @@ def complete_promotion(
     return outputs
 
 
+MAX_REFUSALS_KEPT = 10
+
+
+def absorb(
+    p: PersonState, other: PersonState, event: Event, rules: Rulebook, now_ms: int
+) -> Output:
+    """Merge ``other`` into ``p`` (mutated): one person, as if all events had arrived under one id.
+
+    Scores combine exactly (caps included), facts by newer-wins, the stage is
+    the further one (:func:`engine.lifecycle.further_stage`), the owner comes
+    with the stage, campaign touches keep the first and the latest, identifiers,
+    seen messages, outbox and merge history are united.
+    """
+    settings = rules.settings
+    from_stage = None if p.is_new else p.stage
+    p.is_new = False
+    merge_scores(p.score, other.score, rules.scoring)
+    merge_profiles(p.profile, other.profile)
+    p.seen = [*(d for d in other.seen if d not in p.seen), *p.seen][-settings.limits.dedup_window :]
+    stage = lifecycle.further_stage(p.stage if from_stage else other.stage, other.stage)
+    if other.owner and (not p.owner or (stage == other.stage and stage != p.stage)):
+        p.queue, p.owner = other.queue, other.owner
+    p.stage = stage
+    p.disqualified = p.disqualified or other.disqualified
+    p.transitions += other.transitions
+    p.promotions += other.promotions
+    p.channels += [c for c in other.channels if c not in p.channels]
+    p.outbox = (other.outbox + p.outbox)[-settings.limits.outbox_size :]
+    p.ids += [i for i in other.ids if i not in p.ids]
+    p.merged_from += [[other.one_id, now_ms], *other.merged_from]
+    touches = [t for t in (p.first_touch, other.first_touch, p.last_touch, other.last_touch) if t]
+    if touches:
+        p.first_touch = min(touches, key=lambda t: t[3])
+        p.last_touch = max(touches, key=lambda t: t[3])
+    return _record(p, from_stage, p.stage, "merge", event, rules, now_ms, merged_from=other.one_id)
+
+
+def refuse_merge(
+    p: PersonState, other: str, reason: str, event: Event, rules: Rulebook, now_ms: int
+) -> Output:
+    """Record that ``other`` and ``p`` were not merged, and why (audit only: no stage change)."""
+    p.refused = [*p.refused, [other, reason, now_ms]][-MAX_REFUSALS_KEPT:]
+    return _record(
+        p, p.stage, p.stage, f"merge_refused:{reason}", event, rules, now_ms, other=other
+    )
+
+
+def erase(p: PersonState, event: Event, rules: Rulebook, now_ms: int) -> Output:
+    """Forget the person (mutated into a tombstone); the record says so, without personal data."""
+    record = _record(p, p.stage, "erased", "erase", event, rules, now_ms)
+    record.value["score"] = 0.0
+    erased_ms = max(event.event_ms, p.erased_ms)
+    _revive(p)
+    p.is_new = False
+    p.erased_ms = erased_ms
+    return record
+
+
+def _revive(p: PersonState) -> None:
+    """Empty ``p`` into a new person under the same One-ID (after an erasure)."""
+    fresh = PersonState(p.one_id, is_new=True, version=p.version)
+    for f in fields(PersonState):
+        setattr(p, f.name, getattr(fresh, f.name))
+
+
+def _touch(p: PersonState, event: Event) -> None:
+    campaign = (event.payload.get("context") or {}).get("campaign")
+    if not isinstance(campaign, dict) or not campaign:
+        return
+    touch = [str(campaign.get(k) or "")[:100] for k in ("name", "source", "medium")] + [
+        event.event_ms
+    ]
+    if not p.first_touch or event.event_ms < p.first_touch[3]:
+        p.first_touch = touch
+    if not p.last_touch or event.event_ms >= p.last_touch[3]:
+        p.last_touch = touch
+
+
 def _cite(contributions: list[Contribution]) -> list[dict[str, Any]]:
     return [
         {"rule": c.rule, "points": c.points, "last_event_time": iso(c.last_ms)}
@@ -376,6 +491,19 @@ def _transition(
     from_stage = None if p.transitions == 0 else p.stage
     if from_stage is not None:
         lifecycle.check_transition(from_stage, to_stage)
+    return _record(p, from_stage, to_stage, cause, event, rules, now_ms)
+
+
+def _record(
+    p: PersonState,
+    from_stage: str | None,
+    to_stage: str,
+    cause: str,
+    event: Event,
+    rules: Rulebook,
+    now_ms: int,
+    **extra: str,
+) -> Output:
     p.stage = to_stage
     p.transitions += 1
     record = {
@@ -389,6 +517,7 @@ def _transition(
         "event_time": iso(event.event_ms),
         "recorded_at": iso(now_ms),
         "score": round(score_at(p.score, p.score.last_ms, rules.scoring), 3),
+        **extra,
     }
     return Output(LIFECYCLE, p.one_id, record)
 

@@ -86,6 +86,18 @@ class Profile:
     bant: list[str] = field(default_factory=list)
 
 
+FACTS = (
+    "company_name",
+    "email_domain",
+    "email_kind",
+    "mobile",
+    "title_level",
+    "company_size",
+    "country",
+    "industry",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Traits:
     """What one event says about its person, raw (checked by cleansing, then reduced to facts)."""
@@ -219,6 +231,15 @@ def merge_traits(
             changed = True
     if changed and newer:
         profile.updated_ms = event_ms
+
+
+def merge_profiles(into: Profile, other: Profile) -> None:
+    """Fold ``other`` into ``into`` (mutated): the newer profile's facts win, the older fills in."""
+    newer, older = (other, into) if other.updated_ms > into.updated_ms else (into, other)
+    for name in FACTS:
+        setattr(into, name, getattr(newer, name) or getattr(older, name))
+    into.bant = [*into.bant, *(a for a in other.bant if a not in into.bant)]
+    into.updated_ms = newer.updated_ms
 
 
 def present_fields(profile: Profile) -> list[str]:

@@ -81,6 +81,7 @@ class ScoringModel:
             self.half_life_ms[d.name] = d.half_life_days * DAY_MS
             self.threshold[d.name] = d.mql_threshold
         self.rebase_after_ms = min(self.half_life_ms.values())
+        self.rules = {rule.name: rule for rule in settings.rules}
         self._page_cache: dict[str, list[ScoringRule]] = {}
         self._track: dict[str, list[ScoringRule]] = {}
         self._page: list[tuple[re.Pattern[str], ScoringRule]] = []
@@ -173,6 +174,37 @@ def award(score: BehaviorScore, rule: ScoringRule, at_ms: int, model: ScoringMod
                 del periods[key]
     _add(score, rule, rule.points, at_ms, model)
     return True
+
+
+def merge_scores(into: BehaviorScore, other: BehaviorScore, model: ScoringModel) -> None:
+    """Fold ``other`` into ``into`` (mutated), exactly.
+
+    The result is the score one person would have had from both people's
+    events, caps included: the earliest awards of each period win.
+    """
+    into.last_ms = max(into.last_ms, other.last_ms)
+    if not other.contributions:
+        return
+    if not into.contributions:
+        into.ref_ms = other.ref_ms
+    rebase(other, into.ref_ms, model)
+    for dim, rules in other.contributions.items():
+        mine = into.contributions.setdefault(dim, {})
+        for name, (value, last) in rules.items():
+            entry = mine.setdefault(name, [0.0, last])
+            entry[0] += value
+            entry[1] = max(entry[1], last)
+    for name, periods in other.caps.items():
+        rule = model.rules.get(name)
+        mine_periods = into.caps.setdefault(name, {})
+        for period, times in periods.items():
+            merged = sorted(mine_periods.get(period, []) + times)
+            if rule is not None and len(merged) > rule.cap:
+                for t in merged[rule.cap :]:  # awards beyond the union's cap give their points back
+                    _add(into, rule, -rule.points, t, model)
+                merged = merged[: rule.cap]
+            mine_periods[period] = merged
+    observe(into, into.last_ms, model)
 
 
 def score_at(

@@ -87,6 +87,8 @@ class RedisSettings:
 
     url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "lf:"
+    # Redis Cluster: batch scripts are grouped per hash slot and reads split per slot.
+    cluster: bool = False
     # Retries with backoff before a batch gives up on Redis and the process exits
     # (Bytewax recovery then replays the batch).
     retries: int = 5
@@ -129,12 +131,40 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class IdentifierKind:
+    """A kind of identifier: where to find it, how strong it is, how many one person may hold."""
+
+    name: str
+    priority: int  # lower is stronger
+    limit: int  # values of this kind one person may hold
+    # Dotted paths in the event for kinds declared in config (built-in kinds have their own).
+    paths: tuple[str, ...] = ()
+
+
+BUILTIN_KINDS = ("user", "email", "phone", "anon")
+
+
+@dataclass(frozen=True)
 class IdentitySettings:
-    """How One-IDs are derived."""
+    """How identifiers are read, normalised and joined into One-IDs."""
 
     # Keyed into every identifier and One-ID digest, so identifiers cannot be
     # recovered from Redis keys by hashing guessed e-mails.
     salt: str = "leadflow"
+    kinds: tuple[IdentifierKind, ...] = (
+        IdentifierKind("user", 1, 1),
+        IdentifierKind("email", 2, 1),
+        IdentifierKind("phone", 3, 1),
+        IdentifierKind("anon", 5, 5),
+    )
+    # Mailbox domains where dots in the local part do not matter (Gmail-style).
+    fold_dots_domains: tuple[str, ...] = ("gmail.com", "googlemail.com")
+    # Drop "+tag" from local parts (ana+news@x == ana@x).
+    fold_plus: bool = True
+    # Country calling code for phone numbers written without one (E.164).
+    default_calling_code: str = "1"
+    # An erased person's identifiers refuse events older than the erasure for this long.
+    erasure_block_days: int = 30
 
 
 @dataclass(frozen=True)
@@ -493,6 +523,7 @@ def _redis(t: _Table, env: Mapping[str, str]) -> RedisSettings:
     s = RedisSettings(
         url=url,
         key_prefix=t.text("key_prefix", RedisSettings.key_prefix),
+        cluster=t.flag("cluster", False),
         retries=t.integer("retries", 5, min=0, max=100),
     )
     t.done()
@@ -543,9 +574,45 @@ def _metrics(t: _Table, env: Mapping[str, str]) -> MetricsSettings:
 
 
 def _identity(t: _Table) -> IdentitySettings:
-    s = IdentitySettings(salt=t.text("salt", IdentitySettings.salt))
+    d = IdentitySettings()
+    kinds = {k.name: k for k in d.kinds}
+    table = t.table("kinds")
+    for name in sorted(table.data):
+        kt = table.table(name)
+        if not _NAME.match(name):
+            raise kt.error("-", f"{name!r} is not a valid identifier kind name")
+        base = kinds.get(name)
+        paths = tuple(kt.strings("paths"))
+        if base is None and not paths:
+            raise kt.error("paths", f"a new kind {name!r} needs the event paths it is read from")
+        if base is not None and paths:
+            raise kt.error("paths", f"built-in kind {name!r} is read from its fixed places")
+        kinds[name] = IdentifierKind(
+            name,
+            kt.integer("priority", base.priority if base else 4, min=1, max=100),
+            kt.integer("limit", base.limit if base else 1, min=1, max=1000),
+            paths,
+        )
+        for path in paths:
+            if not path.startswith(("traits.", "context.", "properties.")):
+                raise kt.error(
+                    "paths", f"{path!r} must start with traits., context. or properties."
+                )
+        kt.done()
+    s = IdentitySettings(
+        salt=t.text("salt", d.salt),
+        kinds=tuple(sorted(kinds.values(), key=lambda k: (k.priority, k.name))),
+        fold_dots_domains=tuple(
+            x.lower() for x in t.strings("fold_dots_domains") or d.fold_dots_domains
+        ),
+        fold_plus=t.flag("fold_plus", d.fold_plus),
+        default_calling_code=t.text("default_calling_code", d.default_calling_code),
+        erasure_block_days=t.integer("erasure_block_days", d.erasure_block_days, min=1),
+    )
     if not s.salt:
         raise t.error("salt", "must not be empty")
+    if not s.default_calling_code.isdigit() or len(s.default_calling_code) > 3:
+        raise t.error("default_calling_code", 'must be 1 to 3 digits, e.g. "1", "55", "86"')
     t.done()
     return s
 

@@ -11,6 +11,7 @@ children die with us even on ``kill -9`` (parent-death signal).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -115,6 +116,7 @@ def run_demo(opts: DemoOptions) -> int:
             )
             return 1
         _print_summary(settings, sent, seen)
+        shutil.rmtree(workdir, ignore_errors=True)  # kept only when something went wrong
         return 0
     except KeyboardInterrupt:
         print("\ninterrupted; stopping", file=sys.stderr)
@@ -171,22 +173,30 @@ def _produce(settings: Settings, opts: DemoOptions) -> Sent:
 def _print_summary(settings: Settings, sent: Sent, seen: Observed) -> None:
     per_sdr = Counter(d["sdr"] for d in seen.decisions.values())
     reasons = Counter(r.reason for r in seen.dlq)
-    stages = Counter(r["to"] for r in seen.lifecycle.values())
+    causes = Counter(r["cause"] for r in seen.lifecycle.values())
+    created, merged = causes.get("first_event", 0), causes.get("merge", 0)
+    cleansed = {
+        c.removeprefix("cleansing:"): n
+        for c, n in sorted(causes.items())
+        if c.startswith("cleansing:")
+    }
+    refused = {
+        c.removeprefix("merge_refused:"): n
+        for c, n in causes.items()
+        if c.startswith("merge_refused:")
+    }
     lat = np.array(seen.latencies_ms) if seen.latencies_ms else np.zeros(1)
     print("\n== Leadflow demo summary ==")
     print(
         f"events in            {sent.events + sent.duplicates + sent.malformed}"
         f"  ({sent.events} distinct, {sent.duplicates} duplicates, {sent.malformed} malformed)"
     )
-    print(
-        f"people               {stages.get('lead', 0)} leads (of {sent.people} synthetic personas)"
-    )
+    print(f"people               {created - merged} (of {sent.people} synthetic personas)")
+    print(f"merges               {merged} merged, {sum(refused.values())} refused {refused}")
     print(f"MQLs                 {len(seen.decisions)}")
     for sdr in settings.roster.sdrs:
         print(f"  assigned to {sdr.id:<10} {per_sdr.get(sdr.id, 0)}")
-    causes = Counter(r["cause"] for r in seen.lifecycle.values() if r["to"] == "disqualified")
-    cleansed = {cause.removeprefix("cleansing:"): n for cause, n in sorted(causes.items())}
-    print(f"disqualified         {sum(causes.values())}  {cleansed}")
+    print(f"disqualified         {sum(cleansed.values())}  {cleansed}")
     print(f"DLQ                  {len(seen.dlq)}  {dict(reasons)}")
     print(
         f"decision latency     p50 {np.percentile(lat, 50):.1f} ms, "

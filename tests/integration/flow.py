@@ -108,7 +108,7 @@ def outputs(settings: Settings) -> Observed:
 
 
 def person_of(settings: Settings, event: dict[str, Any]) -> PersonState:
-    """The stored state of the person an event resolved to."""
+    """The stored state of the person owning an event's first identifier (redirects followed)."""
     from engine.events import Event
     from engine.identity import identifiers_of
 
@@ -122,11 +122,12 @@ def person_of(settings: Settings, event: dict[str, Any]) -> PersonState:
             anonymous_id=event.get("anonymousId", ""),
             user_id=event.get("userId", ""),
         )
-        ident = identifiers_of(probe, settings.identity.salt)[0]
-        (one_id,) = store.owners([ident])
+        ident = identifiers_of(probe, settings.identity)[0]
+        (one_id,), _ = store.owners([ident.digest])
         assert one_id is not None, "identifier unknown to the store"
-        (raw,) = store.load_people([one_id])
-        return decode_state(one_id, raw)
+        while (stored := store.load_people([one_id])[0]).redirect:
+            one_id = stored.redirect
+        return decode_state(one_id, stored.state, stored.version)
     finally:
         store.close()
 
