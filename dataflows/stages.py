@@ -231,15 +231,16 @@ class _Round:
     def _again(self, one_id: str, items: list[Resolved]) -> None:
         self.retry.setdefault(one_id, []).extend(items)
 
-    def _owners(self, item: Resolved) -> list[str | None]:
-        """The owners the router saw, updated with what this batch learnt (claims, redirects)."""
-        out = []
-        for ident, seen in zip(item.identifiers, item.owners, strict=True):
-            owner, hops = self.known.get(ident.digest, seen), 0
-            while owner in self.aliases and hops < MAX_ROUNDS:
-                owner, hops = self.aliases[owner], hops + 1
-            out.append(owner)
-        return out
+    def _raw_owner(self, digest: str, seen: str | None) -> str | None:
+        """The owner as last seen by the router, or as learnt by this batch (a lost claim)."""
+        return self.known.get(digest, seen)
+
+    def _chain(self, one_id: str) -> list[str]:
+        """``one_id`` followed by everyone its redirects lead to (as loaded or learnt)."""
+        chain = [one_id]
+        while chain[-1] in self.aliases and len(chain) <= MAX_ROUNDS:
+            chain.append(self.aliases[chain[-1]])
+        return chain
 
     def _load(self) -> None:
         for one_id, stored in zip(self.work, self.store.load_people(list(self.work)), strict=True):
@@ -250,39 +251,80 @@ class _Round:
                 self.people[one_id] = decode_state(one_id, stored.state, stored.version)
                 self.loaded[one_id] = stored.state
 
-    def _plan(self) -> None:
-        """Plan each event's claims and merges, limits counted as the batch goes."""
-        identity = self.settings.identity
+    def _exists(self, one_id: str | None) -> bool:
+        if one_id is None:
+            return False
+        if one_id in self.people:
+            return True
+        stored = self.others.get(one_id)
+        return stored is not None and (stored.state is not None or stored.redirect is not None)
+
+    def _load_others(self) -> None:
+        """Load every other owner the events name, and everyone on their redirect chains."""
         wanted = {
-            o for p in self.people for r in self.work[p] for o in self._owners(r) if o and o != p
+            o
+            for p in self.people
+            for r in self.work[p]
+            for i, seen in zip(r.identifiers, r.owners, strict=True)
+            if (o := self._raw_owner(i.digest, seen)) and o != p
         }
-        others = sorted(wanted)
-        self.others = dict(zip(others, self.store.load_people(others), strict=True))
+        while wanted:
+            ids = sorted(wanted)
+            wanted = set()
+            for other, stored in zip(ids, self.store.load_people(ids), strict=True):
+                self.others[other] = stored
+                if stored.redirect:
+                    self.aliases[other] = stored.redirect
+                    if stored.redirect not in self.others:
+                        wanted.add(stored.redirect)
+
+    def _plan(self) -> None:
+        """Plan each event's claims and merges, limits counted as the batch goes.
+
+        An owner whose redirects end at this person is already this person, but the
+        survivor it was absorbed into may itself have been absorbed before it saved:
+        every one of them this person has not recorded in ``merged_from`` is absorbed
+        now (it is frozen, so its content is final), and the identifier is claimed
+        back from it.
+        """
+        identity = self.settings.identity
+        self._load_others()
         for one_id, person in self.people.items():
             held = [(kind, digest) for kind, digest in person.ids]
+            recorded = {m[0] for m in person.merged_from}
             steps = self.steps[one_id] = []
             for item in self.work[one_id]:
                 step = _Step(item)
                 steps.append(step)
                 if person.erased_ms or message_digest(item.event.message_id) in person.seen:
                     continue  # an erased person, or a replayed event: no joins
-                plan = plan_join(one_id, held, item.identifiers, self._owners(item), identity)
+                finals: list[str | None] = []
+                for ident, seen in zip(item.identifiers, item.owners, strict=True):
+                    raw = self._raw_owner(ident.digest, seen)
+                    chain = self._chain(raw) if raw else [None]
+                    # The router routes later events of its batch to a person an earlier one
+                    # would create; if that person does not exist, the identifier is nobody's.
+                    finals.append(chain[-1] if self._exists(chain[-1]) else None)
+                    if raw and raw != one_id and chain[-1] == one_id:
+                        for orphan in chain[:-1]:
+                            if orphan not in recorded:
+                                recorded.add(orphan)
+                                step.merges.append((orphan, ""))
+                        self.claims.append((ident, one_id, raw))
+                plan = plan_join(one_id, held, item.identifiers, finals, identity)
                 for ident in plan.claims:
-                    stale = self.known.get(ident.digest, "")  # owned by someone since absorbed
-                    self.claims.append((ident, one_id, "" if stale == one_id else stale))
+                    self.claims.append((ident, one_id, ""))
                     held.append((ident.kind, ident.digest))
                 for other in plan.merges:
                     stored = self.others.get(other)
-                    if stored is None:
-                        continue  # not loaded: an owner only this round learnt of
-                    if stored.redirect:
-                        self.aliases[other] = stored.redirect  # absorbed meanwhile: follow it
-                        self.contended.add(one_id)
+                    if stored is None or stored.redirect:
+                        self.contended.add(one_id)  # learnt only now: plan again next round
                         continue
                     other_ids = [(k, d) for k, d in decode_state(other, stored.state).ids]
                     reason = merge_refusal(held, other_ids, identity)
                     if not reason:
                         held += [i for i in other_ids if i not in held]
+                        recorded.add(other)
                     step.merges.append((other, reason))
 
     def _claim_and_freeze(self) -> None:
@@ -308,12 +350,13 @@ class _Round:
             if not reason
         ]
         for (other, one_id, _), stored in zip(plans, self.store.freeze(plans), strict=True):
-            if stored.redirect == one_id:
+            if stored.redirect:
+                self.aliases.setdefault(other, stored.redirect)
+            # Frozen for us, or an orphan whose redirects already end here: its content is final.
+            if stored.redirect and self._chain(other)[-1] == one_id:
                 self.frozen[other] = decode_state(other, stored.state, stored.version)
             else:
                 self.contended.add(one_id)
-                if stored.redirect:
-                    self.aliases[other] = stored.redirect
 
     def _apply(self) -> None:
         """Absorb, then apply each event, in order, for every uncontended person."""

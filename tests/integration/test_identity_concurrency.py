@@ -1,0 +1,177 @@
+"""One-ID under concurrency, against a real Redis: the identity protocol itself.
+
+Two threads, each with its own identity and person stages and Redis connection,
+process random interleavings of the events of a few people in random batch
+sizes, at the same time, as two Bytewax workers would. Whatever the order and
+the split, every person must end as one One-ID holding all their identifiers,
+with the score a single-threaded reference computes from all their events.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dataflows.stages import IdentityStage, PersonStage
+from engine.events import Event, Origin, decode_event
+from engine.identity import identifiers_of
+from engine.person import PersonState, Rulebook, apply_event, current_scores, decode_state
+from engine.settings import Settings, load_settings
+from engine.store import RedisStore
+from leadflow.servers import LocalRedis
+
+T0 = 1_793_000_000_000
+NAMES = ["Demo Requested", "Webinar Attended", "Whitepaper Downloaded", "Trade Show Visited"]
+_prefixes = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    with LocalRedis("redis") as server:
+        assert isinstance(server, LocalRedis)
+        yield server.url
+
+
+def person_events(p: int, rnd: random.Random, n_events: int) -> list[dict[str, Any]]:
+    """One person's events: cookies, an e-mail, maybe a userId; tied by identifies and an alias."""
+    cookies = [f"c{p}-{k}" for k in range(rnd.randint(1, 3))]
+    email = f"person{p}@acme.example"
+    events: list[dict[str, Any]] = []
+    for n in range(n_events):
+        kind = rnd.choice(["track", "track", "identify", "page"])
+        event: dict[str, Any] = {
+            "type": kind,
+            "messageId": f"p{p}-{n}",
+            "anonymousId": rnd.choice(cookies),
+            "timestamp": _iso(rnd.randrange(0, 20 * 3_600_000)),
+        }
+        if kind == "track":
+            event["event"] = rnd.choice(NAMES)
+            event["properties"] = {"n": n}
+        elif kind == "page":
+            event["properties"] = {"path": rnd.choice(["/", "/pricing", "/customers/acme"])}
+        else:
+            event["traits"] = {"email": email}
+        events.append(event)
+    # Every cookie meets the e-mail at least once, so the person is connected.
+    for k, cookie in enumerate(cookies):
+        events.append(
+            {
+                "type": "identify",
+                "messageId": f"p{p}-id{k}",
+                "anonymousId": cookie,
+                "timestamp": _iso(rnd.randrange(0, 20 * 3_600_000)),
+                "traits": {"email": email},
+            }
+        )
+    if p % 2 == 0:  # an alias from the first cookie to a login
+        events.append(
+            {
+                "type": "alias",
+                "messageId": f"p{p}-alias",
+                "userId": f"user-{p}",
+                "previousId": cookies[0],
+                "timestamp": _iso(rnd.randrange(0, 20 * 3_600_000)),
+            }
+        )
+    return events
+
+
+def _iso(offset_ms: int) -> str:
+    from engine.person import iso
+
+    return iso(T0 + offset_ms)
+
+
+def decode(raw: dict[str, Any], n: int) -> Event:
+    event = decode_event(
+        orjson.dumps(raw),
+        Origin("leadflow.events", 0, n),
+        ingested_ms=T0 + 86_400_000,
+        trusted=False,
+        max_bytes=32_768,
+        max_future_skew_ms=86_400_000,
+    )
+    assert isinstance(event, Event), event
+    return event
+
+
+def worker(
+    settings: Settings, events: list[Event], sizes: random.Random, errors: list[BaseException]
+) -> None:
+    try:
+        identity, people = IdentityStage(settings, None), PersonStage(settings)
+        i = 0
+        while i < len(events):
+            n = sizes.randint(1, 12)
+            people(identity(events[i : i + n]))
+            i += n
+    except BaseException as e:  # surfaced by the test
+        errors.append(e)
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.integers(2, 4), st.integers(4, 14), st.randoms(use_true_random=False))
+def test_concurrent_workers_end_with_one_person_per_person_and_exact_scores(
+    redis_url: str, people: int, n_events: int, rnd: random.Random
+) -> None:
+    base = load_settings(env={"LEADFLOW_REDIS_URL": redis_url})
+    cfg = replace(base, redis=replace(base.redis, key_prefix=f"t{next(_prefixes)}:"))
+    truth = {p: person_events(p, rnd, n_events) for p in range(people)}
+    events = [decode(e, n) for n, e in enumerate(e for evs in truth.values() for e in evs)]
+    rnd.shuffle(events)
+    halves: list[list[Event]] = [[], []]
+    for e in events:
+        halves[rnd.randrange(2)].append(e)
+    errors: list[BaseException] = []
+    threads = [
+        threading.Thread(target=worker, args=(cfg, half, random.Random(rnd.random()), errors))
+        for half in halves
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+
+    store = RedisStore(cfg.redis)
+    rules = Rulebook(cfg)
+    try:
+        finals: dict[int, str] = {}
+        for p, raws in truth.items():
+            evs = [decode(e, 0) for e in raws]
+            digests = {i.digest for e in evs for i in identifiers_of(e, cfg.identity)}
+            owners, _ = store.owners(sorted(digests))
+            ends = {_final(store, o) for o in owners if o}
+            assert len(ends) == 1 and None not in owners, f"person {p} is split: {ends}"
+            (one_id,) = ends
+            finals[p] = one_id
+            stored = store.load_people([one_id])[0]
+            person = decode_state(one_id, stored.state, stored.version)
+            assert {d for _, d in person.ids} == digests  # every identifier recorded on the person
+            reference = PersonState("ref", is_new=True)
+            for e in sorted(evs, key=lambda e: e.event_ms):
+                apply_event(reference, e, rules, T0)
+            assert current_scores(person, rules) == pytest.approx(
+                current_scores(reference, rules), rel=1e-9
+            )
+        assert len(set(finals.values())) == people  # nobody glued to anybody else
+    finally:
+        store.close()
+
+
+def _final(store: RedisStore, one_id: str) -> str:
+    while (redirect := store.load_people([one_id])[0].redirect) is not None:
+        one_id = redirect
+    return one_id
