@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 from dataflows.metrics import metrics
 from engine.events import Event, Origin, Rejection, decode_event
@@ -151,6 +151,7 @@ class _Step:
 
     item: Resolved
     merges: list[tuple[str, str]] = field(default_factory=list)
+    erased: bool = False  # an identifier was erased after the event: it is dropped
 
 
 class PersonStage(_LazyStore):
@@ -212,7 +213,10 @@ class _Round:
         self.loaded: dict[str, bytes | None] = {}
         self.steps: dict[str, list[_Step]] = {}
         self.others: dict[str, Stored] = {}
-        self.claims: list[tuple[Identifier, str, str]] = []  # identifier, claimer, stale owner
+        # (identifier, claimer, stale owner or '', event) to claim, and to take back from a
+        # person only once it is frozen into the claimer's chain.
+        self.claims: list[tuple[Identifier, str, str, _Step]] = []
+        self.takebacks: list[tuple[Identifier, str, str, _Step]] = []
         self.contended: set[str] = set()
         self.frozen: dict[str, PersonState] = {}
         self.produced: dict[str, list[Output]] = {}
@@ -251,6 +255,13 @@ class _Round:
                 self.people[one_id] = decode_state(one_id, stored.state, stored.version)
                 self.loaded[one_id] = stored.state
 
+    def _erased_ms(self, one_id: str | None) -> int:
+        """When a person was erased (0: not erased, or not loaded)."""
+        if one_id is None or one_id in self.people:
+            return self.people[one_id].erased_ms if one_id in self.people else 0
+        stored = self.others.get(one_id)
+        return decode_state(one_id, stored.state).erased_ms if stored and stored.state else 0
+
     def _exists(self, one_id: str | None) -> bool:
         if one_id is None:
             return False
@@ -287,82 +298,162 @@ class _Round:
         now (it is frozen, so its content is final), and the identifier is claimed
         back from it.
         """
-        identity = self.settings.identity
         self._load_others()
         for one_id, person in self.people.items():
             held = [(kind, digest) for kind, digest in person.ids]
             recorded = {m[0] for m in person.merged_from}
-            steps = self.steps[one_id] = []
+            self.steps[one_id] = []
             for item in self.work[one_id]:
-                step = _Step(item)
-                steps.append(step)
                 if person.erased_ms or message_digest(item.event.message_id) in person.seen:
-                    continue  # an erased person, or a replayed event: no joins
-                finals: list[str | None] = []
-                for ident, seen in zip(item.identifiers, item.owners, strict=True):
-                    raw = self._raw_owner(ident.digest, seen)
-                    chain = self._chain(raw) if raw else [None]
-                    # The router routes later events of its batch to a person an earlier one
-                    # would create; if that person does not exist, the identifier is nobody's.
-                    finals.append(chain[-1] if self._exists(chain[-1]) else None)
-                    if raw and raw != one_id and chain[-1] == one_id:
-                        for orphan in chain[:-1]:
-                            if orphan not in recorded:
-                                recorded.add(orphan)
-                                step.merges.append((orphan, ""))
-                        self.claims.append((ident, one_id, raw))
-                plan = plan_join(one_id, held, item.identifiers, finals, identity)
-                for ident in plan.claims:
-                    self.claims.append((ident, one_id, ""))
-                    held.append((ident.kind, ident.digest))
-                for other in plan.merges:
-                    stored = self.others.get(other)
-                    if stored is None or stored.redirect:
-                        self.contended.add(one_id)  # learnt only now: plan again next round
-                        continue
-                    other_ids = [(k, d) for k, d in decode_state(other, stored.state).ids]
-                    reason = merge_refusal(held, other_ids, identity)
-                    if not reason:
-                        held += [i for i in other_ids if i not in held]
-                        recorded.add(other)
-                    step.merges.append((other, reason))
+                    self.steps[one_id].append(_Step(item))  # erased person or replay: no joins
+                else:
+                    self._plan_event(one_id, item, held, recorded)
+
+    def _plan_event(
+        self, one_id: str, item: Resolved, held: list[tuple[str, str]], recorded: set[str]
+    ) -> None:
+        """Plan one event's joins; ``held`` and ``recorded`` grow as the batch goes."""
+        identity = self.settings.identity
+        step = _Step(item)
+        raws: list[str | None] = []
+        finals: list[str | None] = []
+        for ident, seen in zip(item.identifiers, item.owners, strict=True):
+            raw = self._raw_owner(ident.digest, seen)
+            chain = self._chain(raw) if raw else [None]
+            raws.append(raw)
+            erased_ms = self._erased_ms(chain[-1])
+            if erased_ms and item.event.event_ms <= erased_ms:
+                step.erased = True  # its owner was erased after this event happened
+            # The router sends later events of its batch to a person an earlier event would
+            # create; until that person is saved, the identifier counts as nobody's here. An
+            # erased person is nobody too: newer events start afresh.
+            finals.append(chain[-1] if self._exists(chain[-1]) and not erased_ms else None)
+            if raw and raw != one_id and chain[-1] == one_id:
+                for orphan in chain[:-1]:  # absorbed before its survivor saved: absorb it here
+                    if orphan not in recorded:
+                        recorded.add(orphan)
+                        step.merges.append((orphan, ""))
+                self.takebacks.append((ident, one_id, raw, step))
+        plan = plan_join(one_id, held, item.identifiers, finals, identity)
+        strongest = item.identifiers[0]
+        if strongest in plan.over_limit and finals[0] is None and strongest.digest != one_id:
+            # A new strongest identifier this person may not hold (a second userId on a
+            # shared computer): the event is someone else's; the tie is refused there.
+            self._again(strongest.digest, [replace(item, one_id=strongest.digest)])
+            return
+        self.steps[one_id].append(step)
+        claimed = [(i.kind, i.digest) for i in plan.claims]
+        verdicts = self._merge_verdicts(one_id, held + claimed, plan.merges)
+        allowed = [other for other, reason, _ in verdicts if not reason]
+        if allowed and min(allowed) < one_id:
+            # The smaller One-ID always survives, so two people never absorb each other at
+            # once and redirects cannot form a cycle: the event goes to the survivor.
+            self.steps[one_id].pop()
+            self.takebacks = [t for t in self.takebacks if t[3] is not step]
+            self._again(min(allowed), [replace(item, one_id=min(allowed))])
+            return
+        taking_back = {t[0] for t in self.takebacks if t[3] is step}
+        for ident in plan.claims:
+            if ident not in taking_back:  # those are claimed from their frozen owner, later
+                self.claims.append((ident, one_id, "", step))
+            held.append((ident.kind, ident.digest))
+        for other, reason, other_ids in verdicts:
+            if not reason:
+                held += [i for i in other_ids if i not in held]
+                recorded.add(other)
+            step.merges.append((other, reason))
+
+    def _merge_verdicts(
+        self, one_id: str, held: list[tuple[str, str]], others: Sequence[str]
+    ) -> list[tuple[str, str, list[tuple[str, str]]]]:
+        """(other, refusal reason or '', its identifiers) per person to merge; limits cumulate."""
+        trial = list(held)
+        out = []
+        for other in others:
+            stored = self.others.get(other)
+            if stored is None or stored.redirect:
+                self.contended.add(one_id)  # learnt only now: plan again next round
+                continue
+            other_ids = [(k, d) for k, d in decode_state(other, stored.state).ids]
+            reason = merge_refusal(trial, other_ids, self.settings.identity)
+            if not reason:
+                trial += [i for i in other_ids if i not in trial]
+            out.append((other, reason, other_ids))
+        return out
 
     def _claim_and_freeze(self) -> None:
-        won = self.store.claim(
-            [(ident.digest, one_id, stale) for ident, one_id, stale in self.claims]
-        )
-        for (ident, one_id, _), owner in zip(self.claims, won, strict=True):
-            if owner != one_id:
-                self.known[ident.digest] = (
-                    owner  # someone else got it first: plan again against them
-                )
-                self.contended.add(one_id)
-            elif (
-                one_id in self.people and [ident.kind, ident.digest] not in self.people[one_id].ids
-            ):
-                self.people[one_id].ids.append([ident.kind, ident.digest])
+        self._claim(self.claims)
         plans = [
-            (other, one_id, self.others[other].version)
+            (other, one_id, self.others[other].version, step)
             for one_id, steps in self.steps.items()
             if one_id not in self.contended
             for step in steps
             for other, reason in step.merges
             if not reason
         ]
-        for (other, one_id, _), stored in zip(plans, self.store.freeze(plans), strict=True):
+        for _ in range(MAX_ROUNDS):
+            if not plans:
+                break
+            plans = self._freeze(plans)
+        else:
+            raise RuntimeError("announced absorptions nest deeper than expected")
+        # Take identifiers back only from people now frozen into this person's chain.
+        self._claim(
+            [
+                t
+                for t in self.takebacks
+                if t[1] not in self.contended and self._chain(t[2])[-1] == t[1]
+            ]
+        )
+
+    def _claim(self, claims: list[tuple[Identifier, str, str, _Step]]) -> None:
+        wanted = [(i.digest, o, stale, step.item.event.event_ms) for i, o, stale, step in claims]
+        for (ident, one_id, _, step), owner in zip(claims, self.store.claim(wanted), strict=True):
+            if owner is None:
+                step.erased = True  # older than an erasure of this identifier: dropped
+            elif owner != one_id:
+                self.known[ident.digest] = owner  # someone else got it first: plan again
+                self.contended.add(one_id)
+            elif (
+                one_id in self.people and [ident.kind, ident.digest] not in self.people[one_id].ids
+            ):
+                self.people[one_id].ids.append([ident.kind, ident.digest])
+
+    def _freeze(
+        self, plans: list[tuple[str, str, int, _Step]]
+    ) -> list[tuple[str, str, int, _Step]]:
+        """Announce, then freeze; return the freezes the frozen people's own announcements add."""
+        self.store.announce([(one_id, other) for other, one_id, _, _ in plans])
+        results = self.store.freeze(
+            [(other, one_id, version) for other, one_id, version, _ in plans]
+        )
+        adopted: list[tuple[str, _Step, str]] = []
+        for (other, one_id, _, step), stored in zip(plans, results, strict=True):
             if stored.redirect:
                 self.aliases.setdefault(other, stored.redirect)
             # Frozen for us, or an orphan whose redirects already end here: its content is final.
-            if stored.redirect and self._chain(other)[-1] == one_id:
-                self.frozen[other] = decode_state(other, stored.state, stored.version)
-            else:
+            if not (stored.redirect and self._chain(other)[-1] == one_id):
                 self.contended.add(one_id)
+                continue
+            frozen = self.frozen[other] = decode_state(other, stored.state, stored.version)
+            done = {m[0] for m in frozen.merged_from} | {
+                m[0] for m in self.people[one_id].merged_from
+            }
+            for orphan in stored.pending:  # it announced them; absorb what it did not record
+                if orphan not in done and orphan != one_id and orphan not in self.frozen:
+                    step.merges.append((orphan, ""))
+                    adopted.append((orphan, step, one_id))
+        versions = self.store.load_people([o for o, _, _ in adopted])
+        return [
+            (o, one_id, v.version, step)
+            for (o, step, one_id), v in zip(adopted, versions, strict=True)
+        ]
 
     def _apply(self) -> None:
         """Absorb, then apply each event, in order, for every uncontended person."""
         for one_id, person in self.people.items():
             if one_id in self.contended:
-                self._again(one_id, self.work[one_id])
+                self._again(one_id, [step.item for step in self.steps[one_id]])
                 continue
             out = self.produced[one_id] = []
             for step in self.steps[one_id]:
@@ -409,7 +500,7 @@ class _Round:
             if status == SAVED:
                 done.append(one_id)
             else:
-                self._again(one_id, self.work[one_id])
+                self._again(one_id, [step.item for step in self.steps[one_id]])
         repoints: list[tuple[str, str, str]] = []
         ingested = {p.decision_id: p.event.ingested_ms for p in self.promotions}
         m = metrics()

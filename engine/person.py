@@ -254,8 +254,8 @@ def apply_event(
 
     outputs: list[Output] = []
     if p.is_new:
-        p.is_new = False
         outputs.append(_transition(p, lifecycle.LEAD, "first_event", event, rules, now_ms))
+        p.is_new = False
     changed = _learn(p, event, rules, outputs, now_ms)
     _touch(p, event)
 
@@ -488,7 +488,7 @@ def _cite(contributions: list[Contribution]) -> list[dict[str, Any]]:
 def _transition(
     p: PersonState, to_stage: str, cause: str, event: Event, rules: Rulebook, now_ms: int
 ) -> Output:
-    from_stage = None if p.transitions == 0 else p.stage
+    from_stage = None if p.is_new else p.stage
     if from_stage is not None:
         lifecycle.check_transition(from_stage, to_stage)
     return _record(p, from_stage, to_stage, cause, event, rules, now_ms)

@@ -8,6 +8,7 @@ hash tag; keys of one person share that person's tag:
 ``P e:{<identifier digest>}``   erasure time (ms) of that identifier; expires
 ``P p:{<one_id>}``              the person's state: ``<version>|<compact JSON>``
 ``P r:{<one_id>}``              One-ID that absorbed this person (a redirect)
+``P pend:{<one_id>}``           people this person announced it will absorb (a set)
 ``P rr:{<queue>}``              the queue's round-robin counter
 ``P rr:{<queue>}:t:<decision>`` ticket drawn for a decision; expires
 ==============================  ==============================================
@@ -33,7 +34,7 @@ import binascii
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar, cast
 
 import redis
@@ -64,29 +65,37 @@ redis.call('SET', KEYS[2], t, 'EX', ARGV[1])
 return t
 """
 
-# KEYS: identifier keys; ARGV: (One-ID, stale owner or '') per key. Set if absent,
-# or if still owned by the stale owner (a person since absorbed by the claimer);
-# return the owner after.
+# KEYS: (identifier key, its erasure key) per claim; ARGV: (One-ID, stale owner or
+# '', event ms) per claim. Refuse an identifier erased at or after the event
+# (false); else set it if absent, or if still owned by the stale owner (a person
+# since absorbed by the claimer, or one that never came to exist); return the owner.
 _CLAIM = """
 local out = {}
-for i, key in ipairs(KEYS) do
-  local cur = redis.call('GET', key)
-  if (not cur) or (ARGV[2 * i] ~= '' and cur == ARGV[2 * i]) then
-    redis.call('SET', key, ARGV[2 * i - 1])
-    cur = ARGV[2 * i - 1]
+for i = 1, #KEYS, 2 do
+  local j = (i + 1) / 2
+  local erased = redis.call('GET', KEYS[i + 1])
+  if erased and tonumber(erased) >= tonumber(ARGV[3 * j]) then
+    out[j] = false
+  else
+    local cur = redis.call('GET', KEYS[i])
+    if (not cur) or (ARGV[3 * j - 1] ~= '' and cur == ARGV[3 * j - 1]) then
+      redis.call('SET', KEYS[i], ARGV[3 * j - 2])
+      cur = ARGV[3 * j - 2]
+    end
+    out[j] = cur
   end
-  out[i] = cur
 end
 return out
 """
 
-# KEYS: (redirect key, person key) per absorbed person; ARGV: (survivor, version
-# planned on) per person. Redirect to the survivor only if not redirected and
-# unchanged since planned; return {redirect target or false, stored state}.
+# KEYS: (redirect key, person key, pending key) per absorbed person; ARGV:
+# (survivor, version planned on) per person. Redirect to the survivor only if not
+# redirected and unchanged since planned; return {redirect target or false,
+# stored state, the people it announced it would absorb}.
 _FREEZE = """
 local out = {}
-for i = 1, #KEYS, 2 do
-  local j = (i + 1) / 2
+for i = 1, #KEYS, 3 do
+  local j = (i + 2) / 3
   local cur = redis.call('GET', KEYS[i + 1])
   local r = redis.call('GET', KEYS[i])
   if not r then
@@ -97,7 +106,7 @@ for i = 1, #KEYS, 2 do
       r = ARGV[2 * j - 1]
     end
   end
-  out[j] = {r or false, cur or false}
+  out[j] = {r or false, cur or false, redis.call('SMEMBERS', KEYS[i + 2])}
 end
 return out
 """
@@ -151,11 +160,16 @@ class StoreUnavailable(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class Stored:
-    """A person as read: its version, its state (None if none) and its redirect (None if none)."""
+    """A person as read: version, state, redirect (None if none), announced absorptions.
+
+    ``pending`` is read only when freezing: the people this person announced it
+    would absorb.
+    """
 
     version: int
     state: bytes | None
     redirect: str | None
+    pending: tuple[str, ...] = ()
 
 
 def hash_slot(key: str) -> int:
@@ -211,6 +225,10 @@ class RedisStore:
         """Key of a person's state."""
         return f"{self.prefix}p:{{{one_id}}}"
 
+    def pending_key(self, one_id: str) -> str:
+        """Key of the set of people a person announced it will absorb."""
+        return f"{self.prefix}pend:{{{one_id}}}"
+
     def redirect_key(self, one_id: str) -> str:
         """Key naming who absorbed a person."""
         return f"{self.prefix}r:{{{one_id}}}"
@@ -227,14 +245,17 @@ class RedisStore:
         n = len(digests)
         return [_text(v) for v in values[:n]], [int(v) if v else 0 for v in values[n:]]
 
-    def claim(self, claims: Sequence[tuple[str, str, str]]) -> list[str]:
-        """Give ``(digest, One-ID, stale owner or '')`` identifiers away; return the owner after.
+    def claim(self, claims: Sequence[tuple[str, str, str, int]]) -> list[str | None]:
+        """Give ``(digest, One-ID, stale owner or '', event ms)`` identifiers away.
 
-        An identifier is taken when nobody owns it, or when it still points at the
-        stale owner named: a person the claimer has absorbed.
+        Returns the owner after each claim, or None when the identifier was erased at or
+        after the event's time. An identifier is taken when nobody owns it, or when it
+        still points at the stale owner named.
         """
-        replies = self._script("claim", [([self.identifier_key(d)], [o, s]) for d, o, s in claims])
-        return [cast(bytes, v).decode() for v in replies]
+        items = [
+            ([self.identifier_key(d), self.erasure_key(d)], [o, s, t]) for d, o, s, t in claims
+        ]
+        return [_text(v) for v in self._script("claim", items)]
 
     def repoint(self, moves: Sequence[tuple[str, str, str]]) -> None:
         """Move ``(digest, from, to)`` identifiers still owned by ``from`` ('' deletes)."""
@@ -263,11 +284,26 @@ class RedisStore:
         The result's ``redirect`` is the survivor when frozen for it, another One-ID when
         someone else absorbed the person first, None when it changed since planned.
         """
-        items = [([self.redirect_key(a), self.person_key(a)], [s, v]) for a, s, v in plans]
-        return [
-            _stored(state or None, target or None)
-            for target, state in self._script("freeze", items)
+        items = [
+            ([self.redirect_key(a), self.person_key(a), self.pending_key(a)], [s, v])
+            for a, s, v in plans
         ]
+        out = []
+        for target, state, pending in self._script("freeze", items):
+            stored = _stored(state or None, target or None)
+            out.append(replace(stored, pending=tuple(sorted(p.decode() for p in pending))))
+        return out
+
+    def announce(self, absorptions: Sequence[tuple[str, str]]) -> None:
+        """Record ``(survivor, absorbed)`` intents in the survivor's slot, before freezing.
+
+        Whoever later freezes the survivor reads them with it and absorbs what the
+        survivor did not record: an absorption interrupted by a race or a crash is
+        finished by the next survivor instead of being orphaned behind a redirect.
+        """
+        if absorptions:
+            commands = [("sadd", self.pending_key(s), a) for s, a in absorptions]
+            self._retry(lambda: self._pipeline(commands))
 
     def save_people(self, saves: Sequence[tuple[str, int, bytes, int]]) -> list[int]:
         """Compare-and-set ``(one_id, version read, state, ttl ms)``: SAVED/CONFLICT/REDIRECTED."""
@@ -279,7 +315,11 @@ class RedisStore:
 
     def drop_people(self, one_ids: Sequence[str]) -> None:
         """Delete absorbed people's frozen states and redirects (after an erasure)."""
-        keys = [k for o in one_ids for k in (self.person_key(o), self.redirect_key(o))]
+        keys = [
+            k
+            for o in one_ids
+            for k in (self.person_key(o), self.redirect_key(o), self.pending_key(o))
+        ]
         if keys:
             self._retry(lambda: self._pipeline([("delete", k) for k in keys]))
 

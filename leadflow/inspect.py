@@ -1,0 +1,116 @@
+"""``leadflow inspect <identifier>``: everything Leadflow knows about one person.
+
+Identifiers are stored only as salted digests (no e-mail or phone in Redis
+keys), so the person's identifiers are listed by kind and digest; the one asked
+about is shown in clear, as typed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from engine.identity import digest, normalise_email, normalise_phone
+from engine.person import PersonState, Rulebook, current_scores, decode_state, iso
+from engine.scoring import TOTAL, effective_score, top_contributions
+from engine.settings import Settings
+from engine.store import RedisStore
+
+
+def parse_identifier(text: str, settings: Settings) -> tuple[str, str]:
+    """``kind:value``, or a bare value of a guessed kind (@: e-mail, +: phone, else user)."""
+    kinds = {k.name for k in settings.identity.kinds}
+    kind, sep, value = text.partition(":")
+    if not sep or kind not in kinds:
+        kind, value = (
+            ("email" if "@" in text else "phone" if text.startswith("+") else "user"),
+            text,
+        )
+    if kind == "email":
+        value = normalise_email(value, settings.identity)
+    elif kind == "phone":
+        value = normalise_phone(value, settings.identity.default_calling_code)
+    return kind, value.strip()
+
+
+def inspect_person(settings: Settings, identifier: str, now_ms: int) -> dict[str, Any] | None:
+    """The person owning ``identifier`` as plain data, or None when nobody does."""
+    kind, value = parse_identifier(identifier, settings)
+    d = digest(settings.identity.salt, f"{kind}:{value}")
+    store = RedisStore(settings.redis)
+    try:
+        (owner,), (erased_ms,) = store.owners([d])
+        if owner is None:
+            return (
+                {"identifier": f"{kind}:{value}", "erased_at": iso(erased_ms)}
+                if erased_ms
+                else None
+            )
+        path = [owner]
+        while (stored := store.load_people([path[-1]])[0]).redirect and len(path) < 50:
+            path.append(stored.redirect)
+        person = decode_state(path[-1], stored.state, stored.version)
+        return _describe(person, Rulebook(settings), f"{kind}:{value}", d, path, now_ms)
+    finally:
+        store.close()
+
+
+def _describe(
+    p: PersonState, rules: Rulebook, asked: str, asked_digest: str, path: list[str], now_ms: int
+) -> dict[str, Any]:
+    if p.erased_ms:
+        return {"one_id": p.one_id, "identifier": asked, "erased_at": iso(p.erased_ms)}
+    model = rules.scoring
+    fit, factors = rules.fit.score(p.profile)
+    return {
+        "one_id": p.one_id,
+        "redirects": path[:-1],
+        "identifier": asked,
+        "identifiers": [
+            {
+                "kind": k,
+                "digest": d,
+                **({"value": asked.split(":", 1)[1]} if d == asked_digest else {}),
+            }
+            for k, d in p.ids
+        ],
+        "stage": p.stage,
+        "disqualified": p.disqualified or None,
+        "owner": {"queue": p.queue, "sdr": p.owner} if p.owner else None,
+        "promotions": p.promotions,
+        "scores": {
+            ("total" if dim == TOTAL else dim): {
+                "at_last_event": round(score, 3),
+                "now": round(effective_score(p.score, now_ms, model, dim), 3),
+                "top": [
+                    {"rule": c.rule, "points": c.points, "last_event_time": iso(c.last_ms)}
+                    for c in top_contributions(
+                        p.score, p.score.last_ms, model, rules.settings.scoring.reasons, dim
+                    )
+                ],
+            }
+            for dim, score in current_scores(p, rules).items()
+        },
+        "last_event_time": iso(p.score.last_ms) if p.score.last_ms else None,
+        "fit": {
+            "score": fit,
+            "factors": [{"factor": f.factor, "points": f.points} for f in factors],
+        },
+        "channels": p.channels,
+        "first_touch": _touch(p.first_touch),
+        "last_touch": _touch(p.last_touch),
+        "merged_from": [{"one_id": o, "at": iso(t)} for o, t in p.merged_from],
+        "refused_merges": [{"one_id": o, "reason": r, "at": iso(t)} for o, r, t in p.refused],
+    }
+
+
+def _touch(touch: list[Any]) -> dict[str, Any] | None:
+    if not touch:
+        return None
+    name, source, medium, at = touch
+    return {"campaign": name, "source": source, "medium": medium, "event_time": iso(at)}
+
+
+def render(person: dict[str, Any]) -> str:
+    """Pretty JSON for a terminal."""
+    return json.dumps(person, indent=2, ensure_ascii=False)
