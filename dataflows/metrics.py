@@ -20,7 +20,6 @@ class Metrics:
 
     events: Counter
     rejected: Counter
-    identity_conflicts: Counter
     promotions: Counter
     assignments: Counter
     kafka_errors: Counter
@@ -39,11 +38,6 @@ class Metrics:
             ),
             rejected=Counter(
                 f"{prefix}_dlq", "Messages sent to the DLQ", ["reason"], registry=registry
-            ),
-            identity_conflicts=Counter(
-                f"{prefix}_identity_conflicts",
-                "Events whose identifiers belong to two people",
-                registry=registry,
             ),
             promotions=Counter(
                 f"{prefix}_mql_promotions", "Promotions to MQL", ["queue"], registry=registry

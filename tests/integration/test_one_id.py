@@ -33,6 +33,18 @@ def alias(message_id: str, user_id: str, previous: str, t: float) -> dict[str, A
     }
 
 
+def inspect_cli(settings: Settings, identifier: str) -> subprocess.CompletedProcess[str]:
+    """``leadflow inspect`` as a user runs it, against the test's Redis."""
+    env = {**os.environ, "LEADFLOW_REDIS_URL": settings.redis.url}
+    return subprocess.run(
+        [sys.executable, "-m", "leadflow.cli", "inspect", identifier],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
 def test_concurrent_merges_on_two_workers_end_with_one_person_each(settings: Settings) -> None:
     """Each buyer browses on two devices; the devices' events land on different partitions and
     workers; an identify on each device ties it to the e-mail. Every buyer ends as one person
@@ -106,14 +118,7 @@ def test_erasure_forgets_the_person_and_old_events_cannot_bring_them_back(
         settings, [track("e3", "erase-me", "Webinar Attended", 5)]
     )  # older than the erasure: refused
     run_flow(settings, 2)
-    env = {**os.environ, "LEADFLOW_REDIS_URL": settings.redis.url}
-    gone = subprocess.run(
-        [sys.executable, "-m", "leadflow.cli", "inspect", "email:gone@acme.example"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    gone = inspect_cli(settings, "email:gone@acme.example")
     assert json.loads(gone.stdout) == {
         "identifier": "email:gone@acme.example",
         "erased_at": "2026-11-02T09:00:10.000Z",
@@ -149,14 +154,7 @@ def test_an_erasure_racing_an_older_event_on_another_worker_still_wins(settings:
     )
     send(settings, [erase], topic=settings.topics.feedback)
     run_flow(settings, 2)
-    env = {**os.environ, "LEADFLOW_REDIS_URL": settings.redis.url}
-    gone = subprocess.run(
-        [sys.executable, "-m", "leadflow.cli", "inspect", "email:gone@acme.example"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    gone = inspect_cli(settings, "email:gone@acme.example")
     assert gone.returncode == 1
 
 
@@ -170,13 +168,8 @@ def test_inspect_shows_the_person_behind_any_identifier(settings: Settings) -> N
     )
     run_flow(settings, 1)
     env = {**os.environ, "LEADFLOW_REDIS_URL": settings.redis.url}
-    result = subprocess.run(
-        [sys.executable, "-m", "leadflow.cli", "inspect", "li.wei@initech.example"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    result = inspect_cli(settings, "li.wei@initech.example")
+    assert result.returncode == 0, result.stderr
     person = json.loads(result.stdout)
     assert person["identifier"] == "email:li.wei@initech.example"
     assert {i["kind"] for i in person["identifiers"]} == {"email", "anon"}
