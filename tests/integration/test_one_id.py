@@ -167,7 +167,6 @@ def test_inspect_shows_the_person_behind_any_identifier(settings: Settings) -> N
         ],
     )
     run_flow(settings, 1)
-    env = {**os.environ, "LEADFLOW_REDIS_URL": settings.redis.url}
     result = inspect_cli(settings, "li.wei@initech.example")
     assert result.returncode == 0, result.stderr
     person = json.loads(result.stdout)
