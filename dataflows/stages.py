@@ -213,6 +213,7 @@ class _Round:
         self.loaded: dict[str, bytes | None] = {}
         self.steps: dict[str, list[_Step]] = {}
         self.others: dict[str, Stored] = {}
+        self._decoded: dict[str, PersonState] = {}  # others' states, decoded once per round
         # (identifier, claimer, stale owner or '', event) to claim, and to take back from a
         # person only once it is frozen into the claimer's chain.
         self.claims: list[tuple[Identifier, str, str, _Step]] = []
@@ -260,7 +261,14 @@ class _Round:
         if one_id is None or one_id in self.people:
             return self.people[one_id].erased_ms if one_id in self.people else 0
         stored = self.others.get(one_id)
-        return decode_state(one_id, stored.state).erased_ms if stored and stored.state else 0
+        return self._other(one_id).erased_ms if stored and stored.state else 0
+
+    def _other(self, one_id: str) -> PersonState:
+        """Another person's state as loaded this round, decoded once."""
+        if one_id not in self._decoded:
+            stored = self.others[one_id]
+            self._decoded[one_id] = decode_state(one_id, stored.state, stored.version)
+        return self._decoded[one_id]
 
     def _exists(self, one_id: str | None) -> bool:
         if one_id is None:
@@ -374,7 +382,7 @@ class _Round:
             if stored is None or stored.redirect:
                 self.contended.add(one_id)  # learnt only now: plan again next round
                 continue
-            other_ids = [(k, d) for k, d in decode_state(other, stored.state).ids]
+            other_ids = [(k, d) for k, d in self._other(other).ids]
             reason = merge_refusal(trial, other_ids, self.settings.identity)
             if not reason:
                 trial += [i for i in other_ids if i not in trial]

@@ -141,9 +141,6 @@ class IdentifierKind:
     paths: tuple[str, ...] = ()
 
 
-BUILTIN_KINDS = ("user", "email", "phone", "anon")
-
-
 @dataclass(frozen=True)
 class IdentitySettings:
     """How identifiers are read, normalised and joined into One-IDs."""

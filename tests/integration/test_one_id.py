@@ -95,9 +95,8 @@ def test_two_logins_on_one_computer_are_not_merged_and_the_refusal_is_recorded(
     assert behavior_score(settings, ana) == 50.0 and behavior_score(settings, bruno) == 0.0
 
 
-def test_erasure_forgets_the_person_and_old_events_cannot_bring_them_back(
-    settings: Settings,
-) -> None:
+def send_person_to_forget(settings: Settings) -> None:
+    """A person known by cookie and e-mail, with 50 points, before any erasure."""
     send(
         settings,
         [
@@ -105,18 +104,21 @@ def test_erasure_forgets_the_person_and_old_events_cannot_bring_them_back(
             track("e2", "erase-me", "Demo Requested", 1),
         ],
     )
+
+
+def send_erase_request(settings: Settings) -> None:
+    """A trusted erase request for the cookie, at 09:00:10."""
+    erase = {"type": "track", "event": "erase", "messageId": "er-1", "anonymousId": "erase-me"}
+    send(settings, [{**erase, "timestamp": at(10)}], topic=settings.topics.feedback)
+
+
+def test_erasure_forgets_the_person_and_old_events_cannot_bring_them_back(
+    settings: Settings,
+) -> None:
+    send_person_to_forget(settings)
     run_flow(settings, 2)
-    erase = {
-        "type": "track",
-        "event": "erase",
-        "messageId": "er-1",
-        "anonymousId": "erase-me",
-        "timestamp": at(10),
-    }
-    send(settings, [erase], topic=settings.topics.feedback)
-    send(
-        settings, [track("e3", "erase-me", "Webinar Attended", 5)]
-    )  # older than the erasure: refused
+    send_erase_request(settings)
+    send(settings, [track("e3", "erase-me", "Webinar Attended", 5)])  # older than the erasure
     run_flow(settings, 2)
     gone = inspect_cli(settings, "email:gone@acme.example")
     assert json.loads(gone.stdout) == {
@@ -138,21 +140,8 @@ def test_erasure_forgets_the_person_and_old_events_cannot_bring_them_back(
 def test_an_erasure_racing_an_older_event_on_another_worker_still_wins(settings: Settings) -> None:
     """Open defect (One-ID issue): an erase and an older identify routed at the same moment on
     two workers can leave the identify's e-mail with a new person."""
-    erase = {
-        "type": "track",
-        "event": "erase",
-        "messageId": "er-1",
-        "anonymousId": "erase-me",
-        "timestamp": at(10),
-    }
-    send(
-        settings,
-        [
-            identify("e1", "erase-me", "gone@acme.example", 0),
-            track("e2", "erase-me", "Demo Requested", 1),
-        ],
-    )
-    send(settings, [erase], topic=settings.topics.feedback)
+    send_person_to_forget(settings)
+    send_erase_request(settings)
     run_flow(settings, 2)
     gone = inspect_cli(settings, "email:gone@acme.example")
     assert gone.returncode == 1
