@@ -5,21 +5,25 @@
     input (events + feedback topics)
       -> decode        raw bytes -> Event | Rejection            (flat_map_batch)
       -> split         rejections -> DLQ
-      -> resolve_identity  Event -> (One-ID, Event), Redis x2     (flat_map_batch)
+      -> resolve_identity  Event -> (One-ID, Event), Redis x1-3 per batch,
+                       on ONE worker (constant key): the identity graph's only writer
       -> key_by_person / to_owner  route each person to one worker (stateless hop)
       -> score_qualify_route  Redis x3 per batch                  (flat_map_batch)
       -> output        decisions, lifecycle, DLQ                  (one producer per worker)
 
 Person state lives in Redis, not in Bytewax: Bytewax recovery keeps only the
-input offsets, and the stages make replay harmless (see engine.person). Keying
-by a shard of the One-ID gives every person exactly one writer at a time,
-across threads and processes.
+input offsets, and the stages make replay harmless (see engine.person). One
+resolver takes every identity decision in order, so claims and merges never
+race; keying by a shard of the One-ID then gives every person one home worker
+(a merge moves events across workers, under compare-and-set, see
+dataflows.stages.PersonStage).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
@@ -53,11 +57,27 @@ def person_shard(r: Resolved) -> str:
     return str(int(r.one_id[:8], 16) % PERSON_SHARDS)
 
 
-class _ToOwner(StatefulBatchLogic[Resolved, Resolved, None]):
-    """Pass items through unchanged: the hop exists to move them to their owner worker."""
+RESOLVER_KEY = "identity"
+In = TypeVar("In")
+Out = TypeVar("Out")
 
-    def on_batch(self, values: list[Resolved]) -> tuple[Iterable[Resolved], bool]:
-        return values, StatefulBatchLogic.DISCARD
+
+def _unchanged(values: list[Resolved]) -> list[Resolved]:
+    return values
+
+
+class _Pass(StatefulBatchLogic[In, Out, None]):
+    """Run a batch function where the key put the batch; keep no Bytewax state.
+
+    All state is in Redis, so nothing is snapshotted and the logic is dropped
+    after every batch.
+    """
+
+    def __init__(self, step: Callable[[list[In]], list[Out]]):
+        self.step = step
+
+    def on_batch(self, values: list[In]) -> tuple[Iterable[Out], bool]:
+        return self.step(values), StatefulBatchLogic.DISCARD
 
     def snapshot(self) -> None:
         return None
@@ -82,9 +102,17 @@ def build_flow(
     split = op.branch("split_rejected", decoded, _is_event)
     events: Stream[Event] = split.trues  # type: ignore[assignment]  # narrowed by _is_event
     rejected: Stream[Rejection] = split.falses  # type: ignore[assignment]  # complement of the above
-    resolved = op.flat_map_batch("resolve_identity", events, IdentityStage(settings, store))
+    # One resolver for the whole cluster: a constant key sends every event to one worker.
+    resolver = IdentityStage(settings, store)
+    to_resolver = op.key_on("key_by_resolver", events, lambda _e: RESOLVER_KEY)
+    resolved = op.key_rm(
+        "resolved",
+        op.stateful_batch("resolve_identity", to_resolver, lambda _resume: _Pass(resolver)),
+    )
     keyed = op.key_on("key_by_person", resolved, person_shard)
-    owned = op.key_rm("drop_key", op.stateful_batch("to_owner", keyed, lambda _resume: _ToOwner()))
+    owned = op.key_rm(
+        "drop_key", op.stateful_batch("to_owner", keyed, lambda _resume: _Pass(_unchanged))
+    )
     outputs = op.flat_map_batch("score_qualify_route", owned, PersonStage(settings, store, clock))
 
     def dlq(r: Rejection) -> SinkMessage:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 from dataflows.metrics import metrics
 from engine.events import Event, Origin, Rejection, decode_event
-from engine.identity import Identifier, anchor, identifiers_of, merge_refusal, plan_join
+from engine.identity import anchor, identifiers_of, resolve
 from engine.person import (
     DECISION,
     ERASE,
@@ -32,7 +32,7 @@ from engine.person import (
     refuse_merge,
 )
 from engine.settings import Settings
-from engine.store import SAVED, RedisStore, Stored
+from engine.store import SAVED, IdentityWrites, RedisStore
 
 Clock = Callable[[], float]
 
@@ -48,12 +48,11 @@ class RawMessage:
 
 @dataclass(frozen=True, slots=True)
 class Resolved:
-    """An event, the person it was routed to, and its identifiers' owners as the router saw them."""
+    """An event and the person it belongs to, with the merges it was refused (and why)."""
 
     one_id: str
     event: Event
-    identifiers: tuple[Identifier, ...]
-    owners: tuple[str | None, ...]
+    refusals: tuple[tuple[str, str], ...] = ()
 
 
 class Decoder:
@@ -111,66 +110,138 @@ class _LazyStore:
 
 
 class IdentityStage(_LazyStore):
-    """Route each event to a person: one round trip per batch (owners and erasures).
+    """Resolve each event to one person: the only writer of the identity graph.
 
-    Read-only: claims and merges happen in the person stage, under the person's
-    compare-and-set. Events older than an erasure of one of their identifiers
-    are dropped here (counted), so an erased person cannot be re-created by them.
+    The dataflow runs it on a single worker, so identity decisions are taken one
+    at a time, in order, and need no locks: two workers can never both claim an
+    identifier or merge the same person. A batch costs one round trip to read
+    owners and erasures, one more to read the identifiers of the people whose
+    graph may change (new identifiers, two owners, an erasure), and one to write.
+    Events older than an erasure of one of their identifiers are dropped here
+    (counted), so an erased person cannot be re-created by them.
     """
 
     def __call__(self, events: list[Event]) -> list[Resolved]:
-        """Resolve ``events`` in order; later events of the batch see earlier routings."""
-        idents = [identifiers_of(e, self.settings.identity) for e in events]
+        """Resolve ``events`` in order; later events of the batch see earlier decisions."""
+        identity = self.settings.identity
+        idents = [identifiers_of(e, identity) for e in events]
         digests = list(dict.fromkeys(i.digest for ids in idents for i in ids))
         found, erased_at = self.store.owners(digests)
-        owners: dict[str, str | None] = dict(zip(digests, found, strict=True))
+        graph = _Graph(self.store, dict(zip(digests, found, strict=True)))
         erased = dict(zip(digests, erased_at, strict=True))
-        out = []
-        dropped = 0
+        graph.load(
+            o
+            for e, ids in zip(events, idents, strict=True)
+            if _changes_graph(e, [graph.owners[i.digest] for i in ids])
+            for o in (graph.owners[i.digest] for i in ids)
+            if o
+        )
+        writes = IdentityWrites(self.store)
+        out, dropped = [], 0
+        block_s = identity.erasure_block_days * 86_400
         for event, ids in zip(events, idents, strict=True):
             if any(0 < event.event_ms <= erased[i.digest] for i in ids):
                 dropped += 1
                 continue
-            seen = tuple(owners[i.digest] for i in ids)
-            person = anchor(ids, seen)
-            out.append(Resolved(person, event, ids, seen))
-            for i in ids:  # tentatively, so the next event of this batch goes to the same person
-                owners[i.digest] = owners[i.digest] or person
+            owners = [graph.owners[i.digest] for i in ids]
+            if _changes_graph(event, owners):
+                owners = graph.current([i.digest for i in ids], writes)
+            if event.trusted and event.name == ERASE:
+                one_id = anchor(ids, owners)
+                gone = graph.held.pop(one_id, set()) | {(i.kind, i.digest) for i in ids}
+                for _, d in gone:
+                    graph.owners[d] = None
+                    erased[d] = max(erased.get(d, 0), event.event_ms)
+                writes.erase(one_id, gone, event.event_ms, block_s)
+                out.append(Resolved(one_id, event))
+                continue
+            res = resolve(ids, owners, graph.held, identity)
+            for ident in res.claims:
+                graph.owners[ident.digest] = res.one_id
+                graph.held.setdefault(res.one_id, set()).add((ident.kind, ident.digest))
+                writes.claim(res.one_id, ident.kind, ident.digest)
+            for other in res.merges:
+                graph.merge(other, res.one_id, writes)
+            out.append(Resolved(res.one_id, event, res.refusals))
+        self.store.write_graph(writes)
         if dropped:
             metrics().erased_events.inc(dropped)
         return out
+
+
+def _changes_graph(event: Event, owners: Sequence[str | None]) -> bool:
+    """Whether resolving the event may need its owners' identifiers (else the owner suffices)."""
+    return None in owners or len(set(owners)) > 1 or (event.trusted and event.name == ERASE)
+
+
+class _Graph:
+    """The identity graph as one resolver batch sees and changes it."""
+
+    def __init__(self, store: RedisStore, owners: dict[str, str | None]):
+        self.store = store
+        self.owners = owners
+        self.held: dict[str, set[tuple[str, str]]] = {}
+        self.pending: dict[str, set[str]] = {}
+        self.redirects: dict[str, str] = {}
+
+    def load(self, people: Iterable[str]) -> None:
+        """Read the identifiers of people not read yet, following redirects."""
+        wanted = sorted({p for p in people if p not in self.held})
+        while wanted:
+            nodes = self.store.graph(wanted)
+            for one_id, node in zip(wanted, nodes, strict=True):
+                self.held[one_id], self.pending[one_id] = node.identifiers, node.pending
+                if node.redirect:
+                    self.redirects[one_id] = node.redirect
+            wanted = sorted({r for r in self.redirects.values() if r not in self.held})
+
+    def current(self, digests: list[str], writes: IdentityWrites) -> list[str | None]:
+        """The owners of ``digests`` now, loading who is needed.
+
+        An owner found redirected was being merged when a crash cut the writes
+        short: the merge is finished first.
+        """
+        self.load(o for d in digests if (o := self.owners[d]))
+        for d in digests:
+            owner = self.owners[d]
+            if owner in self.redirects:
+                survivor = owner
+                while survivor in self.redirects:
+                    survivor = self.redirects[survivor]
+                self.merge(owner, survivor, writes)
+        return [self.owners[d] for d in digests]
+
+    def merge(self, absorbed: str, survivor: str, writes: IdentityWrites) -> None:
+        """Merge ``absorbed`` into ``survivor``: identifiers, pending people, redirect."""
+        ids = self.held.pop(absorbed, set())
+        pending = self.pending.pop(absorbed, set())
+        for _, d in ids:
+            self.owners[d] = survivor
+        self.held.setdefault(survivor, set()).update(ids)
+        self.pending.setdefault(survivor, set()).update(pending | {absorbed})
+        self.redirects[absorbed] = survivor
+        writes.merge(absorbed, survivor, ids, pending)
 
 
 # Rounds of compare-and-set before a batch gives up (and the process restarts from recovery).
 MAX_ROUNDS = 20
 
 
-@dataclass(slots=True)
-class _Step:
-    """One event of a round, with its planned merges: (other One-ID, refusal reason or '')."""
-
-    item: Resolved
-    merges: list[tuple[str, str]] = field(default_factory=list)
-    erased: bool = False  # an identifier was erased after the event: it is dropped
-
-
 class PersonStage(_LazyStore):
-    """Join identities, then score, qualify and route people, under compare-and-set.
+    """Score, qualify and route people; absorb the people merged into them.
 
     A batch is processed in rounds (:class:`_Round`). Each round loads the people
-    the events were routed to (following redirects of people absorbed meanwhile),
-    plans each event's joins (attach new identifiers within limits; merge other
-    owners or refuse), claims identifiers, freezes the people to absorb (redirect
-    and read in one script, only if unchanged since planned), absorbs them and
-    applies the events in order, draws routing tickets, saves every person only
-    if unchanged and not redirected, and re-points absorbed people's identifiers.
-    What lost a race (a claim taken, a person changed or redirected) is planned
-    again next round from fresh reads, and its outputs are not emitted.
+    the events were routed to, with their pending absorptions (following the
+    redirects of people merged meanwhile), absorbs those pending people (their
+    states are final: the resolver redirected them, and a redirected person's
+    state cannot be saved), applies the events in order, draws routing tickets and
+    saves every person only if unchanged and not redirected. What lost a race is
+    done again next round from fresh reads, and its outputs are not emitted.
 
-    Every step can be repeated after a crash with the same effect: claims and
-    freezes are set-if-absent, an absorbed person stays readable behind its
-    redirect until its survivor records it in ``merged_from``, and each event's
-    messageId digest makes its second application a replay of its records.
+    Every step can be repeated after a crash with the same effect: an absorbed
+    person stays readable behind its redirect until its survivor records it in
+    ``merged_from``, and each event's messageId digest makes its second
+    application a replay of its records.
     """
 
     def __init__(
@@ -185,50 +256,32 @@ class PersonStage(_LazyStore):
         work: dict[str, list[Resolved]] = {}
         for item in items:
             work.setdefault(item.one_id, []).append(item)
-        aliases: dict[str, str] = {}  # One-IDs learnt to be redirected, to their survivor
-        known: dict[str, str] = {}  # identifier digests learnt to be owned (claims lost), to owner
         outputs: list[Output] = []
         for _ in range(MAX_ROUNDS):
             if not work:
                 return outputs
-            work = _Round(self, work, aliases, known).run(outputs)
+            work = _Round(self, work).run(outputs)
         raise RuntimeError(f"people still contended after {MAX_ROUNDS} rounds: {sorted(work)[:5]}")
 
 
 class _Round:
     """One round of :class:`PersonStage` over the people of a batch."""
 
-    def __init__(
-        self,
-        stage: PersonStage,
-        work: dict[str, list[Resolved]],
-        aliases: dict[str, str],
-        known: dict[str, str],
-    ):
+    def __init__(self, stage: PersonStage, work: dict[str, list[Resolved]]):
         self.settings, self.store, self.rules = stage.settings, stage.store, stage.rules
         self.now_ms = int(stage.clock() * 1000)
-        self.work, self.aliases, self.known = work, aliases, known
+        self.work = work
         self.retry: dict[str, list[Resolved]] = {}
         self.people: dict[str, PersonState] = {}
         self.loaded: dict[str, bytes | None] = {}
-        self.steps: dict[str, list[_Step]] = {}
-        self.others: dict[str, Stored] = {}
-        self._decoded: dict[str, PersonState] = {}  # others' states, decoded once per round
-        # (identifier, claimer, stale owner or '', event) to claim, and to take back from a
-        # person only once it is frozen into the claimer's chain.
-        self.claims: list[tuple[Identifier, str, str, _Step]] = []
-        self.takebacks: list[tuple[Identifier, str, str, _Step]] = []
-        self.contended: set[str] = set()
-        self.frozen: dict[str, PersonState] = {}
+        self.absorbing: dict[str, list[PersonState]] = {}
         self.produced: dict[str, list[Output]] = {}
         self.promotions: list[Promotion] = []
-        self.erasures: dict[str, tuple[list[str], list[str]]] = {}  # identifiers, absorbed people
+        self.erased: dict[str, list[str]] = {}  # erased person -> people it had absorbed
 
     def run(self, outputs: list[Output]) -> dict[str, list[Resolved]]:
         """Do the round; add the records of people saved to ``outputs``; return what to retry."""
         self._load()
-        self._plan()
-        self._claim_and_freeze()
         self._apply()
         self._save(outputs)
         return self.retry
@@ -236,250 +289,46 @@ class _Round:
     def _again(self, one_id: str, items: list[Resolved]) -> None:
         self.retry.setdefault(one_id, []).extend(items)
 
-    def _raw_owner(self, digest: str, seen: str | None) -> str | None:
-        """The owner as last seen by the router, or as learnt by this batch (a lost claim)."""
-        return self.known.get(digest, seen)
-
-    def _chain(self, one_id: str) -> list[str]:
-        """``one_id`` followed by everyone its redirects lead to (as loaded or learnt)."""
-        chain = [one_id]
-        while chain[-1] in self.aliases and len(chain) <= MAX_ROUNDS:
-            chain.append(self.aliases[chain[-1]])
-        return chain
-
     def _load(self) -> None:
-        for one_id, stored in zip(self.work, self.store.load_people(list(self.work)), strict=True):
+        """Load the people, then the frozen states of those they have yet to absorb."""
+        wanted: dict[str, set[str]] = {}
+        stored_people = self.store.load_people(list(self.work), pending=True)
+        for one_id, stored in zip(self.work, stored_people, strict=True):
             if stored.redirect:
-                self.aliases[one_id] = stored.redirect
                 self._again(stored.redirect, self.work[one_id])
-            else:
-                self.people[one_id] = decode_state(one_id, stored.state, stored.version)
-                self.loaded[one_id] = stored.state
-
-    def _erased_ms(self, one_id: str | None) -> int:
-        """When a person was erased (0: not erased, or not loaded)."""
-        if one_id is None or one_id in self.people:
-            return self.people[one_id].erased_ms if one_id in self.people else 0
-        stored = self.others.get(one_id)
-        return self._other(one_id).erased_ms if stored and stored.state else 0
-
-    def _other(self, one_id: str) -> PersonState:
-        """Another person's state as loaded this round, decoded once."""
-        if one_id not in self._decoded:
-            stored = self.others[one_id]
-            self._decoded[one_id] = decode_state(one_id, stored.state, stored.version)
-        return self._decoded[one_id]
-
-    def _exists(self, one_id: str | None) -> bool:
-        if one_id is None:
-            return False
-        if one_id in self.people:
-            return True
-        stored = self.others.get(one_id)
-        return stored is not None and (stored.state is not None or stored.redirect is not None)
-
-    def _load_others(self) -> None:
-        """Load every other owner the events name, and everyone on their redirect chains."""
-        wanted = {
-            o
-            for p in self.people
-            for r in self.work[p]
-            for i, seen in zip(r.identifiers, r.owners, strict=True)
-            if (o := self._raw_owner(i.digest, seen)) and o != p
+                continue
+            person = self.people[one_id] = decode_state(one_id, stored.state, stored.version)
+            self.loaded[one_id] = stored.state
+            done = {m[0] for m in person.merged_from} | {one_id}
+            wanted[one_id] = {o for o in stored.pending if o not in done}
+        others = sorted(set().union(*wanted.values()))
+        frozen = {
+            o: decode_state(o, st.state, st.version)
+            for o, st in zip(others, self.store.load_people(others), strict=True)
+            if st.redirect  # not frozen yet: its merge is still being written; absorbed later
         }
-        while wanted:
-            ids = sorted(wanted)
-            wanted = set()
-            for other, stored in zip(ids, self.store.load_people(ids), strict=True):
-                self.others[other] = stored
-                if stored.redirect:
-                    self.aliases[other] = stored.redirect
-                    if stored.redirect not in self.others:
-                        wanted.add(stored.redirect)
-
-    def _plan(self) -> None:
-        """Plan each event's claims and merges, limits counted as the batch goes.
-
-        An owner whose redirects end at this person is already this person, but the
-        survivor it was absorbed into may itself have been absorbed before it saved:
-        every one of them this person has not recorded in ``merged_from`` is absorbed
-        now (it is frozen, so its content is final), and the identifier is claimed
-        back from it.
-        """
-        self._load_others()
-        for one_id, person in self.people.items():
-            held = [(kind, digest) for kind, digest in person.ids]
-            recorded = {m[0] for m in person.merged_from}
-            self.steps[one_id] = []
-            for item in self.work[one_id]:
-                if person.erased_ms or message_digest(item.event.message_id) in person.seen:
-                    self.steps[one_id].append(_Step(item))  # erased person or replay: no joins
-                else:
-                    self._plan_event(one_id, item, held, recorded)
-
-    def _plan_event(
-        self, one_id: str, item: Resolved, held: list[tuple[str, str]], recorded: set[str]
-    ) -> None:
-        """Plan one event's joins; ``held`` and ``recorded`` grow as the batch goes."""
-        identity = self.settings.identity
-        step = _Step(item)
-        raws: list[str | None] = []
-        finals: list[str | None] = []
-        for ident, seen in zip(item.identifiers, item.owners, strict=True):
-            raw = self._raw_owner(ident.digest, seen)
-            chain = self._chain(raw) if raw else [None]
-            raws.append(raw)
-            erased_ms = self._erased_ms(chain[-1])
-            if erased_ms and item.event.event_ms <= erased_ms:
-                step.erased = True  # its owner was erased after this event happened
-            # The router sends later events of its batch to a person an earlier event would
-            # create; until that person is saved, the identifier counts as nobody's here. An
-            # erased person is nobody too: newer events start afresh.
-            finals.append(chain[-1] if self._exists(chain[-1]) and not erased_ms else None)
-            if raw and raw != one_id and chain[-1] == one_id:
-                for orphan in chain[:-1]:  # absorbed before its survivor saved: absorb it here
-                    if orphan not in recorded:
-                        recorded.add(orphan)
-                        step.merges.append((orphan, ""))
-                self.takebacks.append((ident, one_id, raw, step))
-        plan = plan_join(one_id, held, item.identifiers, finals, identity)
-        strongest = item.identifiers[0]
-        if strongest in plan.over_limit and finals[0] is None and strongest.digest != one_id:
-            # A new strongest identifier this person may not hold (a second userId on a
-            # shared computer): the event is someone else's; the tie is refused there.
-            self._again(strongest.digest, [replace(item, one_id=strongest.digest)])
-            return
-        self.steps[one_id].append(step)
-        claimed = [(i.kind, i.digest) for i in plan.claims]
-        verdicts = self._merge_verdicts(one_id, held + claimed, plan.merges)
-        allowed = [other for other, reason, _ in verdicts if not reason]
-        if allowed and min(allowed) < one_id:
-            # The smaller One-ID always survives, so two people never absorb each other at
-            # once and redirects cannot form a cycle: the event goes to the survivor.
-            self.steps[one_id].pop()
-            self.takebacks = [t for t in self.takebacks if t[3] is not step]
-            self._again(min(allowed), [replace(item, one_id=min(allowed))])
-            return
-        taking_back = {t[0] for t in self.takebacks if t[3] is step}
-        for ident in plan.claims:
-            if ident not in taking_back:  # those are claimed from their frozen owner, later
-                self.claims.append((ident, one_id, "", step))
-            held.append((ident.kind, ident.digest))
-        for other, reason, other_ids in verdicts:
-            if not reason:
-                held += [i for i in other_ids if i not in held]
-                recorded.add(other)
-            step.merges.append((other, reason))
-
-    def _merge_verdicts(
-        self, one_id: str, held: list[tuple[str, str]], others: Sequence[str]
-    ) -> list[tuple[str, str, list[tuple[str, str]]]]:
-        """(other, refusal reason or '', its identifiers) per person to merge; limits cumulate."""
-        trial = list(held)
-        out = []
-        for other in others:
-            stored = self.others.get(other)
-            if stored is None or stored.redirect:
-                self.contended.add(one_id)  # learnt only now: plan again next round
-                continue
-            other_ids = [(k, d) for k, d in self._other(other).ids]
-            reason = merge_refusal(trial, other_ids, self.settings.identity)
-            if not reason:
-                trial += [i for i in other_ids if i not in trial]
-            out.append((other, reason, other_ids))
-        return out
-
-    def _claim_and_freeze(self) -> None:
-        self._claim(self.claims)
-        plans = [
-            (other, one_id, self.others[other].version, step)
-            for one_id, steps in self.steps.items()
-            if one_id not in self.contended
-            for step in steps
-            for other, reason in step.merges
-            if not reason
-        ]
-        for _ in range(MAX_ROUNDS):
-            if not plans:
-                break
-            plans = self._freeze(plans)
-        else:
-            raise RuntimeError("announced absorptions nest deeper than expected")
-        # Take identifiers back only from people now frozen into this person's chain.
-        self._claim(
-            [
-                t
-                for t in self.takebacks
-                if t[1] not in self.contended and self._chain(t[2])[-1] == t[1]
-            ]
-        )
-
-    def _claim(self, claims: list[tuple[Identifier, str, str, _Step]]) -> None:
-        wanted = [(i.digest, o, stale, step.item.event.event_ms) for i, o, stale, step in claims]
-        for (ident, one_id, _, step), owner in zip(claims, self.store.claim(wanted), strict=True):
-            if owner is None:
-                step.erased = True  # older than an erasure of this identifier: dropped
-            elif owner != one_id:
-                self.known[ident.digest] = owner  # someone else got it first: plan again
-                self.contended.add(one_id)
-            elif (
-                one_id in self.people and [ident.kind, ident.digest] not in self.people[one_id].ids
-            ):
-                self.people[one_id].ids.append([ident.kind, ident.digest])
-
-    def _freeze(
-        self, plans: list[tuple[str, str, int, _Step]]
-    ) -> list[tuple[str, str, int, _Step]]:
-        """Announce, then freeze; return the freezes the frozen people's own announcements add."""
-        self.store.announce([(one_id, other) for other, one_id, _, _ in plans])
-        results = self.store.freeze(
-            [(other, one_id, version) for other, one_id, version, _ in plans]
-        )
-        adopted: list[tuple[str, _Step, str]] = []
-        for (other, one_id, _, step), stored in zip(plans, results, strict=True):
-            if stored.redirect:
-                self.aliases.setdefault(other, stored.redirect)
-            # Frozen for us, or an orphan whose redirects already end here: its content is final.
-            if not (stored.redirect and self._chain(other)[-1] == one_id):
-                self.contended.add(one_id)
-                continue
-            frozen = self.frozen[other] = decode_state(other, stored.state, stored.version)
-            done = {m[0] for m in frozen.merged_from} | {
-                m[0] for m in self.people[one_id].merged_from
-            }
-            for orphan in stored.pending:  # it announced them; absorb what it did not record
-                if orphan not in done and orphan != one_id and orphan not in self.frozen:
-                    step.merges.append((orphan, ""))
-                    adopted.append((orphan, step, one_id))
-        versions = self.store.load_people([o for o, _, _ in adopted])
-        return [
-            (o, one_id, v.version, step)
-            for (o, step, one_id), v in zip(adopted, versions, strict=True)
-        ]
+        for one_id, pending in wanted.items():
+            states = [frozen[o] for o in sorted(pending) if o in frozen]
+            # A pending person already absorbed by another pending one comes with it.
+            inner = {m[0] for s in states for m in s.merged_from}
+            self.absorbing[one_id] = [s for s in states if s.one_id not in inner]
 
     def _apply(self) -> None:
-        """Absorb, then apply each event, in order, for every uncontended person."""
+        """Absorb, then apply each event, in order, for every person loaded."""
         for one_id, person in self.people.items():
-            if one_id in self.contended:
-                self._again(one_id, [step.item for step in self.steps[one_id]])
-                continue
             out = self.produced[one_id] = []
-            for step in self.steps[one_id]:
-                event = step.item.event
-                for other, reason in step.merges:
-                    if reason:
+            for n, item in enumerate(self.work[one_id]):
+                event = item.event
+                if n == 0:
+                    for other in self.absorbing[one_id]:
+                        out.append(absorb(person, other, event, self.rules, self.now_ms))
+                if message_digest(event.message_id) not in person.seen:
+                    for other_id, reason in item.refusals:
                         out.append(
-                            refuse_merge(person, other, reason, event, self.rules, self.now_ms)
-                        )
-                    elif not any(m[0] == other for m in person.merged_from):
-                        out.append(
-                            absorb(person, self.frozen[other], event, self.rules, self.now_ms)
+                            refuse_merge(person, other_id, reason, event, self.rules, self.now_ms)
                         )
                 if event.trusted and event.name == ERASE and not person.erased_ms:
-                    self.erasures[one_id] = (
-                        [d for _, d in person.ids],
-                        [o for o, _ in person.merged_from],
-                    )
+                    self.erased[one_id] = [o for o, _ in person.merged_from]
                     out.append(erase(person, event, self.rules, self.now_ms))
                     continue
                 records, promotion = apply_event(person, event, self.rules, self.now_ms)
@@ -494,8 +343,7 @@ class _Round:
 
     def _save(self, outputs: list[Output]) -> None:
         """Save whoever changed; emit the records of those saved; losers go round again."""
-        identity = self.settings.identity
-        block_ms = identity.erasure_block_days * 86_400_000
+        block_ms = self.settings.identity.erasure_block_days * 86_400_000
         saves, done = [], []
         for one_id in self.produced:
             person = self.people[one_id]
@@ -508,8 +356,7 @@ class _Round:
             if status == SAVED:
                 done.append(one_id)
             else:
-                self._again(one_id, [step.item for step in self.steps[one_id]])
-        repoints: list[tuple[str, str, str]] = []
+                self._again(one_id, self.work[one_id])
         ingested = {p.decision_id: p.event.ingested_ms for p in self.promotions}
         m = metrics()
         for one_id in done:
@@ -517,10 +364,8 @@ class _Round:
             outputs.extend(self.produced[one_id])
             for record in self.produced[one_id]:
                 cause = record.value.get("cause", "")
-                if cause == "merge" and record.value["merged_from"] in self.frozen:
+                if cause == "merge":
                     m.merges.inc()
-                    absorbed = self.frozen[record.value["merged_from"]]
-                    repoints += [(d, absorbed.one_id, one_id) for _, d in absorbed.ids]
                 elif cause.startswith("merge_refused:"):
                     m.merges_refused.labels(cause.removeprefix("merge_refused:")).inc()
                 elif record.kind == DECISION and record.value["decision_id"] in ingested:
@@ -528,12 +373,7 @@ class _Round:
                     m.assignments.labels(person.queue, person.owner).inc()
                     latency_s = max(0, self.now_ms - ingested[record.value["decision_id"]]) / 1000
                     m.decision_latency.labels(person.queue).observe(latency_s)
-            if one_id in self.erasures:
-                digests, absorbed_ids = self.erasures[one_id]
-                repoints += [(d, one_id, "") for d in digests]
-                self.store.mark_erased(
-                    digests, person.erased_ms, identity.erasure_block_days * 86_400
-                )
-                self.store.drop_people(absorbed_ids)
+            if one_id in self.erased:
+                self.store.drop_people(self.erased[one_id])
                 m.erasures.inc()
-        self.store.repoint(repoints)
+        self.store.absorbed([(o, [s.one_id for s in self.absorbing[o]]) for o in done])

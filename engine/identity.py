@@ -10,16 +10,13 @@ priority (lower is stronger) and a limit: how many values of that kind one
 person may hold (one ``userId``, five cookies by default), so one shared office
 computer cannot glue a company into one person.
 
-Routing. An event goes to the *anchor*: the person owning its strongest
-identifier that already has an owner, or, if none has, a new person whose
-One-ID is derived from its strongest identifier (so concurrent workers and
-replays agree on it).
-
-Joining. The person stage, holding the anchor, then looks at the event's
-other identifiers (:func:`plan_join`): a new identifier is attached if the
-kind's limit allows; an identifier owned by someone else means the two are one
-person and are merged, unless the merge would break a limit or join two
-different ``userId`` values; then it is refused and recorded instead.
+Resolution. One resolver decides, event after event, who each event belongs
+to (:func:`resolve`): the *anchor* is the person owning its strongest identifier
+that has an owner, or, if none has, a new person whose One-ID is derived from
+its strongest identifier. A new identifier is attached if the kind's limit
+allows; an identifier owned by someone else means the two are one person and
+are merged, unless the merge would break a limit or join two different
+``userId`` values; then it is refused and recorded instead.
 """
 
 from __future__ import annotations
@@ -27,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,46 +138,63 @@ def anchor(identifiers: Sequence[Identifier], owners: Sequence[str | None]) -> s
 
 
 @dataclass(frozen=True, slots=True)
-class JoinPlan:
-    """What an event's identifiers ask of the person it was routed to."""
+class Resolution:
+    """Who an event belongs to, and what it changes in the identity graph."""
 
-    claims: tuple[Identifier, ...]  # new identifiers to attach
-    merges: tuple[str, ...]  # other people the event says are this one
-    over_limit: tuple[Identifier, ...]  # new identifiers refused by a kind's limit
+    one_id: str  # the person the event goes to
+    claims: tuple[Identifier, ...]  # identifiers nobody owned, now the person's
+    merges: tuple[str, ...]  # people the event shows to be this one: absorbed into it
+    refusals: tuple[tuple[str, str], ...]  # (other person, reason) merges refused
+    over_limit: tuple[Identifier, ...]  # new identifiers a kind's limit kept out
 
 
-def plan_join(
-    person: str,
-    held: Iterable[tuple[str, str]],
+def resolve(
     identifiers: Sequence[Identifier],
     owners: Sequence[str | None],
+    held: Mapping[str, Collection[tuple[str, str]]],
     settings: IdentitySettings,
-) -> JoinPlan:
-    """Which of an event's identifiers to attach to ``person`` and whom to merge with it.
+) -> Resolution:
+    """Resolve one event: the person it belongs to, its new identifiers, its merges.
 
     Args:
-        person: the One-ID the event was routed to.
-        held: ``(kind, digest)`` of the identifiers the person holds.
         identifiers: the event's identifiers, strongest first.
-        owners: their owners as last seen (None: nobody's).
+        owners: their current owners (None: nobody's).
+        held: ``(kind, digest)`` identifiers of every person named in ``owners``.
         settings: kinds, priorities and limits.
+
+    The event goes to the :func:`anchor`, except that a new strongest identifier
+    its anchor may not hold (a second ``userId`` on a shared computer) makes a new
+    person, whose tie to the anchor is then refused. New identifiers are claimed
+    within the kinds' limits; every other owner is merged into the person unless
+    :func:`merge_refusal` objects.
     """
     limits = {k.name: k.limit for k in settings.kinds}
-    held_digests = {d for _, d in held}
-    counts = Counter(kind for kind, _ in held)
-    claims, merges, over = [], [], []
+
+    def has_room(ids: Iterable[tuple[str, str]], kind: str) -> bool:
+        return sum(1 for k, _ in ids if k == kind) < limits[kind]
+
+    target = anchor(identifiers, owners)
+    strongest = identifiers[0]
+    if owners[0] is None and not has_room(held.get(target, ()), strongest.kind):
+        target = strongest.digest
+    trial = set(held.get(target, ()))
+    claims, over = [], []
     for ident, owner in zip(identifiers, owners, strict=True):
-        if ident.digest in held_digests:
-            continue
-        if owner is None or owner == person:
-            if counts[ident.kind] < limits[ident.kind]:
-                counts[ident.kind] += 1
+        if owner is None and (ident.kind, ident.digest) not in trial:
+            if has_room(trial, ident.kind):
                 claims.append(ident)
+                trial.add((ident.kind, ident.digest))
             else:
                 over.append(ident)
-        elif owner not in merges:
-            merges.append(owner)
-    return JoinPlan(tuple(claims), tuple(merges), tuple(over))
+    merges, refusals = [], []
+    for other in dict.fromkeys(o for o in owners if o is not None and o != target):
+        reason = merge_refusal(trial, held.get(other, ()), settings)
+        if reason:
+            refusals.append((other, reason))
+        else:
+            trial |= set(held.get(other, ()))
+            merges.append(other)
+    return Resolution(target, tuple(claims), tuple(merges), tuple(refusals), tuple(over))
 
 
 def merge_refusal(

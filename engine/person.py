@@ -87,7 +87,6 @@ class PersonState:
     channels: list[str] = field(default_factory=list)
     # [[event digest, [[kind, record], ...]], ...], oldest first
     outbox: list[list[Any]] = field(default_factory=list)
-    ids: list[list[str]] = field(default_factory=list)  # [[kind, digest], ...] held
     merged_from: list[list[Any]] = field(default_factory=list)  # [[one_id, at_ms], ...] absorbed
     refused: list[list[Any]] = field(
         default_factory=list
@@ -173,7 +172,6 @@ def encode_state(p: PersonState) -> bytes:
     if p.outbox:
         doc["x"] = p.outbox
     optional = {
-        "i": p.ids,
         "mf": p.merged_from,
         "mr": p.refused,
         "ft": p.first_touch,
@@ -210,7 +208,6 @@ def decode_state(one_id: str, raw: bytes | None, version: int = 0) -> PersonStat
         owner=owner,
         channels=d.get("h", []),
         outbox=d.get("x", []),
-        ids=d.get("i", []),
         merged_from=d.get("mf", []),
         refused=d.get("mr", []),
         first_touch=d.get("ft", []),
@@ -410,8 +407,9 @@ def absorb(
 
     Scores combine exactly (caps included), facts by newer-wins, the stage is
     the further one (:func:`engine.lifecycle.further_stage`), the owner comes
-    with the stage, campaign touches keep the first and the latest, identifiers,
-    seen messages, outbox and merge history are united.
+    with the stage, campaign touches keep the first and the latest, seen
+    messages, outbox and merge history are united. (Identifiers belong to the
+    identity graph, which the resolver has already merged.)
     """
     settings = rules.settings
     from_stage = None if p.is_new else p.stage
@@ -428,7 +426,6 @@ def absorb(
     p.promotions += other.promotions
     p.channels += [c for c in other.channels if c not in p.channels]
     p.outbox = (other.outbox + p.outbox)[-settings.limits.outbox_size :]
-    p.ids += [i for i in other.ids if i not in p.ids]
     p.merged_from += [[other.one_id, now_ms], *other.merged_from]
     touches = [t for t in (p.first_touch, other.first_touch, p.last_touch, other.last_touch) if t]
     if touches:

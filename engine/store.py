@@ -6,22 +6,21 @@ hash tag; keys of one person share that person's tag:
 ==============================  ==============================================
 ``P id:{<identifier digest>}``  One-ID owning that identifier
 ``P e:{<identifier digest>}``   erasure time (ms) of that identifier; expires
+``P ids:{<one_id>}``            the person's identifiers, ``kind:digest`` (a set)
 ``P p:{<one_id>}``              the person's state: ``<version>|<compact JSON>``
 ``P r:{<one_id>}``              One-ID that absorbed this person (a redirect)
-``P pend:{<one_id>}``           people this person announced it will absorb (a set)
+``P pend:{<one_id>}``           people merged into this one, to absorb (a set)
 ``P rr:{<queue>}``              the queue's round-robin counter
 ``P rr:{<queue>}:t:<decision>`` ticket drawn for a decision; expires
 ==============================  ==============================================
 
-Writes are compare-and-set and idempotent, so any worker may touch any person
-and a replay changes nothing:
-
-* a person's state is saved only if its version is still the one read and the
-  person has not been redirected (:data:`_SAVE`), else the caller re-reads;
-* identifiers are claimed with "set if absent, tell me the owner" (:data:`_CLAIM`);
-* a merge first *freezes* the absorbed person by setting its redirect and reads
-  its state in the same script (:data:`_FREEZE`), so nothing written to it can
-  be missed; later its identifiers are re-pointed only if they still point at it.
+The identity graph (``id``, ``e``, ``ids``, ``r``, ``pend``) has one writer,
+the identity resolver (:class:`IdentityWrites`), which the dataflow runs on a
+single worker; its writes are plain idempotent sets, replayed as they are.
+People's states have many writers (a merge moves events across workers), so a
+state is saved only if its version is still the one read and the person has not
+been redirected (:data:`_SAVE`): once the resolver sets a person's redirect, its
+state is final and whoever absorbs it reads all of it.
 
 Each script touches the keys of one hash tag per item. On a standalone server one
 call serves a whole batch; with ``redis.cluster = true`` calls are grouped per
@@ -33,7 +32,7 @@ from __future__ import annotations
 import binascii
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar, cast
 
@@ -65,52 +64,6 @@ redis.call('SET', KEYS[2], t, 'EX', ARGV[1])
 return t
 """
 
-# KEYS: (identifier key, its erasure key) per claim; ARGV: (One-ID, stale owner or
-# '', event ms) per claim. Refuse an identifier erased at or after the event
-# (false); else set it if absent, or if still owned by the stale owner (a person
-# since absorbed by the claimer, or one that never came to exist); return the owner.
-_CLAIM = """
-local out = {}
-for i = 1, #KEYS, 2 do
-  local j = (i + 1) / 2
-  local erased = redis.call('GET', KEYS[i + 1])
-  if erased and tonumber(erased) >= tonumber(ARGV[3 * j]) then
-    out[j] = false
-  else
-    local cur = redis.call('GET', KEYS[i])
-    if (not cur) or (ARGV[3 * j - 1] ~= '' and cur == ARGV[3 * j - 1]) then
-      redis.call('SET', KEYS[i], ARGV[3 * j - 2])
-      cur = ARGV[3 * j - 2]
-    end
-    out[j] = cur
-  end
-end
-return out
-"""
-
-# KEYS: (redirect key, person key, pending key) per absorbed person; ARGV:
-# (survivor, version planned on) per person. Redirect to the survivor only if not
-# redirected and unchanged since planned; return {redirect target or false,
-# stored state, the people it announced it would absorb}.
-_FREEZE = """
-local out = {}
-for i = 1, #KEYS, 3 do
-  local j = (i + 2) / 3
-  local cur = redis.call('GET', KEYS[i + 1])
-  local r = redis.call('GET', KEYS[i])
-  if not r then
-    local v = 0
-    if cur then v = tonumber(string.match(cur, '^(%d+)|')) end
-    if v == tonumber(ARGV[2 * j]) then
-      redis.call('SET', KEYS[i], ARGV[2 * j - 1])
-      r = ARGV[2 * j - 1]
-    end
-  end
-  out[j] = {r or false, cur or false, redis.call('SMEMBERS', KEYS[i + 2])}
-end
-return out
-"""
-
 # KEYS: (person key, redirect key) per person; ARGV: (expected version, new value,
 # ttl ms or 0) per person. Save only an unchanged, unredirected person.
 _SAVE = """
@@ -139,20 +92,6 @@ end
 return out
 """
 
-# KEYS: identifier keys; ARGV: (from, to) One-IDs per key. Move only what still
-# points at `from`; an empty `to` deletes.
-_REPOINT = """
-local out = {}
-for i, key in ipairs(KEYS) do
-  out[i] = 0
-  if redis.call('GET', key) == ARGV[2 * i - 1] then
-    if ARGV[2 * i] == '' then redis.call('DEL', key) else redis.call('SET', key, ARGV[2 * i]) end
-    out[i] = 1
-  end
-end
-return out
-"""
-
 
 class StoreUnavailable(RuntimeError):
     """Redis could not be reached after all retries."""
@@ -160,16 +99,68 @@ class StoreUnavailable(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class Stored:
-    """A person as read: version, state, redirect (None if none), announced absorptions.
+    """A person as read: version, state, redirect (None if none), pending absorptions.
 
-    ``pending`` is read only when freezing: the people this person announced it
-    would absorb.
+    ``pending`` (read on request) names the people merged into this one that it
+    may not have absorbed yet.
     """
 
     version: int
     state: bytes | None
     redirect: str | None
     pending: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GraphNode:
+    """A person in the identity graph: identifiers, people to absorb, redirect."""
+
+    identifiers: set[tuple[str, str]]
+    pending: set[str]
+    redirect: str | None
+
+
+class IdentityWrites:
+    """The resolver's writes of one batch, in the order they must happen.
+
+    Every write is idempotent, and a merge writes the absorbed person's redirect
+    first (freezing its state), then the survivor's pending set, then moves the
+    identifiers, so a crash part-way leaves a state the replay completes.
+    """
+
+    def __init__(self, store: RedisStore):
+        self.store = store
+        self.commands: list[tuple[Any, ...]] = []
+
+    def claim(self, one_id: str, kind: str, digest: str) -> None:
+        """Give an identifier nobody owns to ``one_id``."""
+        s = self.store
+        self.commands.append(("set", s.identifier_key(digest), one_id, None))
+        self.commands.append(("sadd", s.identifiers_key(one_id), f"{kind}:{digest}"))
+
+    def merge(
+        self, absorbed: str, survivor: str, ids: Iterable[tuple[str, str]], pending: Iterable[str]
+    ) -> None:
+        """Redirect ``absorbed`` to ``survivor`` and move its identifiers and pending people."""
+        s = self.store
+        self.commands.append(("set", s.redirect_key(absorbed), survivor, None))
+        self.commands.append(("sadd", s.pending_key(survivor), absorbed, *pending))
+        for _, d in sorted(ids):
+            self.commands.append(("set", s.identifier_key(d), survivor, None))
+        members = [f"{k}:{d}" for k, d in sorted(ids)]
+        if members:
+            self.commands.append(("sadd", s.identifiers_key(survivor), *members))
+        self.commands.append(("delete", s.identifiers_key(absorbed)))
+
+    def erase(
+        self, one_id: str, ids: Iterable[tuple[str, str]], erased_ms: int, ttl_s: int
+    ) -> None:
+        """Forget a person's identifiers; remember when, so older events cannot return."""
+        s = self.store
+        for _, d in sorted(ids):
+            self.commands.append(("set", s.erasure_key(d), erased_ms, ttl_s))
+            self.commands.append(("delete", s.identifier_key(d)))
+        self.commands.append(("delete", s.identifiers_key(one_id)))
 
 
 def hash_slot(key: str) -> int:
@@ -204,10 +195,7 @@ class RedisStore:
             name: self.client.register_script(body)
             for name, body in (
                 ("ticket", _DRAW_TICKET),
-                ("claim", _CLAIM),
-                ("freeze", _FREEZE),
                 ("save", _SAVE),
-                ("repoint", _REPOINT),
             )
         }
 
@@ -225,8 +213,12 @@ class RedisStore:
         """Key of a person's state."""
         return f"{self.prefix}p:{{{one_id}}}"
 
+    def identifiers_key(self, one_id: str) -> str:
+        """Key of the set of a person's identifiers (``kind:digest``)."""
+        return f"{self.prefix}ids:{{{one_id}}}"
+
     def pending_key(self, one_id: str) -> str:
-        """Key of the set of people a person announced it will absorb."""
+        """Key of the set of people merged into a person and not yet absorbed by it."""
         return f"{self.prefix}pend:{{{one_id}}}"
 
     def redirect_key(self, one_id: str) -> str:
@@ -237,7 +229,7 @@ class RedisStore:
         """Key of a queue's round-robin counter."""
         return f"{self.prefix}rr:{{{queue}}}"
 
-    # -- identity -----------------------------------------------------------
+    # -- identity graph (one writer: the resolver) -----------------------------
     def owners(self, digests: Sequence[str]) -> tuple[list[str | None], list[int]]:
         """The owner of each identifier (None: nobody) and its erasure time (0: never erased)."""
         keys = [self.identifier_key(d) for d in digests] + [self.erasure_key(d) for d in digests]
@@ -245,65 +237,65 @@ class RedisStore:
         n = len(digests)
         return [_text(v) for v in values[:n]], [int(v) if v else 0 for v in values[n:]]
 
-    def claim(self, claims: Sequence[tuple[str, str, str, int]]) -> list[str | None]:
-        """Give ``(digest, One-ID, stale owner or '', event ms)`` identifiers away.
+    def graph(self, one_ids: Sequence[str]) -> list[GraphNode]:
+        """Each person's identifiers, pending absorptions and redirect, in one round trip."""
+        if not one_ids:
+            return []
 
-        Returns the owner after each claim, or None when the identifier was erased at or
-        after the event's time. An identifier is taken when nobody owns it, or when it
-        still points at the stale owner named.
-        """
-        items = [
-            ([self.identifier_key(d), self.erasure_key(d)], [o, s, t]) for d, o, s, t in claims
-        ]
-        return [_text(v) for v in self._script("claim", items)]
+        def read() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for o in one_ids:
+                pipe.smembers(self.identifiers_key(o))
+                pipe.smembers(self.pending_key(o))
+                pipe.get(self.redirect_key(o))
+            return cast(list[Any], pipe.execute())
 
-    def repoint(self, moves: Sequence[tuple[str, str, str]]) -> None:
-        """Move ``(digest, from, to)`` identifiers still owned by ``from`` ('' deletes)."""
-        self._script("repoint", [([self.identifier_key(d)], [a, b]) for d, a, b in moves])
-
-    def mark_erased(self, digests: Sequence[str], erased_ms: int, ttl_s: int) -> None:
-        """Remember that these identifiers were erased at ``erased_ms`` (for ``ttl_s``)."""
-        if digests:
-            self._retry(
-                lambda: self._pipeline(
-                    [("set", self.erasure_key(d), erased_ms, ttl_s) for d in digests]
-                )
+        rows = self._retry(read)
+        return [
+            GraphNode(
+                {_pair(m) for m in rows[3 * i]},
+                {m.decode() for m in rows[3 * i + 1]},
+                _text(rows[3 * i + 2]),
             )
+            for i in range(len(one_ids))
+        ]
+
+    def identifiers(self, one_id: str) -> list[tuple[str, str]]:
+        """A person's identifiers as ``(kind, digest)``, sorted."""
+        return sorted(self.graph([one_id])[0].identifiers)
+
+    def write_graph(self, writes: IdentityWrites) -> None:
+        """Apply the resolver's writes, in order, in one round trip."""
+        if writes.commands:
+            self._retry(lambda: self._pipeline(writes.commands))
 
     # -- people ---------------------------------------------------------------
-    def load_people(self, one_ids: Sequence[str]) -> list[Stored]:
-        """Each person's version, state and redirect, in one round trip."""
+    def load_people(self, one_ids: Sequence[str], pending: bool = False) -> list[Stored]:
+        """Each person's version, state and redirect (and pending absorptions), in one trip."""
+        if not one_ids:
+            return []
         keys = [self.person_key(o) for o in one_ids] + [self.redirect_key(o) for o in one_ids]
-        values = self._mget(keys)
         n = len(one_ids)
-        return [_stored(values[i], values[n + i]) for i in range(n)]
+        if not pending:
+            values = self._mget(keys)
+            return [_stored(values[i], values[n + i]) for i in range(n)]
 
-    def freeze(self, plans: Sequence[tuple[str, str, int]]) -> list[Stored]:
-        """Redirect ``(absorbed, survivor, version planned on)`` unless redirected/changed; read.
+        def read() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for i in range(n):
+                pipe.get(keys[i])
+                pipe.get(keys[n + i])
+                pipe.smembers(self.pending_key(one_ids[i]))
+            return cast(list[Any], pipe.execute())
 
-        The result's ``redirect`` is the survivor when frozen for it, another One-ID when
-        someone else absorbed the person first, None when it changed since planned.
-        """
-        items = [
-            ([self.redirect_key(a), self.person_key(a), self.pending_key(a)], [s, v])
-            for a, s, v in plans
+        rows = self._retry(read)
+        return [
+            replace(
+                _stored(rows[3 * i], rows[3 * i + 1]),
+                pending=tuple(sorted(m.decode() for m in rows[3 * i + 2])),
+            )
+            for i in range(n)
         ]
-        out = []
-        for target, state, pending in self._script("freeze", items):
-            stored = _stored(state or None, target or None)
-            out.append(replace(stored, pending=tuple(sorted(p.decode() for p in pending))))
-        return out
-
-    def announce(self, absorptions: Sequence[tuple[str, str]]) -> None:
-        """Record ``(survivor, absorbed)`` intents in the survivor's slot, before freezing.
-
-        Whoever later freezes the survivor reads them with it and absorbs what the
-        survivor did not record: an absorption interrupted by a race or a crash is
-        finished by the next survivor instead of being orphaned behind a redirect.
-        """
-        if absorptions:
-            commands = [("sadd", self.pending_key(s), a) for s, a in absorptions]
-            self._retry(lambda: self._pipeline(commands))
 
     def save_people(self, saves: Sequence[tuple[str, int, bytes, int]]) -> list[int]:
         """Compare-and-set ``(one_id, version read, state, ttl ms)``: SAVED/CONFLICT/REDIRECTED."""
@@ -312,6 +304,14 @@ class RedisStore:
             for o, v, raw, ttl in saves
         ]
         return [int(s) for s in self._script("save", items)]
+
+    def absorbed(self, done: Sequence[tuple[str, Sequence[str]]]) -> None:
+        """Strike ``(survivor, absorbed people)`` off the survivors' pending sets (after a save)."""
+        commands: list[tuple[Any, ...]] = [
+            ("srem", self.pending_key(s), *people) for s, people in done if people
+        ]
+        if commands:
+            self._retry(lambda: self._pipeline(commands))
 
     def drop_people(self, one_ids: Sequence[str]) -> None:
         """Delete absorbed people's frozen states and redirects (after an erasure)."""
@@ -411,6 +411,11 @@ class RedisStore:
 
 def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode()
+
+
+def _pair(member: bytes) -> tuple[str, str]:
+    kind, _, digest = member.decode().partition(":")
+    return kind, digest
 
 
 def _stored(state: bytes | None, redirect: bytes | None) -> Stored:

@@ -50,13 +50,20 @@ def inspect_person(settings: Settings, identifier: str, now_ms: int) -> dict[str
         while (stored := store.load_people([path[-1]])[0]).redirect and len(path) < 50:
             path.append(stored.redirect)
         person = decode_state(path[-1], stored.state, stored.version)
-        return _describe(person, Rulebook(settings), f"{kind}:{value}", d, path, now_ms)
+        ids = store.identifiers(person.one_id)
+        return _describe(person, ids, Rulebook(settings), f"{kind}:{value}", d, path, now_ms)
     finally:
         store.close()
 
 
 def _describe(
-    p: PersonState, rules: Rulebook, asked: str, asked_digest: str, path: list[str], now_ms: int
+    p: PersonState,
+    ids: list[tuple[str, str]],
+    rules: Rulebook,
+    asked: str,
+    asked_digest: str,
+    path: list[str],
+    now_ms: int,
 ) -> dict[str, Any]:
     if p.erased_ms:
         return {"one_id": p.one_id, "identifier": asked, "erased_at": iso(p.erased_ms)}
@@ -72,7 +79,7 @@ def _describe(
                 "digest": d,
                 **({"value": asked.split(":", 1)[1]} if d == asked_digest else {}),
             }
-            for k, d in p.ids
+            for k, d in ids
         ],
         "stage": p.stage,
         "disqualified": p.disqualified or None,

@@ -132,6 +132,15 @@ def person_of(settings: Settings, event: dict[str, Any]) -> PersonState:
         store.close()
 
 
+def held_identifiers(settings: Settings, person: PersonState) -> list[tuple[str, str]]:
+    """The ``(kind, digest)`` identifiers the identity graph gives a person."""
+    store = RedisStore(settings.redis)
+    try:
+        return store.identifiers(person.one_id)
+    finally:
+        store.close()
+
+
 def behavior_score(settings: Settings, person: PersonState) -> float:
     """A person's total behaviour score at their latest event time."""
     return current_scores(person, Rulebook(settings))[""]

@@ -18,7 +18,7 @@ from engine.identity import (
     merge_refusal,
     normalise_email,
     normalise_phone,
-    plan_join,
+    resolve,
 )
 from engine.person import PersonState, Rulebook, absorb, apply_event, current_scores
 from engine.settings import IdentifierKind, IdentitySettings, load_settings
@@ -94,21 +94,41 @@ def test_an_event_goes_to_its_strongest_owned_identifier_or_a_new_person() -> No
     assert anchor(ids, [None, None]) == "e1"
 
 
-def test_joins_attach_within_limits_and_name_people_to_merge() -> None:
-    held = [("email", "e1"), *[("anon", f"c{n}") for n in range(5)]]
+def test_new_identifiers_attach_within_limits_and_other_owners_merge() -> None:
+    held = {"P": {("email", "e1"), *[("anon", f"c{n}") for n in range(5)]}, "Q": {("anon", "c8")}}
     ids = (
+        Identifier("email", "e1"),
         Identifier("email", "e2"),
         Identifier("phone", "p1"),
         Identifier("anon", "c9"),
         Identifier("anon", "c8"),
     )
-    plan = plan_join("P", held, ids, [None, None, None, "Q"], IDENTITY)
-    assert plan.claims == (Identifier("phone", "p1"),)  # a first phone fits
-    assert plan.over_limit == (
-        Identifier("email", "e2"),
-        Identifier("anon", "c9"),
-    )  # 1 e-mail, 5 cookies
-    assert plan.merges == ("Q",)
+    res = resolve(ids, ["P", None, None, None, "Q"], held, IDENTITY)
+    assert res.one_id == "P"
+    assert res.claims == (Identifier("phone", "p1"),)  # a first phone fits
+    assert res.over_limit == (Identifier("email", "e2"), Identifier("anon", "c9"))
+    assert res.merges == () and res.refusals == (("Q", "identifier_limit"),)  # a 6th cookie
+
+
+def test_a_cookie_meeting_its_e_mail_merges_into_the_e_mail_owner() -> None:
+    held = {"P": {("email", "e1")}, "Q": {("anon", "c1"), ("anon", "c2")}}
+    ids = (Identifier("email", "e1"), Identifier("anon", "c1"))
+    res = resolve(ids, ["P", "Q"], held, IDENTITY)
+    assert (res.one_id, res.merges, res.claims, res.refusals) == ("P", ("Q",), (), ())
+
+
+def test_a_second_login_on_a_shared_computer_is_a_new_person_whose_tie_is_refused() -> None:
+    held = {"P": {("user", "u1"), ("anon", "c1")}}
+    ids = (Identifier("user", "u2"), Identifier("anon", "c1"))
+    res = resolve(ids, [None, "P"], held, IDENTITY)
+    assert res.one_id == "u2" and res.claims == (Identifier("user", "u2"),)
+    assert res.refusals == (("P", "conflicting_user_id"),) and res.merges == ()
+
+
+def test_unknown_identifiers_make_a_new_person_named_after_the_strongest() -> None:
+    ids = (Identifier("user", "u1"), Identifier("anon", "c1"))
+    res = resolve(ids, [None, None], {}, IDENTITY)
+    assert res.one_id == "u1" and res.claims == ids
 
 
 @pytest.mark.parametrize(
