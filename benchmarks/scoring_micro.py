@@ -22,7 +22,8 @@ import orjson
 
 from engine.events import Event, Origin, decode_event
 from engine.identity import identifiers_of
-from engine.person import PersonState, Rulebook, apply_event, complete_promotion
+from engine.person import PersonState, Rulebook, apply_event
+from engine.sales import complete_routing, route_promotion
 from engine.scoring import DAY_MS, decay, scores_at_many
 from engine.settings import load_settings
 from leadflow.runner import tune_gc
@@ -62,7 +63,11 @@ def main() -> None:
             person = people.get(key) or people.setdefault(key, PersonState(key, is_new=True))
             _, promotion = apply_event(person, ev, rules, T0)
             if promotion is not None:
-                complete_promotion(promotion, promotions + 1, rules, T0)
+                sdrs = rules.settings.roster.sdrs
+                routing = route_promotion(promotion, rules, T0)
+                complete_routing(
+                    routing, sdrs[promotions % len(sdrs)], rules.settings.roster, rules, T0
+                )
                 promotions += 1
         return promotions
 

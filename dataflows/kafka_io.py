@@ -17,6 +17,7 @@ from dataflows.metrics import metrics
 from dataflows.stages import RawMessage
 from engine.events import Origin, Rejection
 from engine.person import DECISION, Output
+from engine.sales import DLQ
 from engine.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,21 @@ def to_dlq_message(rejection: Rejection, settings: Settings) -> SinkMessage:
 
 
 def to_output_message(output: Output, settings: Settings) -> SinkMessage:
-    """A decision or lifecycle record as JSON, keyed by One-ID."""
+    """A decision or lifecycle record as JSON, keyed by One-ID (a refused event: to the DLQ)."""
+    if output.kind == DLQ:
+        v = output.value
+        headers = [
+            ("leadflow.reason", v["reason"].encode()),
+            ("leadflow.detail", v["detail"].encode("utf-8", "replace")),
+            ("leadflow.one_id", output.one_id.encode()),
+            ("leadflow.message_id", v["message_id"].encode("utf-8", "replace")),
+        ]
+        return KafkaSinkMessage(
+            key=output.one_id.encode(),
+            value=orjson.dumps(v["event"]),
+            topic=settings.topics.dlq,
+            headers=headers,
+        )
     topic = settings.topics.decisions if output.kind == DECISION else settings.topics.lifecycle
     return KafkaSinkMessage(
         key=output.one_id.encode(), value=orjson.dumps(output.value), topic=topic

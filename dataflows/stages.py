@@ -7,10 +7,13 @@ stages import no Bytewax and can be driven directly against a real Redis.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+
+import orjson
 
 from dataflows.metrics import metrics
 from engine.events import Event, Origin, Rejection, decode_event
@@ -20,20 +23,30 @@ from engine.person import (
     ERASE,
     Output,
     PersonState,
-    Promotion,
     Rulebook,
     absorb,
     apply_event,
-    complete_promotion,
     decode_state,
     encode_state,
     erase,
     message_digest,
     refuse_merge,
 )
-from engine.settings import Settings
+from engine.routing import Assignment
+from engine.sales import (
+    FEEDBACK,
+    TIMER,
+    Routing,
+    apply_feedback,
+    candidates,
+    complete_routing,
+    fire_timer,
+    route_promotion,
+)
+from engine.settings import ConfigError, RosterSettings, Settings, check_roster, roster_data
 from engine.store import SAVED, IdentityWrites, RedisStore
 
+log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 
 
@@ -250,6 +263,23 @@ class PersonStage(_LazyStore):
         super().__init__(settings, store)
         self.rules = Rulebook(settings)
         self.clock = clock
+        self._roster = settings.roster
+
+    def roster(self) -> RosterSettings:
+        """The roster applied in Redis (``leadflow roster apply``), else roster.toml's."""
+        stored = self.store.load_roster()
+        if stored is None:
+            return self.settings.roster
+        version, body = stored
+        if version != self._roster.version:
+            try:
+                roster = roster_data(orjson.loads(body), "redis roster", version)
+                check_roster(roster, self.settings.routing, "redis roster")
+            except (ConfigError, orjson.JSONDecodeError) as e:  # keep the last good one
+                log.error("roster version %d in Redis is unusable: %s", version, e)
+            else:
+                self._roster = roster
+        return self._roster
 
     def __call__(self, items: list[Resolved]) -> list[Output]:
         """Process a batch of resolved events; return the records to publish."""
@@ -268,6 +298,7 @@ class _Round:
     """One round of :class:`PersonStage` over the people of a batch."""
 
     def __init__(self, stage: PersonStage, work: dict[str, list[Resolved]]):
+        self.stage = stage
         self.settings, self.store, self.rules = stage.settings, stage.store, stage.rules
         self.now_ms = int(stage.clock() * 1000)
         self.work = work
@@ -276,7 +307,8 @@ class _Round:
         self.loaded: dict[str, bytes | None] = {}
         self.absorbing: dict[str, list[PersonState]] = {}
         self.produced: dict[str, list[Output]] = {}
-        self.promotions: list[Promotion] = []
+        self.routings: list[Routing] = []
+        self.fired: list[tuple[str, str, int]] = []  # timers fired: (one_id, kind, due ms)
         self.erased: dict[str, list[str]] = {}  # erased person -> people it had absorbed
 
     def run(self, outputs: list[Output]) -> dict[str, list[Resolved]]:
@@ -331,15 +363,42 @@ class _Round:
                     self.erased[one_id] = [o for o, _ in person.merged_from]
                     out.append(erase(person, event, self.rules, self.now_ms))
                     continue
-                records, promotion = apply_event(person, event, self.rules, self.now_ms)
-                if promotion is None:
-                    out.extend(records)
-                else:
-                    self.promotions.append(promotion)
-        tickets = self.store.draw_tickets([(p.queue, p.decision_id) for p in self.promotions])
-        for promotion, ticket in zip(self.promotions, tickets, strict=True):
-            records = complete_promotion(promotion, ticket, self.rules, self.now_ms)
-            self.produced[promotion.person.one_id].extend(records)
+                self._step(person, event, out)
+        self._assign()
+
+    def _step(self, person: PersonState, event: Event, out: list[Output]) -> None:
+        """Apply one event, timer or sales feedback; queue what needs an SDR."""
+        routing, promotion = None, None
+        if event.type == TIMER:
+            self.fired.append((person.one_id, event.name, event.event_ms))
+            records, routing, promotion = fire_timer(person, event, self.rules, self.now_ms)
+        elif event.trusted and event.name in FEEDBACK:
+            records = apply_feedback(person, event, self.rules, self.now_ms)
+        else:
+            records, promotion = apply_event(person, event, self.rules, self.now_ms)
+        if promotion is not None:
+            routing = route_promotion(promotion, self.rules, self.now_ms)
+        if routing is None:
+            out.extend(records)
+        else:
+            self.routings.append(routing)
+
+    def _assign(self) -> None:
+        """Assign every routing of the round to an SDR, in one round trip."""
+        if not self.routings:
+            return
+        roster = self.stage.roster()
+        requests = [
+            Assignment(
+                r.queue, r.key, r.company, candidates(roster, r.queue, self.now_ms, r.exclude)
+            )
+            for r in self.routings
+        ]
+        sdrs = {s.id: s for s in roster.sdrs}
+        for routing, sdr_id in zip(self.routings, self.store.assign(requests), strict=True):
+            sdr = sdrs.get(sdr_id) if sdr_id else None
+            records = complete_routing(routing, sdr, roster, self.rules, self.now_ms)
+            self.produced[routing.person.one_id].extend(records)
 
     def _save(self, outputs: list[Output]) -> None:
         """Save whoever changed; emit the records of those saved; losers go round again."""
@@ -357,7 +416,7 @@ class _Round:
                 done.append(one_id)
             else:
                 self._again(one_id, self.work[one_id])
-        ingested = {p.decision_id: p.event.ingested_ms for p in self.promotions}
+        ingested = {r.key: r.event.ingested_ms for r in self.routings}
         m = metrics()
         for one_id in done:
             person = self.people[one_id]
@@ -369,6 +428,7 @@ class _Round:
                 elif cause.startswith("merge_refused:"):
                     m.merges_refused.labels(cause.removeprefix("merge_refused:")).inc()
                 elif record.kind == DECISION and record.value["decision_id"] in ingested:
+                    # Counted when made, not when a replay re-emits it.
                     m.promotions.labels(person.queue).inc()
                     m.assignments.labels(person.queue, person.owner).inc()
                     latency_s = max(0, self.now_ms - ingested[record.value["decision_id"]]) / 1000
@@ -377,3 +437,8 @@ class _Round:
                 self.store.drop_people(self.erased[one_id])
                 m.erasures.inc()
         self.store.absorbed([(o, [s.one_id for s in self.absorbing[o]]) for o in done])
+        saved = set(done)
+        self.store.sync_timers(
+            [(o, kind, due) for o in done for kind, due in self.people[o].timers.items()],
+            [t for t in self.fired if t[0] in saved],
+        )

@@ -43,6 +43,7 @@ REASONS = (
     "bad_timestamp",  # `timestamp` unparseable, before 2000, or too far in the future
     "no_identifier",  # none of userId, anonymousId, traits.email, previousId
     "untrusted_source",  # a reserved event on the untrusted events topic
+    "illegal_transition",  # sales feedback the lifecycle does not allow from the stage
 )
 
 _MAX_ID_LEN = 256

@@ -1,7 +1,8 @@
 """Lifecycle stages of a person and the transitions allowed between them.
 
 Lead -> MQL -> SAL -> SQL -> Opportunity -> Customer, with Recycled (back to
-nurture, may qualify again) and Disqualified as side exits. This table is the
+nurture; a lead again after ``recycle_days``, then may qualify again) and
+Disqualified as side exits. This table is the
 one place that says which moves are legal.
 """
 
@@ -27,12 +28,15 @@ ALLOWED: Final[dict[str, frozenset[str]]] = {
     SQL: frozenset({OPPORTUNITY, RECYCLED, DISQUALIFIED}),
     OPPORTUNITY: frozenset({CUSTOMER, RECYCLED}),
     CUSTOMER: frozenset(),
-    RECYCLED: frozenset({MQL, DISQUALIFIED}),
+    RECYCLED: frozenset({LEAD, MQL, DISQUALIFIED}),
     DISQUALIFIED: frozenset(),
 }
 
-# Stages from which behaviour alone can promote a person to MQL.
+# Stages not worked by sales: marketing nurtures them (a manual MQL may promote them).
 NURTURE = frozenset({LEAD, RECYCLED})
+# Stages from which behaviour alone can promote a person to MQL: a recycled person
+# first waits out ``lifecycle.recycle_days`` and re-enters as a lead.
+PROMOTABLE = frozenset({LEAD})
 
 
 class IllegalTransition(ValueError):

@@ -30,7 +30,7 @@ from engine.events import Event
 from engine.fit import FitFactor, FitModel
 from engine.profile import Profile, merge_profiles, merge_traits, present_fields, traits_of
 from engine.qualification import Verdict, is_mql
-from engine.routing import choose_queue, pick_sdr
+from engine.routing import choose_queue
 from engine.scoring import (
     TOTAL,
     BehaviorScore,
@@ -95,22 +95,26 @@ class PersonState:
     first_touch: list[Any] = field(default_factory=list)
     last_touch: list[Any] = field(default_factory=list)
     erased_ms: int = 0  # a tombstone: erased at this time; everything else is empty
+    # The current sales work item (see engine.sales.Work): decision, queue, SDR, SLA.
+    work: dict[str, Any] = field(default_factory=dict)
+    timers: dict[str, int] = field(default_factory=dict)  # timer kind -> due epoch ms
     version: int = 0  # the stored version this state was read at (compare-and-set); not stored
     is_new: bool = False  # not stored
 
 
 @dataclass(slots=True)
 class Promotion:
-    """A promotion to MQL awaiting its routing ticket, with the facts as they were at that moment.
+    """A promotion to MQL awaiting its SDR, with the facts as they were at that moment.
 
-    The ticket is drawn once per batch, after later events of the same person
-    may have been applied: the decision must describe the moment of promotion.
+    SDRs are assigned once per batch, after later events of the same person may
+    have been applied: the decision must describe the moment of promotion.
     """
 
     person: PersonState
     event: Event
     decision_id: str
     queue: str
+    rule: str  # the routing rule that chose the queue ("default" if none)
     verdict: Verdict
     cause: str
     outputs: list[Output]  # the event's other records, emitted with the decision
@@ -176,6 +180,8 @@ def encode_state(p: PersonState) -> bytes:
         "mr": p.refused,
         "ft": p.first_touch,
         "lt": p.last_touch,
+        "w": p.work,
+        "tm": p.timers,
     }
     for key, value in optional.items():
         if value:
@@ -212,6 +218,8 @@ def decode_state(one_id: str, raw: bytes | None, version: int = 0) -> PersonStat
         refused=d.get("mr", []),
         first_touch=d.get("ft", []),
         last_touch=d.get("lt", []),
+        work=d.get("w", {}),
+        timers=d.get("tm", {}),
         version=version,
     )
 
@@ -247,7 +255,7 @@ def apply_event(
     digest = message_digest(event.message_id)
     if digest in p.seen:
         return replayed_outputs(p, digest), None
-    _see(p, digest, settings.limits.dedup_window)
+    see(p, digest, settings.limits.dedup_window)
 
     outputs: list[Output] = []
     if p.is_new:
@@ -260,21 +268,21 @@ def apply_event(
     if event.type == "track":
         fingerprint = content_digest(event)
         duplicate_submission = fingerprint in p.seen
-        _see(p, fingerprint, settings.limits.dedup_window)
+        see(p, fingerprint, settings.limits.dedup_window)
     if not duplicate_submission:
         for rule in rules.scoring.matching_rules(event):
             changed |= award(p.score, rule, event.event_ms, rules.scoring)
     observe(p.score, event.event_ms, rules.scoring)
 
-    if p.stage in lifecycle.NURTURE:
-        if event.trusted and event.name == MANUAL_MQL:
-            manual = Verdict(True, ("manual",))
-            return outputs, _promote(p, event, rules, manual, MANUAL_MQL, outputs, now_ms)
+    if p.stage in lifecycle.NURTURE and event.trusted and event.name == MANUAL_MQL:
+        manual = Verdict(True, ("manual",))
+        return outputs, promote(p, event, rules, manual, MANUAL_MQL, outputs, now_ms)
+    if p.stage in lifecycle.PROMOTABLE:
         # Without new points or new facts the rule cannot have become true: scores only decay.
         verdict = qualification(p, rules) if changed else None
         if verdict is not None and verdict.qualified:
-            return outputs, _promote(p, event, rules, verdict, "score_threshold", outputs, now_ms)
-    _remember(p, digest, outputs, settings.limits.outbox_size)
+            return outputs, promote(p, event, rules, verdict, "score_threshold", outputs, now_ms)
+    remember(p, digest, outputs, settings.limits.outbox_size)
     return outputs, None
 
 
@@ -318,7 +326,7 @@ def _learn(
     return True
 
 
-def _promote(
+def promote(
     p: PersonState,
     event: Event,
     rules: Rulebook,
@@ -327,14 +335,18 @@ def _promote(
     outputs: list[Output],
     now_ms: int,
 ) -> Promotion:
+    """Make ``p`` an MQL now; the SDR is assigned by the caller (see engine.sales)."""
     outputs.append(_transition(p, lifecycle.MQL, cause, event, rules, now_ms))
     p.promotions += 1
     fit, fit_factors = rules.fit.score(p.profile)
+    campaigns = [t[0] for t in (p.first_touch, p.last_touch) if t]
+    queue, rule = choose_queue(rules.settings.routing, p.profile, verdict.on, campaigns)
     return Promotion(
         person=p,
         event=event,
         decision_id=stable_id(p.one_id, DECISION, p.promotions),
-        queue=choose_queue(rules.settings.routing),
+        queue=queue,
+        rule=rule,
         verdict=verdict,
         cause=cause,
         outputs=outputs,
@@ -350,26 +362,19 @@ def _promote(
     )
 
 
-def complete_promotion(
-    promotion: Promotion, ticket: int, rules: Rulebook, now_ms: int
-) -> list[Output]:
-    """Assign the promoted person to an SDR and build the decision (the lead alert)."""
+def decision_record(promotion: Promotion, rules: Rulebook, now_ms: int) -> dict[str, Any]:
+    """The decision (lead alert) of a promotion, all but the SDR it goes to."""
     settings = rules.settings
     p, event = promotion.person, promotion.event
-    sdr = pick_sdr(ticket, settings.roster.for_queue(promotion.queue))
-    queue = settings.routing.queue(promotion.queue)
-    p.queue, p.owner = queue.name, sdr.id
     scores = promotion.scores
-    decision = {
+    return {
         "decision_id": promotion.decision_id,
         "one_id": p.one_id,
         "stage": lifecycle.MQL,
         "promotion": p.promotions,
         "cause": promotion.cause,
-        "queue": queue.name,
-        "sdr": sdr.id,
-        "sdr_name": sdr.name,
-        "ticket": ticket,
+        "queue": promotion.queue,
+        "routing_rule": promotion.rule,
         "score": round(scores[TOTAL], 3),
         "threshold": settings.scoring.mql_threshold,
         "dimensions": {dim: round(s, 3) for dim, s in scores.items() if dim != TOTAL},
@@ -389,12 +394,8 @@ def complete_promotion(
             "event_time": iso(event.event_ms),
             "ingested_at": iso(event.ingested_ms),
         },
-        "decided_at": iso(now_ms),
-        "sla_deadline": iso(now_ms + queue.sla_minutes * 60_000),
+        "promoted_at": iso(now_ms),
     }
-    outputs = [*promotion.outputs, Output(DECISION, p.one_id, decision)]
-    _remember(p, message_digest(event.message_id), outputs, settings.limits.outbox_size)
-    return outputs
 
 
 MAX_REFUSALS_KEPT = 10
@@ -491,6 +492,30 @@ def _transition(
     return _record(p, from_stage, to_stage, cause, event, rules, now_ms)
 
 
+def transition(
+    p: PersonState,
+    to_stage: str,
+    cause: str,
+    event: Event,
+    rules: Rulebook,
+    now_ms: int,
+    actor: str = "engine",
+    **extra: Any,
+) -> Output:
+    """Move ``p`` to ``to_stage`` (raises lifecycle.IllegalTransition) and say so."""
+    lifecycle.check_transition(p.stage, to_stage)
+    record = _record(p, p.stage, to_stage, cause, event, rules, now_ms, **extra)
+    record.value["actor"] = actor
+    return record
+
+
+def note(
+    p: PersonState, cause: str, event: Event, rules: Rulebook, now_ms: int, **extra: Any
+) -> Output:
+    """A lifecycle record that changes no stage (an SLA breach, a wait for an SDR)."""
+    return _record(p, p.stage, p.stage, cause, event, rules, now_ms, **extra)
+
+
 def _record(
     p: PersonState,
     from_stage: str | None,
@@ -499,7 +524,7 @@ def _record(
     event: Event,
     rules: Rulebook,
     now_ms: int,
-    **extra: str,
+    **extra: Any,
 ) -> Output:
     p.stage = to_stage
     p.transitions += 1
@@ -519,12 +544,14 @@ def _record(
     return Output(LIFECYCLE, p.one_id, record)
 
 
-def _see(p: PersonState, digest: str, window: int) -> None:
+def see(p: PersonState, digest: str, window: int) -> None:
+    """Remember a message digest (the last ``window`` are kept) so it never counts twice."""
     p.seen.append(digest)
     del p.seen[:-window]
 
 
-def _remember(p: PersonState, digest: str, outputs: list[Output], size: int) -> None:
+def remember(p: PersonState, digest: str, outputs: list[Output], size: int) -> None:
+    """Keep the records an event produced, to re-emit them if it is replayed."""
     if outputs:
         p.outbox.append([digest, [[o.kind, o.value] for o in outputs]])
         del p.outbox[:-size]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import fnmatch
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -253,3 +254,42 @@ def scores_at_many(
     totals = np.asarray(totals_at_ref, dtype=np.float64)
     refs = np.asarray(ref_ms, dtype=np.float64)
     return totals * np.exp2(-(at_ms - refs) / half_life_ms)
+
+
+def falls_below_ms(
+    score: BehaviorScore,
+    threshold: float,
+    after_ms: int,
+    model: ScoringModel,
+    dimension: str = TOTAL,
+) -> int | None:
+    """When a dimension's effective score first falls below ``threshold`` (None: never).
+
+    The answer is the first millisecond at or after ``after_ms``.
+    Without new events the effective score only falls (decay, then inactivity
+    penalties), so the moment is found exactly: decay alone crosses at a closed-form
+    time, and bisection finds where the penalties bring it forward.
+    """
+    if effective_score(score, after_ms, model, dimension) < threshold:
+        return after_ms
+    if threshold <= 0:
+        return None  # decay and penalties stop at 0
+    rules = score.contributions.get(dimension, {})
+    total = sum(entry[0] for entry in rules.values())
+    half_life = model.half_life_ms[dimension]
+    lo = after_ms  # still at or above the threshold
+    hi = max(after_ms + 1, score.ref_ms + math.ceil(half_life * math.log2(total / threshold)) + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if effective_score(score, mid, model, dimension) < threshold:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def scale_scores(score: BehaviorScore, factor: float) -> None:
+    """Multiply every contribution by ``factor`` (a recycled lead starts lower)."""
+    for rules in score.contributions.values():
+        for entry in rules.values():
+            entry[0] *= factor

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 CONFIG_FILES = ("engine.toml", "scoring.toml", "routing.toml", "roster.toml")
@@ -277,7 +278,26 @@ class QueueSettings:
     """One routing queue."""
 
     name: str
-    sla_minutes: int = 30
+    sla_minutes: float = 30.0  # an MQL not accepted by then goes to the next SDR
+    # With nobody available, wait at most this long, then go to ``fallback_queue`` (0: wait).
+    max_wait_minutes: float = 0.0
+    fallback_queue: str = ""
+    sticky: bool = True  # a company (e-mail domain) keeps the SDR who had its first lead
+
+
+@dataclass(frozen=True)
+class RoutingRule:
+    """Leads matching every non-empty condition go to ``queue``; the first rule matching wins."""
+
+    name: str
+    queue: str
+    countries: frozenset[str] = frozenset()  # ISO alpha-2, upper case
+    regions: tuple[str, ...] = ()  # names from [routing.regions]
+    min_company_size: int = 0
+    max_company_size: int = 0  # 0: no upper bound
+    industries: frozenset[str] = frozenset()  # lower case
+    dimensions: frozenset[str] = frozenset()  # product lines the person qualified on
+    campaigns: frozenset[str] = frozenset()  # campaign names of the first or latest touch
 
 
 @dataclass(frozen=True)
@@ -286,6 +306,8 @@ class RoutingSettings:
 
     default_queue: str = "inbound"
     queues: tuple[QueueSettings, ...] = (QueueSettings("inbound"),)
+    rules: tuple[RoutingRule, ...] = ()
+    regions: Mapping[str, frozenset[str]] = field(default_factory=dict)  # name -> countries
 
     def queue(self, name: str) -> QueueSettings:
         """The queue called ``name``."""
@@ -297,11 +319,18 @@ class RoutingSettings:
 
 @dataclass(frozen=True)
 class Sdr:
-    """A sales development rep on the roster."""
+    """A sales development rep on the roster, with their share and availability."""
 
     id: str
     queue: str
     name: str = ""
+    weight: float = 1.0  # share of the queue's leads relative to the others
+    daily_cap: int = 0  # most leads per day in the SDR's time zone (0: no cap)
+    weekly_cap: int = 0  # most leads per ISO week (0: no cap)
+    timezone: str = "UTC"
+    working_hours: tuple[str, str] = ("", "")  # ("09:00", "18:00") local; empty: any time
+    working_days: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7)  # ISO weekdays, Monday = 1
+    out_of_office: tuple[tuple[str, str], ...] = ()  # inclusive local dates, "2026-12-24"
 
 
 @dataclass(frozen=True)
@@ -309,10 +338,22 @@ class RosterSettings:
     """Who takes leads, per queue."""
 
     sdrs: tuple[Sdr, ...] = ()
+    version: int = 0  # 0: from roster.toml; else the version applied to Redis
 
     def for_queue(self, queue: str) -> tuple[Sdr, ...]:
         """The SDRs of ``queue`` in roster order."""
         return tuple(s for s in self.sdrs if s.queue == queue)
+
+
+@dataclass(frozen=True)
+class LifecycleSettings:
+    """What sales feedback does to a person, and the lifecycle timers."""
+
+    # A rejection with one of these reasons disqualifies; any other reason recycles.
+    disqualify_reasons: tuple[str, ...] = ("spam", "competitor", "not_a_lead")
+    recycle_score_factor: float = 0.5  # every behaviour score is multiplied by this on recycle
+    recycle_days: float = 30.0  # a recycled person re-enters nurture after this many days
+    demote_on_decay: bool = True  # an unaccepted MQL falls back when decay takes it below
 
 
 @dataclass(frozen=True)
@@ -332,6 +373,7 @@ class Settings:
     qualification: QualificationSettings = field(default_factory=QualificationSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     roster: RosterSettings = field(default_factory=RosterSettings)
+    lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
     config_dir: str = str(DEFAULT_CONFIG_DIR)
 
 
@@ -468,12 +510,13 @@ def load_settings(
         cleansing=_cleansing(scoring.table("cleansing"), directory),
         qualification=_qualification(scoring.table("qualification")),
         routing=_routing(routing.table("routing")),
-        roster=_roster(roster),
+        roster=roster_from(roster),
+        lifecycle=_lifecycle(routing.table("lifecycle")),
         config_dir=str(directory),
     )
     for t in (engine, scoring, routing, roster):
         t.done()
-    _check_roster(settings, roster.file)
+    check_roster(settings.roster, settings.routing, roster.file)
     return settings
 
 
@@ -794,7 +837,10 @@ def _routing(t: _Table) -> RoutingSettings:
         queues.append(
             QueueSettings(
                 name=q.text("name", "", pattern=_NAME),
-                sla_minutes=q.integer("sla_minutes", 30, min=1),
+                sla_minutes=q.number("sla_minutes", 30.0, positive=True),
+                max_wait_minutes=q.number("max_wait_minutes", 0.0),
+                fallback_queue=q.text("fallback_queue", ""),
+                sticky=q.flag("sticky", True),
             )
         )
         q.done()
@@ -803,38 +849,162 @@ def _routing(t: _Table) -> RoutingSettings:
     names = [q.name for q in queues]
     if len(set(names)) != len(names):
         raise t.error("queues", "queue names must be unique")
+    for i, queue in enumerate(queues):
+        if queue.fallback_queue and queue.fallback_queue not in names:
+            raise t.error(f"queues[{i}].fallback_queue", f"unknown queue {queue.fallback_queue!r}")
+        if queue.max_wait_minutes < 0:
+            raise t.error(f"queues[{i}].max_wait_minutes", "must be >= 0")
     default = t.text("default_queue", names[0])
     if default not in names:
         raise t.error("default_queue", f"{default!r} is not one of the queues {names}")
+    regions_t = t.table("regions")
+    regions = {
+        name: frozenset(c.upper() for c in regions_t.strings(name)) for name in regions_t.data
+    }
+    regions_t.done()
+    rules = [_routing_rule(r, names, regions) for r in t.tables("rules")]
     t.done()
-    return RoutingSettings(default_queue=default, queues=tuple(queues))
+    return RoutingSettings(
+        default_queue=default, queues=tuple(queues), rules=tuple(rules), regions=regions
+    )
 
 
-def _roster(t: _Table) -> RosterSettings:
-    sdrs = []
-    for s in t.tables("sdrs"):
-        sdrs.append(
-            Sdr(
-                id=s.text("id", "", pattern=_NAME),
-                queue=s.text("queue", ""),
-                name=s.text("name", ""),
-            )
+def _routing_rule(
+    r: _Table, queues: list[str], regions: Mapping[str, frozenset[str]]
+) -> RoutingRule:
+    rule = RoutingRule(
+        name=r.text("name", "", pattern=_NAME),
+        queue=r.text("queue", ""),
+        countries=frozenset(c.upper() for c in r.strings("countries")),
+        regions=tuple(r.strings("regions")),
+        min_company_size=r.integer("min_company_size", 0, min=0),
+        max_company_size=r.integer("max_company_size", 0, min=0),
+        industries=frozenset(i.lower() for i in r.strings("industries")),
+        dimensions=frozenset(r.strings("dimensions")),
+        campaigns=frozenset(r.strings("campaigns")),
+    )
+    if rule.queue not in queues:
+        raise r.error("queue", f"unknown queue {rule.queue!r}; expected one of {queues}")
+    for region in rule.regions:
+        if region not in regions:
+            raise r.error("regions", f"unknown region {region!r} (declare it in [routing.regions])")
+    r.done()
+    return rule
+
+
+def _lifecycle(t: _Table) -> LifecycleSettings:
+    s = LifecycleSettings(
+        disqualify_reasons=tuple(t.strings("disqualify_reasons"))
+        if "disqualify_reasons" in t.data
+        else LifecycleSettings.disqualify_reasons,
+        recycle_score_factor=t.number("recycle_score_factor", 0.5),
+        recycle_days=t.number("recycle_days", 30.0),
+        demote_on_decay=t.flag("demote_on_decay", True),
+    )
+    if not 0 <= s.recycle_score_factor <= 1:
+        raise t.error(
+            "recycle_score_factor", f"must be between 0 and 1, got {s.recycle_score_factor}"
         )
-        s.done()
-    return RosterSettings(sdrs=tuple(sdrs))
+    if s.recycle_days < 0:
+        raise t.error("recycle_days", f"must be >= 0, got {s.recycle_days}")
+    t.done()
+    return s
 
 
-def _check_roster(settings: Settings, file: str) -> None:
-    ids = [s.id for s in settings.roster.sdrs]
-    for i, sdr in enumerate(settings.roster.sdrs):
+_CLOCK = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+_DATE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+
+
+def roster_from(t: _Table, version: int = 0) -> RosterSettings:
+    """The roster in ``t`` (the ``[[sdrs]]`` of roster.toml, or the same data from Redis)."""
+    sdrs = [_sdr(s) for s in t.tables("sdrs")]
+    t.used.add("version")
+    return RosterSettings(sdrs=tuple(sdrs), version=version)
+
+
+def roster_data(data: Mapping[str, Any], source: str, version: int = 0) -> RosterSettings:
+    """A roster from plain data (as stored in Redis), validated like roster.toml."""
+    t = _Table(source, "", data)
+    roster = roster_from(t, version)
+    t.done()
+    return roster
+
+
+def _sdr(s: _Table) -> Sdr:
+    hours = s.strings("working_hours")
+    if hours and (len(hours) != 2 or not all(_CLOCK.match(h) for h in hours)):
+        raise s.error("working_hours", f'expected ["HH:MM", "HH:MM"], got {hours!r}')
+    days = s._get("working_days", [1, 2, 3, 4, 5, 6, 7])
+    if not isinstance(days, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 7 for d in days
+    ):
+        raise s.error("working_days", f"expected ISO weekdays 1 (Monday) to 7, got {days!r}")
+    ooo = []
+    for i, period in enumerate(s._get("out_of_office", [])):
+        if (
+            not isinstance(period, list)
+            or len(period) != 2
+            or not all(isinstance(d, str) and _DATE.match(d) for d in period)
+            or period[0] > period[1]
+        ):
+            raise s.error(
+                f"out_of_office[{i}]", f'expected ["YYYY-MM-DD", "YYYY-MM-DD"], got {period!r}'
+            )
+        ooo.append((period[0], period[1]))
+    timezone = s.text("timezone", "UTC")
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise s.error("timezone", f"unknown time zone {timezone!r}") from None
+    sdr = Sdr(
+        id=s.text("id", "", pattern=_NAME),
+        queue=s.text("queue", ""),
+        name=s.text("name", ""),
+        weight=s.number("weight", 1.0, positive=True),
+        daily_cap=s.integer("daily_cap", 0, min=0),
+        weekly_cap=s.integer("weekly_cap", 0, min=0),
+        timezone=timezone,
+        working_hours=(hours[0], hours[1]) if hours else ("", ""),
+        working_days=tuple(days),
+        out_of_office=tuple(ooo),
+    )
+    s.done()
+    return sdr
+
+
+def roster_to_data(roster: RosterSettings) -> dict[str, Any]:
+    """The roster as plain data (what ``leadflow roster apply`` stores in Redis)."""
+    return {
+        "sdrs": [
+            {
+                "id": s.id,
+                "queue": s.queue,
+                "name": s.name,
+                "weight": s.weight,
+                "daily_cap": s.daily_cap,
+                "weekly_cap": s.weekly_cap,
+                "timezone": s.timezone,
+                "working_hours": [h for h in s.working_hours if h],
+                "working_days": list(s.working_days),
+                "out_of_office": [list(p) for p in s.out_of_office],
+            }
+            for s in roster.sdrs
+        ]
+    }
+
+
+def check_roster(roster: RosterSettings, routing: RoutingSettings, file: str) -> None:
+    """Raise :class:`ConfigError` unless every SDR is unique and every queue staffed."""
+    ids = [s.id for s in roster.sdrs]
+    for i, sdr in enumerate(roster.sdrs):
         if sdr.id in ids[:i]:
             raise ConfigError(file, f"sdrs[{i}].id", f"SDR id {sdr.id!r} appears more than once")
-        if sdr.queue not in [q.name for q in settings.routing.queues]:
+        if sdr.queue not in [q.name for q in routing.queues]:
             raise ConfigError(
                 file, f"sdrs[{i}].queue", f"unknown queue {sdr.queue!r} (see routing.toml)"
             )
-    for q in settings.routing.queues:
-        if not settings.roster.for_queue(q.name):
+    for q in routing.queues:
+        if not roster.for_queue(q.name):
             raise ConfigError(file, "sdrs", f"queue {q.name!r} has no SDR")
 
 

@@ -10,8 +10,12 @@ hash tag; keys of one person share that person's tag:
 ``P p:{<one_id>}``              the person's state: ``<version>|<compact JSON>``
 ``P r:{<one_id>}``              One-ID that absorbed this person (a redirect)
 ``P pend:{<one_id>}``           people merged into this one, to absorb (a set)
-``P rr:{<queue>}``              the queue's round-robin counter
-``P rr:{<queue>}:t:<decision>`` ticket drawn for a decision; expires
+``P q:{<queue>}``               leads assigned per SDR of the queue (a hash)
+``P q:{<queue>}:a:<decision>``  the SDR a decision was assigned to; expires
+``P q:{<queue>}:co``            company (e-mail domain) -> its owner (a hash)
+``P q:{<queue>}:d:<sdr>:<day>`` leads an SDR took that local day (``w:`` week)
+``P roster``                    the roster applied: ``<version>|<JSON>``
+``P timers``                    due time of every pending timer (a sorted set)
 ==============================  ==============================================
 
 The identity graph (``id``, ``e``, ``ids``, ``r``, ``pend``) has one writer,
@@ -40,28 +44,93 @@ import redis
 from redis.commands.core import Script
 
 from engine.identity import Identifier
+from engine.routing import Assignment
 from engine.settings import RedisSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# A replayed promotion must find its ticket again; replays happen within one
+# A replayed promotion must find its assignment again; replays happen within one
 # recovery snapshot interval, so 30 days is generous and still bounded.
-TICKET_TTL_S = 30 * 86_400
+ASSIGNMENT_TTL_S = 30 * 86_400
 # Backoff between Redis retries: doubles from the first value up to the cap.
 RETRY_FIRST_S = 0.05
 RETRY_CAP_S = 5.0
 
 SAVED, CONFLICT, REDIRECTED = 0, 1, 2
 
-# Draw the next ticket of a queue for a decision, once: a replay of the same
-# decision gets the same ticket and does not advance the rotation.
-_DRAW_TICKET = """
-local t = redis.call('GET', KEYS[2])
-if t then return tonumber(t) end
-t = redis.call('INCR', KEYS[1])
-redis.call('SET', KEYS[2], t, 'EX', ARGV[1])
-return t
+# Assign a decision to an SDR of its queue, once. KEYS: queue counts (hash SDR ->
+# leads), the decision's assignment, the queue's company owners (hash), then per
+# candidate its day and week counters. ARGV: ttl s, company or '', then per
+# candidate: id, weight, available (1/0), daily cap, weekly cap (0: none).
+# Fewest leads relative to weight wins, ties to roster order; a company's owner
+# wins while available; newcomers join at the current level; SDRs away are
+# levelled up so they are not flooded on return. Returns the SDR, or false when
+# nobody can take the lead now (it waits).
+_ASSIGN = """
+local done = redis.call('GET', KEYS[2])
+if done then return done end
+local n = (#ARGV - 2) / 5
+local owner = false
+if ARGV[2] ~= '' then owner = redis.call('HGET', KEYS[3], ARGV[2]) end
+local counts, level, member = {}, nil, false
+for i = 1, n do
+  local b = 2 + 5 * (i - 1)
+  if ARGV[b + 1] == owner then member = true end
+  local c = redis.call('HGET', KEYS[1], ARGV[b + 1])
+  if c then
+    counts[i] = tonumber(c)
+    local v = counts[i] / tonumber(ARGV[b + 2])
+    if level == nil or v < level then level = v end
+  end
+end
+level = level or 0
+local best, bestv, besti = false, nil, nil
+for i = 1, n do
+  local b = 2 + 5 * (i - 1)
+  local id, w = ARGV[b + 1], tonumber(ARGV[b + 2])
+  if counts[i] == nil then
+    counts[i] = math.floor(level * w)
+    redis.call('HSET', KEYS[1], id, counts[i])
+  end
+  if ARGV[b + 3] == '1' then
+    local dcap, wcap = tonumber(ARGV[b + 4]), tonumber(ARGV[b + 5])
+    local d = tonumber(redis.call('GET', KEYS[2 + 2 * i]) or '0')
+    local wk = tonumber(redis.call('GET', KEYS[3 + 2 * i]) or '0')
+    if (dcap == 0 or d < dcap) and (wcap == 0 or wk < wcap) then
+      local v = counts[i] / w
+      if id == owner then v = -1 end
+      if bestv == nil or v < bestv then best, bestv, besti = id, v, i end
+    end
+  end
+end
+if not best then return false end
+redis.call('HINCRBY', KEYS[1], best, 1)
+if bestv >= 0 then
+  for i = 1, n do
+    local b = 2 + 5 * (i - 1)
+    local w = tonumber(ARGV[b + 2])
+    if ARGV[b + 3] == '0' and counts[i] / w < bestv then
+      redis.call('HSET', KEYS[1], ARGV[b + 1], math.ceil(bestv * w))
+    end
+  end
+end
+redis.call('INCR', KEYS[2 + 2 * besti])
+redis.call('EXPIRE', KEYS[2 + 2 * besti], 3 * 86400)
+redis.call('INCR', KEYS[3 + 2 * besti])
+redis.call('EXPIRE', KEYS[3 + 2 * besti], 15 * 86400)
+redis.call('SET', KEYS[2], best, 'EX', ARGV[1])
+if ARGV[2] ~= '' and not member then redis.call('HSET', KEYS[3], ARGV[2], best) end
+return best
+"""
+
+# Store a new roster under the next version. KEYS: roster key; ARGV: roster JSON.
+_APPLY_ROSTER = """
+local cur = redis.call('GET', KEYS[1])
+local v = 0
+if cur then v = tonumber(string.match(cur, '^(%d+)|')) end
+redis.call('SET', KEYS[1], (v + 1) .. '|' .. ARGV[1])
+return v + 1
 """
 
 # KEYS: (person key, redirect key) per person; ARGV: (expected version, new value,
@@ -194,7 +263,8 @@ class RedisStore:
         self._scripts: dict[str, Script] = {
             name: self.client.register_script(body)
             for name, body in (
-                ("ticket", _DRAW_TICKET),
+                ("assign", _ASSIGN),
+                ("roster", _APPLY_ROSTER),
                 ("save", _SAVE),
             )
         }
@@ -226,8 +296,16 @@ class RedisStore:
         return f"{self.prefix}r:{{{one_id}}}"
 
     def queue_key(self, queue: str) -> str:
-        """Key of a queue's round-robin counter."""
-        return f"{self.prefix}rr:{{{queue}}}"
+        """Key of a queue's per-SDR lead counts."""
+        return f"{self.prefix}q:{{{queue}}}"
+
+    def timers_key(self) -> str:
+        """Key of the sorted set of pending timers (score: due epoch ms)."""
+        return f"{self.prefix}timers"
+
+    def roster_key(self) -> str:
+        """Key of the roster applied to running engines."""
+        return f"{self.prefix}roster"
 
     # -- identity graph (one writer: the resolver) -----------------------------
     def owners(self, digests: Sequence[str]) -> tuple[list[str | None], list[int]]:
@@ -324,13 +402,60 @@ class RedisStore:
             self._retry(lambda: self._pipeline([("delete", k) for k in keys]))
 
     # -- routing ---------------------------------------------------------------
-    def draw_tickets(self, requests: Sequence[tuple[str, str]]) -> list[int]:
-        """Draw one round-robin ticket per ``(queue, decision_id)``, idempotently."""
+    def assign(self, requests: Sequence[Assignment]) -> list[str | None]:
+        """Assign each decision to an SDR of its queue, idempotently (None: nobody can now)."""
         items = []
-        for queue, decision_id in requests:
-            counter = self.queue_key(queue)
-            items.append(([counter, f"{counter}:t:{decision_id}"], [TICKET_TTL_S]))
-        return [int(t) for t in self._script("ticket", items, one_call_each=True)]
+        for r in requests:
+            q = self.queue_key(r.queue)
+            keys = [q, f"{q}:a:{r.decision_id}", f"{q}:co"]
+            args: list[Any] = [ASSIGNMENT_TTL_S, r.company]
+            for c in r.candidates:
+                keys += [f"{q}:d:{c.sdr}:{c.day}", f"{q}:w:{c.sdr}:{c.week}"]
+                args += [c.sdr, c.weight, int(c.available), c.daily_cap, c.weekly_cap]
+            items.append((keys, args))
+        return [_text(v) if v else None for v in self._script("assign", items, one_call_each=True)]
+
+    def queue_counts(self, queue: str) -> dict[str, int]:
+        """Leads assigned so far per SDR of ``queue``."""
+        raw = self._retry(lambda: self.client.hgetall(self.queue_key(queue)))
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    def load_roster(self) -> tuple[int, bytes] | None:
+        """The roster applied to Redis as ``(version, JSON)``, or None if none was."""
+        raw = self._retry(lambda: self.client.get(self.roster_key()))
+        if raw is None:
+            return None
+        version, _, body = raw.partition(b"|")
+        return int(version), body
+
+    def apply_roster(self, roster_json: bytes) -> int:
+        """Store a roster under the next version; return that version."""
+        (version,) = self._script("roster", [([self.roster_key()], [roster_json])])
+        return int(version)
+
+    def sync_timers(
+        self, scheduled: Sequence[tuple[str, str, int]], fired: Sequence[tuple[str, str, int]]
+    ) -> None:
+        """Schedule ``(one_id, kind, due ms)`` timers (idempotent) and strike fired ones off."""
+        key = self.timers_key()
+        commands: list[tuple[Any, ...]] = (
+            [("zadd", key, {f"{o}|{k}|{due}": due for o, k, due in scheduled})] if scheduled else []
+        )
+        if fired:
+            commands.append(("zrem", key, *(f"{o}|{k}|{due}" for o, k, due in fired)))
+        if commands:
+            self._retry(lambda: self._pipeline(commands))
+
+    def due_timers(self, now_ms: int, limit: int) -> list[tuple[str, str, int]]:
+        """Up to ``limit`` timers due at ``now_ms``, earliest first, as ``(one_id, kind, due)``."""
+        raw = self._retry(
+            lambda: self.client.zrangebyscore(self.timers_key(), "-inf", now_ms, start=0, num=limit)
+        )
+        out = []
+        for member in raw:
+            one_id, kind, due = member.decode().split("|")
+            out.append((one_id, kind, int(due)))
+        return out
 
     def close(self) -> None:
         """Release the connection pool."""

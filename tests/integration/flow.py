@@ -64,10 +64,13 @@ def identify(message_id: str, anon: str, email: str, t: float = 0) -> dict[str, 
     }
 
 
-def hot_lead(anon: str, t: float = 0) -> list[dict[str, Any]]:
-    """A buyer from a company (fit 25) who earns 105 points: demo 50 + webinar 25 + contact 30."""
+def hot_lead(anon: str, t: float = 0, company: str = "") -> list[dict[str, Any]]:
+    """A buyer from a company (fit 25) who earns 105 points: demo 50 + webinar 25 + contact 30.
+
+    Each buyer has a company of their own unless ``company`` (an e-mail domain) is given.
+    """
     return [
-        identify(f"{anon}-0", anon, f"{anon}@acme.example", t),
+        identify(f"{anon}-0", anon, f"{anon}@{company or anon + '.example'}", t),
         track(f"{anon}-1", anon, "Demo Requested", t),
         track(f"{anon}-2", anon, "Webinar Attended", t + 1),
         track(f"{anon}-3", anon, "Contact Form Submitted", t + 2),
@@ -137,6 +140,15 @@ def held_identifiers(settings: Settings, person: PersonState) -> list[tuple[str,
     store = RedisStore(settings.redis)
     try:
         return store.identifiers(person.one_id)
+    finally:
+        store.close()
+
+
+def queue_counts(settings: Settings, queue: str = "inbound") -> dict[str, int]:
+    """Leads assigned so far per SDR of ``queue``, as Redis counts them."""
+    store = RedisStore(settings.redis)
+    try:
+        return store.queue_counts(queue)
     finally:
         store.close()
 

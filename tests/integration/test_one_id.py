@@ -146,7 +146,9 @@ def test_an_erasure_racing_an_older_event_on_another_worker_still_wins(settings:
     send_erase_request(settings)
     run_flow(settings, 2)
     gone = inspect_cli(settings, "email:gone@acme.example")
-    assert gone.returncode == 1
+    # Erase first: the identify is older than the erasure and dropped, so nobody has the
+    # e-mail (exit 1). Identify first: the erasure forgets it (an erasure mark, no person).
+    assert gone.returncode == 1 or set(json.loads(gone.stdout)) == {"identifier", "erased_at"}
 
 
 def test_inspect_shows_the_person_behind_any_identifier(settings: Settings) -> None:

@@ -15,6 +15,7 @@ from tests.integration.flow import (
     outputs,
     page,
     person_of,
+    queue_counts,
     run_flow,
     send,
     track,
@@ -77,7 +78,7 @@ def test_three_consecutive_mqls_go_one_to_each_of_three_sdrs(
         "sdr-bruno": 1,
         "sdr-chen": 1,
     }
-    assert sorted(d["ticket"] for d in seen.decisions.values()) == [1, 2, 3]
+    assert queue_counts(settings) == {"sdr-ana": 1, "sdr-bruno": 1, "sdr-chen": 1}
 
 
 def test_malformed_message_goes_to_dlq_and_next_good_one_is_processed(
@@ -128,12 +129,7 @@ def test_replaying_the_whole_input_changes_nothing(settings: Settings, workers: 
     assert second.decisions == first.decisions  # same ids, same SDRs, same everything
     assert second.lifecycle == first.lifecycle
     assert len(first.decisions) == 4
-    assert sorted(d["ticket"] for d in second.decisions.values()) == [
-        1,
-        2,
-        3,
-        4,
-    ]  # no ticket drawn twice
+    assert sum(queue_counts(settings).values()) == 4  # no lead assigned twice
     assert second.duplicates > 0  # the replay re-emitted its records, with the same ids
     after = {
         e: behavior_score(settings, person_of(settings, {"anonymousId": e}))

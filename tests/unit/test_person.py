@@ -12,14 +12,16 @@ from engine.events import Event
 from engine.person import (
     DECISION,
     LIFECYCLE,
+    Output,
     PersonState,
+    Promotion,
     Rulebook,
     apply_event,
-    complete_promotion,
     current_scores,
     decode_state,
     encode_state,
 )
+from engine.sales import complete_routing, route_promotion
 from engine.settings import load_settings
 
 NOW_MS = 1_793_000_000_000
@@ -29,6 +31,14 @@ COMPANY = {
     "company": {"name": "Acme", "employee_count": 150},
     "title": "CMO",
 }
+
+
+def decide(promotion: Promotion, sdr: str = "sdr-ana") -> list[Output]:
+    """Route a promotion and complete it with ``sdr`` (the store's choice, in production)."""
+    roster = RULES.settings.roster
+    routing = route_promotion(promotion, RULES, NOW_MS)
+    chosen = next(s for s in roster.sdrs if s.id == sdr)
+    return complete_routing(routing, chosen, roster, RULES, NOW_MS)
 
 
 def event(
@@ -104,10 +114,10 @@ def test_promotion_needs_behaviour_and_fit_and_builds_one_decision_with_reasons(
     assert none is None and none2 is None  # 105 points, but no fit yet: no company e-mail
     _, promotion = apply_event(p, event("m4", type_="identify", traits=COMPANY), RULES, NOW_MS)
     assert promotion is not None
-    outputs = complete_promotion(promotion, 5, RULES, NOW_MS)
+    outputs = decide(promotion, "sdr-bruno")
     assert [o.kind for o in outputs] == [LIFECYCLE, DECISION]
     decision = outputs[1].value
-    assert decision["sdr"] == "sdr-bruno"  # ticket 5 of 3 SDRs in roster order
+    assert decision["sdr"] == "sdr-bruno" and decision["decision_id"] == promotion.decision_id
     assert decision["trigger"]["message_id"] == "m4"
     assert decision["qualified_on"] == ["total"]
     assert decision["score"] == 105.0
@@ -139,7 +149,7 @@ def test_a_product_line_can_qualify_on_its_own_dimension() -> None:
             p, replace(page, message_id=f"t4-{n}", event_ms=NOW_MS + n), RULES, NOW_MS
         )
     assert promotion is not None and promotion.verdict.on == ("analytics",)
-    decision = complete_promotion(promotion, 1, RULES, NOW_MS)[-1].value
+    decision = decide(promotion)[-1].value
     assert decision["dimensions"]["analytics"] == pytest.approx(65.0, abs=0.01)
     cited = [r["rule"] for r in decision["dimension_reasons"]["analytics"]]
     assert cited == ["analytics_trial", "analytics_product_page"]
@@ -170,7 +180,7 @@ def test_telemarketing_can_promote_by_hand_only_from_the_trusted_topic() -> None
     apply_event(p, event("m1", "Whitepaper Downloaded"), RULES, NOW_MS)
     _, promotion = apply_event(p, event("m2", "manual_mql", trusted=True), RULES, NOW_MS)
     assert promotion is not None and promotion.cause == "manual_mql"
-    assert complete_promotion(promotion, 1, RULES, NOW_MS)[-1].value["qualified_on"] == ["manual"]
+    assert decide(promotion)[-1].value["qualified_on"] == ["manual"]
     q = PersonState("p2", is_new=True)
     _, untrusted = apply_event(q, event("m1", "manual_mql", trusted=False), RULES, NOW_MS)
     assert untrusted is None
@@ -181,7 +191,7 @@ def test_state_round_trips_through_its_encoding() -> None:
     apply_event(p, event("m1", "Demo Requested", plan="enterprise"), RULES, NOW_MS)
     _, promotion = apply_event(p, event("m2", "Trade Show Visited"), RULES, NOW_MS)
     assert promotion is not None
-    complete_promotion(promotion, 1, RULES, NOW_MS)
+    decide(promotion)
     restored = decode_state("p1", encode_state(p))
     assert restored == replace(p, is_new=False)
 
