@@ -7,6 +7,7 @@
       -> split         rejections -> DLQ
       -> resolve_identity  Event -> (One-ID, Event), Redis x1-3 per batch,
                        on ONE worker (constant key): the identity graph's only writer
+      -> (+ due timers, polled from Redis once a second by one worker)
       -> key_by_person / to_owner  route each person to one worker (stateless hop)
       -> score_qualify_route  Redis x3 per batch                  (flat_map_batch)
       -> output        decisions, lifecycle, DLQ                  (one producer per worker)
@@ -41,6 +42,7 @@ from dataflows.kafka_io import (
     to_raw_messages,
 )
 from dataflows.stages import Clock, Decoder, IdentityStage, PersonStage, Resolved
+from dataflows.timers import TimerSource
 from engine.events import Event, Rejection
 from engine.person import Output
 from engine.settings import Settings, load_settings
@@ -109,7 +111,14 @@ def build_flow(
         "resolved",
         op.stateful_batch("resolve_identity", to_resolver, lambda _resume: _Pass(resolver)),
     )
-    keyed = op.key_on("key_by_person", resolved, person_shard)
+    timers = op.input(
+        "timers",
+        flow,
+        TimerSource(
+            lambda: store or RedisStore(settings.redis), 1.0, settings.dataflow.stop_at_end
+        ),
+    )
+    keyed = op.key_on("key_by_person", op.merge("with_timers", resolved, timers), person_shard)
     owned = op.key_rm(
         "drop_key", op.stateful_batch("to_owner", keyed, lambda _resume: _Pass(_unchanged))
     )

@@ -65,6 +65,15 @@ def _parser() -> argparse.ArgumentParser:
         help="kind:value (email:, user:, anon:, phone:, or a configured kind) or a bare value",
     )
 
+    roster = sub.add_parser("roster", help="the SDR roster of running engines").add_subparsers(
+        dest="roster_command", required=True
+    )
+    apply = roster.add_parser("apply", help="validate a roster file and apply it without restart")
+    apply.add_argument(
+        "file", nargs="?", default=None, help="roster TOML (default: roster.toml of the config)"
+    )
+    roster.add_parser("show", help="print the roster in force, availability and load, as JSON")
+
     config = sub.add_parser("config", help="inspect configuration").add_subparsers(
         dest="config_command", required=True
     )
@@ -93,24 +102,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "config":
-        settings = _settings(args)
-        if args.config_command == "show":
-            print(json.dumps(masked(settings), indent=2))
-        else:
-            print(f"configuration in {settings.config_dir} is valid")
-        return 0
-    if args.command == "inspect":
-        import time
-
-        from leadflow.inspect import inspect_person, render
-
-        person = inspect_person(_settings(args), args.identifier, int(time.time() * 1000))
-        if person is None:
-            print(f"leadflow: nobody owns {args.identifier!r}", file=sys.stderr)
-            return 1
-        print(render(person))
-        return 0
+    handlers = {"config": _config, "roster": _roster, "inspect": _inspect}
+    if args.command in handlers:
+        return handlers[args.command](args)
     if args.command == "topics":
         from leadflow.topics import create_topics
 
@@ -133,6 +127,43 @@ def _dispatch(args: argparse.Namespace) -> int:
             )
         )
     return _run(args)
+
+
+def _config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.config_command == "show":
+        print(json.dumps(masked(settings), indent=2))
+    else:
+        print(f"configuration in {settings.config_dir} is valid")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import time
+
+    from leadflow.inspect import inspect_person, render
+
+    person = inspect_person(_settings(args), args.identifier, int(time.time() * 1000))
+    if person is None:
+        print(f"leadflow: nobody owns {args.identifier!r}", file=sys.stderr)
+        return 1
+    print(render(person))
+    return 0
+
+
+def _roster(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from leadflow.roster import apply_roster, show_roster
+
+    settings = _settings(args)
+    if args.roster_command == "apply":
+        path = Path(args.file or Path(settings.config_dir) / "roster.toml")
+        version = apply_roster(settings, path)
+        print(f"roster {path} applied as version {version}")
+    else:
+        print(json.dumps(show_roster(settings), indent=2, ensure_ascii=False))
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
