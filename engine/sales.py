@@ -43,7 +43,7 @@ from engine.person import (
     transition,
 )
 from engine.routing import Candidate, capacity_periods, company_of, is_available, next_available_ms
-from engine.scoring import falls_below_ms, scale_scores
+from engine.scoring import TOTAL, falls_below_ms, scale_scores
 from engine.settings import RosterSettings, Sdr
 
 TIMER: Final = "timer"  # the event type of a fired timer
@@ -293,7 +293,8 @@ def fire_timer(
 
 def _schedule_demotion(p: PersonState, rules: Rulebook, now_ms: int) -> None:
     """Set the ``demote`` timer: when every score the person qualified on falls below its bar."""
-    on = [d for d in p.work.get("on", ()) if d in rules.scoring.threshold]
+    named = [TOTAL if d == "total" else d for d in p.work.get("on", ())]
+    on = [d for d in named if d in rules.scoring.threshold]
     if not rules.settings.lifecycle.demote_on_decay or not on:
         p.timers.pop(DEMOTE, None)  # a manual MQL is not undone by decay
         return
