@@ -108,6 +108,49 @@ def test_environment_overrides_connections_and_librdkafka_options() -> None:
             "sdrs[2].id",
             "appears more than once",
         ),
+        (
+            "roster.toml",
+            'name = "Chen Wei"',
+            'name = "Chen Wei"\ntimezone = "Mars/Olympus"',
+            "sdrs[2].timezone",
+            "unknown time zone",
+        ),
+        (
+            "roster.toml",
+            'name = "Chen Wei"',
+            'name = "Chen Wei"\nworking_hours = ["9am", "6pm"]',
+            "sdrs[2].working_hours",
+            "HH:MM",
+        ),
+        (
+            "roster.toml",
+            'name = "Chen Wei"',
+            'name = "Chen Wei"\nout_of_office = [["2026-12-31", "2026-12-24"]]',
+            "sdrs[2].out_of_office[0]",
+            "YYYY-MM-DD",
+        ),
+        (
+            "routing.toml",
+            '# [[routing.rules]]\n# name = "enterprise-latam"\n# queue = "inbound"\n'
+            '# regions = ["latam"]',
+            '[[routing.rules]]\nname = "enterprise-latam"\nqueue = "inbound"\nregions = ["apac"]',
+            "routing.rules[0].regions",
+            "unknown region 'apac'",
+        ),
+        (
+            "routing.toml",
+            'fallback_queue = ""',
+            'fallback_queue = "vip"',
+            "routing.queues[0].fallback_queue",
+            "unknown queue 'vip'",
+        ),
+        (
+            "routing.toml",
+            "recycle_score_factor = 0.5",
+            "recycle_score_factor = 2",
+            "lifecycle.recycle_score_factor",
+            "between 0 and 1",
+        ),
     ],
 )
 def test_invalid_configuration_names_file_key_and_problem(
