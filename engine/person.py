@@ -3,8 +3,8 @@
 This is where the rules meet: de-duplication, cleansing, profile, scoring,
 fit, qualification, lifecycle and routing, applied to one person at a time.
 Nothing here does I/O; the dataflow loads states, calls :func:`apply_event`
-for each event, draws one routing ticket per promotion from the store, calls
-:func:`complete_promotion`, and saves the states.
+for each event, has every promotion assigned to an SDR (see engine.sales and
+the store), and saves the states.
 
 Nothing lost, nothing doubled: the state remembers the digests of the last
 ``limits.dedup_window`` messageIds it applied (and of the content of its
@@ -244,8 +244,8 @@ def apply_event(
     """Apply ``event`` to ``p`` (mutated) and say what it produced.
 
     Returns the output records to emit now, and a :class:`Promotion` when the
-    event made the person an MQL; its decision is completed by
-    :func:`complete_promotion` once the routing ticket is drawn.
+    event made the person an MQL; its decision is completed once an SDR is
+    assigned (:func:`engine.sales.complete_routing`).
     """
     settings = rules.settings
     if p.erased_ms:

@@ -485,7 +485,7 @@ class RedisStore:
         """Run a batch script over items (keys of one hash tag each); results in item order.
 
         One call for the batch on a standalone server; one call per hash slot in a cluster
-        (and one per item for scripts whose items share keys, such as the ticket counter).
+        (and one per item for scripts whose items share keys, such as a queue's counts).
         """
         if not items:
             return []
