@@ -247,9 +247,10 @@ class PersonStage(_LazyStore):
     the events were routed to, with their pending absorptions (following the
     redirects of people merged meanwhile), absorbs those pending people (their
     states are final: the resolver redirected them, and a redirected person's
-    state cannot be saved), applies the events, timers and sales feedback in order,
-    assigns SDRs (one script call per assignment, one round trip) and saves every person only if unchanged and not redirected. What lost a race is
-    done again next round from fresh reads, and its outputs are not emitted.
+    state cannot be saved), applies the events, timers and sales feedback in
+    order, assigns SDRs (one script call per assignment, one round trip) and
+    saves every person only if unchanged and not redirected. What lost a race
+    is done again next round from fresh reads, and its outputs are not emitted.
 
     Every step can be repeated after a crash with the same effect: an absorbed
     person stays readable behind its redirect until its survivor records it in
