@@ -74,12 +74,20 @@ class TopicSettings:
     decisions: str = "leadflow.decisions"
     lifecycle: str = "leadflow.lifecycle"
     dlq: str = "leadflow.dlq"
+    parked_alerts: str = "leadflow.alerts.parked"  # webhook alerts that could not be delivered
     # Partition count `leadflow topics create` uses when not told otherwise.
     partitions: int = 1
 
     def all(self) -> tuple[str, ...]:
         """Every topic name, inputs first."""
-        return (self.events, self.feedback, self.decisions, self.lifecycle, self.dlq)
+        return (
+            self.events,
+            self.feedback,
+            self.decisions,
+            self.lifecycle,
+            self.dlq,
+            self.parked_alerts,
+        )
 
 
 @dataclass(frozen=True)
@@ -283,6 +291,9 @@ class QueueSettings:
     max_wait_minutes: float = 0.0
     fallback_queue: str = ""
     sticky: bool = True  # a company (e-mail domain) keeps the SDR who had its first lead
+    webhook_url: str = ""  # decisions of this queue are also POSTed here ('' = none)
+    # Environment variable holding the HMAC-SHA256 key that signs the webhook's bodies.
+    webhook_secret_env: str = "LEADFLOW_WEBHOOK_SECRET"
 
 
 @dataclass(frozen=True)
@@ -545,6 +556,7 @@ def _topics(t: _Table) -> TopicSettings:
         decisions=t.text("decisions", d.decisions, pattern=_NAME),
         lifecycle=t.text("lifecycle", d.lifecycle, pattern=_NAME),
         dlq=t.text("dlq", d.dlq, pattern=_NAME),
+        parked_alerts=t.text("parked_alerts", d.parked_alerts, pattern=_NAME),
         partitions=t.integer("partitions", 1, min=1, max=10_000),
     )
     t.done()
@@ -841,6 +853,8 @@ def _routing(t: _Table) -> RoutingSettings:
                 max_wait_minutes=q.number("max_wait_minutes", 0.0),
                 fallback_queue=q.text("fallback_queue", ""),
                 sticky=q.flag("sticky", True),
+                webhook_url=q.text("webhook_url", ""),
+                webhook_secret_env=q.text("webhook_secret_env", "LEADFLOW_WEBHOOK_SECRET"),
             )
         )
         q.done()
@@ -852,6 +866,8 @@ def _routing(t: _Table) -> RoutingSettings:
     for i, queue in enumerate(queues):
         if queue.fallback_queue and queue.fallback_queue not in names:
             raise t.error(f"queues[{i}].fallback_queue", f"unknown queue {queue.fallback_queue!r}")
+        if queue.webhook_url and not queue.webhook_url.startswith(("http://", "https://")):
+            raise t.error(f"queues[{i}].webhook_url", "must start with http:// or https://")
         if queue.max_wait_minutes < 0:
             raise t.error(f"queues[{i}].max_wait_minutes", "must be >= 0")
     default = t.text("default_queue", names[0])

@@ -74,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     roster.add_parser("show", help="print the roster in force, availability and load, as JSON")
 
+    alerts = sub.add_parser("alerts", help="POST decisions to the queues' webhooks (own process)")
+    alerts.add_argument(
+        "--stop-at-end", action="store_true", help="exit once every decision so far is handled"
+    )
+
     config = sub.add_parser("config", help="inspect configuration").add_subparsers(
         dest="config_command", required=True
     )
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    handlers = {"config": _config, "roster": _roster, "inspect": _inspect}
+    handlers = {"config": _config, "roster": _roster, "inspect": _inspect, "alerts": _alerts}
     if args.command in handlers:
         return handlers[args.command](args)
     if args.command == "topics":
@@ -127,6 +132,17 @@ def _dispatch(args: argparse.Namespace) -> int:
             )
         )
     return _run(args)
+
+
+def _alerts(args: argparse.Namespace) -> int:
+    from leadflow.alerts import run_alerts
+
+    stats = run_alerts(_settings(args), stop_at_end=args.stop_at_end)
+    print(
+        f"alerts: {stats.delivered} delivered, {stats.retries} retries, "
+        f"{stats.parked} parked, {stats.skipped} without a webhook"
+    )
+    return 0
 
 
 def _config(args: argparse.Namespace) -> int:
