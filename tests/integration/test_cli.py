@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -127,3 +128,42 @@ def test_pipeline_on_valkey(broker: LocalBroker) -> None:
         send(settings, hot_lead("anon-v"))
         run_flow(settings, 1)
         assert len(outputs(settings).decisions) == 1
+
+
+def test_roster_apply_and_show_as_sales_ops_use_them(
+    broker: LocalBroker, redis_server: LocalRedis, tmp_path: Path
+) -> None:
+    roster = tmp_path / "march.toml"
+    roster.write_text(
+        '[[sdrs]]\nid = "sdr-ana"\nqueue = "inbound"\nweight = 2\n'
+        '[[sdrs]]\nid = "sdr-dana"\nqueue = "inbound"\ntimezone = "Europe/Berlin"\n'
+    )
+    env = _env(broker, redis_server)
+    applied = subprocess.run(
+        [*LEADFLOW, "roster", "apply", str(roster)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert applied.returncode == 0, applied.stderr
+    assert "applied as version 1" in applied.stdout
+    shown = subprocess.run(
+        [*LEADFLOW, "roster", "show"], env=env, capture_output=True, text=True, check=False
+    )
+    assert shown.returncode == 0, shown.stderr
+    report = json.loads(shown.stdout)
+    assert report["source"] == "redis, version 1"
+    assert [(s["sdr"], s["weight"]) for s in report["queues"]["inbound"]] == [
+        ("sdr-ana", 2.0),
+        ("sdr-dana", 1.0),
+    ]
+    roster.write_text('[[sdrs]]\nid = "sdr-x"\nqueue = "nowhere"\n')
+    bad = subprocess.run(
+        [*LEADFLOW, "roster", "apply", str(roster)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode == 2 and "sdrs[0].queue" in bad.stderr and "nowhere" in bad.stderr

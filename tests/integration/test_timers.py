@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -255,3 +256,32 @@ def test_the_running_engine_reroutes_on_real_time(tmp_path: Path) -> None:
         assert len(ordered) >= 2, err.decode()[-2000:]
         assert ordered[1]["replaces"] == ordered[0]["decision_id"]
         assert ordered[1]["breached"] == [ordered[0]["sdr"]]
+
+
+def test_a_lead_nobody_can_take_moves_to_the_fallback_queue_after_max_wait(
+    settings: Settings, tmp_path: Path
+) -> None:
+    routing = settings.routing
+    inbound = replace(routing.queues[0], max_wait_minutes=10.0, fallback_queue="overflow")
+    overflow = replace(routing.queues[0], name="overflow")
+    cfg = replace(settings, routing=replace(routing, queues=(inbound, overflow)))
+    today = datetime.fromtimestamp(START, UTC).date().isoformat()
+    roster = tmp_path / "roster.toml"
+    roster.write_text(
+        f'[[sdrs]]\nid = "sdr-ana"\nqueue = "inbound"\nout_of_office = [["{today}", "{today}"]]\n'
+        '[[sdrs]]\nid = "sdr-olga"\nqueue = "overflow"\n'
+    )
+    from leadflow.roster import apply_roster
+
+    apply_roster(cfg, roster)
+    engine = Engine(cfg)
+    try:
+        out = engine.send(*hot_lead("fb"))
+        assert decisions(out) == [] and causes(out)[-1] == "waiting_for_sdr"
+        assert engine.at(10 * MINUTE - 1) == []
+        moved = engine.at(10 * MINUTE)
+        assert causes(moved) == ["fallback_queue"]
+        (decision,) = decisions(moved)
+        assert (decision["queue"], decision["sdr"]) == ("overflow", "sdr-olga")
+    finally:
+        engine.store.close()
