@@ -306,6 +306,8 @@ class _Round:
         self.retry: dict[str, list[Resolved]] = {}
         self.people: dict[str, PersonState] = {}
         self.loaded: dict[str, bytes | None] = {}
+        self.timers_loaded: dict[str, dict[str, int]] = {}
+        self.replayed: set[str] = set()  # people with an event already applied (a replay)
         self.absorbing: dict[str, list[PersonState]] = {}
         self.produced: dict[str, list[Output]] = {}
         self.routings: list[Routing] = []
@@ -332,6 +334,7 @@ class _Round:
                 continue
             person = self.people[one_id] = decode_state(one_id, stored.state, stored.version)
             self.loaded[one_id] = stored.state
+            self.timers_loaded[one_id] = dict(person.timers)
             done = {m[0] for m in person.merged_from} | {one_id}
             wanted[one_id] = {o for o in stored.pending if o not in done}
         others = sorted(set().union(*wanted.values()))
@@ -355,7 +358,9 @@ class _Round:
                 if n == 0:
                     for other in self.absorbing[one_id]:
                         out.append(absorb(person, other, event, self.rules, self.now_ms))
-                if message_digest(event.message_id) not in person.seen:
+                if message_digest(event.message_id) in person.seen:
+                    self.replayed.add(one_id)
+                else:
                     for other_id, reason in item.refusals:
                         out.append(
                             refuse_merge(person, other_id, reason, event, self.rules, self.now_ms)
@@ -408,8 +413,8 @@ class _Round:
         for one_id in self.produced:
             person = self.people[one_id]
             raw = encode_state(person)
-            if raw == self.loaded[one_id]:
-                done.append(one_id)  # only replays: nothing to save, records to re-emit
+            if raw == self.loaded[one_id] or person.is_new:
+                done.append(one_id)  # replays, or nobody: nothing to save, records to (re-)emit
             else:
                 saves.append((one_id, person.version, raw, block_ms if person.erased_ms else 0))
         for (one_id, _, _, _), status in zip(saves, self.store.save_people(saves), strict=True):
@@ -439,7 +444,15 @@ class _Round:
                 m.erasures.inc()
         self.store.absorbed([(o, [s.one_id for s in self.absorbing[o]]) for o in done])
         saved = set(done)
+        # Timers set or moved since loaded, and all timers of a person whose events are
+        # replayed (a crash may have come between the save and this call). Entries left
+        # behind in Redis are harmless: a timer the state no longer holds does nothing.
         self.store.sync_timers(
-            [(o, kind, due) for o in done for kind, due in self.people[o].timers.items()],
+            [
+                (o, kind, due)
+                for o in done
+                for kind, due in self.people[o].timers.items()
+                if o in self.replayed or self.timers_loaded[o].get(kind) != due
+            ],
             [t for t in self.fired if t[0] in saved],
         )

@@ -175,6 +175,9 @@ def complete_routing(
 def apply_feedback(p: PersonState, event: Event, rules: Rulebook, now_ms: int) -> list[Output]:
     """Move ``p`` as a trusted sales event says; an illegal move becomes a DLQ record."""
     settings = rules.settings
+    if p.is_new:  # nobody is known by its identifiers: nothing to move, no one to create
+        detail = f"{event.name}: no lead is known by this event's identifiers"
+        return [Output(DLQ, p.one_id, _refusal(event, "illegal_transition", detail))]
     digest = message_digest(event.message_id)
     if digest in p.seen:
         return replayed_outputs(p, digest)

@@ -139,18 +139,16 @@ def test_roster_apply_and_show_as_sales_ops_use_them(
         '[[sdrs]]\nid = "sdr-dana"\nqueue = "inbound"\ntimezone = "Europe/Berlin"\n'
     )
     env = _env(broker, redis_server)
-    applied = subprocess.run(
-        [*LEADFLOW, "roster", "apply", str(roster)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+
+    def leadflow(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*LEADFLOW, *args], env=env, capture_output=True, text=True, check=False
+        )
+
+    applied = leadflow("roster", "apply", str(roster))
     assert applied.returncode == 0, applied.stderr
     assert "applied as version 1" in applied.stdout
-    shown = subprocess.run(
-        [*LEADFLOW, "roster", "show"], env=env, capture_output=True, text=True, check=False
-    )
+    shown = leadflow("roster", "show")
     assert shown.returncode == 0, shown.stderr
     report = json.loads(shown.stdout)
     assert report["source"] == "redis, version 1"
@@ -159,11 +157,5 @@ def test_roster_apply_and_show_as_sales_ops_use_them(
         ("sdr-dana", 1.0),
     ]
     roster.write_text('[[sdrs]]\nid = "sdr-x"\nqueue = "nowhere"\n')
-    bad = subprocess.run(
-        [*LEADFLOW, "roster", "apply", str(roster)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    bad = leadflow("roster", "apply", str(roster))
     assert bad.returncode == 2 and "sdrs[0].queue" in bad.stderr and "nowhere" in bad.stderr

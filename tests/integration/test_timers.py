@@ -187,6 +187,9 @@ def test_an_illegal_transition_goes_to_the_dlq_and_changes_nothing(engine: Engin
     assert "mql -> customer" in refused.value["detail"]
     assert person_of(engine.settings, {"anonymousId": "won"}).stage == "mql"
     assert engine.send(feedback("won", "won"), trusted=True) == [refused]  # a replay: same
+    (unknown,) = engine.send(feedback("lead_accepted", "nobody"), trusted=True)
+    assert unknown.kind == DLQ and "no lead is known" in unknown.value["detail"]
+    assert RedisStore(engine.settings.redis).load_people([unknown.one_id])[0].state is None
 
 
 def test_a_lead_waits_while_nobody_is_available_and_is_assigned_when_someone_is(
@@ -285,3 +288,21 @@ def test_a_lead_nobody_can_take_moves_to_the_fallback_queue_after_max_wait(
         assert (decision["queue"], decision["sdr"]) == ("overflow", "sdr-olga")
     finally:
         engine.store.close()
+
+
+def test_timers_survive_a_crash_between_the_save_and_their_scheduling(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    crashed = Engine(settings)
+
+    def crash(*_: object) -> None:
+        raise ConnectionError("the process died here")
+
+    monkeypatch.setattr(crashed.store, "sync_timers", crash)
+    with pytest.raises(ConnectionError):
+        crashed.send(*hot_lead("crash"))  # saved, decided, but no timer in Redis yet
+    assert crashed.store.due_timers(10**15, 10) == []
+    restarted = Engine(settings)  # Bytewax replays the input since the last snapshot
+    (decision,) = decisions(restarted.send(*hot_lead("crash")))  # re-emitted, same id
+    assert restarted.at(15 * MINUTE)[0].value["cause"] == "sla_breached"
+    assert decision["decision_id"]
