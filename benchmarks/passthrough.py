@@ -1,0 +1,45 @@
+"""A pass-through Bytewax flow, Kafka -> decode -> Kafka, running until stopped.
+
+``python -m benchmarks.passthrough BOOTSTRAP IN_TOPIC OUT_TOPIC``: the floor any
+Bytewax engine pays, for the latency comparison of :mod:`benchmarks.suite`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import bytewax.operators as op
+import orjson
+from bytewax.connectors.kafka import KafkaSink, KafkaSinkMessage, KafkaSource
+from bytewax.dataflow import Dataflow
+from bytewax.testing import run_main
+
+from dataflows.kafka_io import SinkMessage, SourceItem
+from leadflow.runner import tune_gc
+
+
+def flow(bootstrap: str, inp: str, out: str) -> Dataflow:
+    """Forward every event, decoded and re-encoded, from ``inp`` to ``out``."""
+    f = Dataflow("passthrough")
+    source = KafkaSource(
+        [bootstrap], [inp], tail=True, add_config={"fetch.wait.max.ms": "10"}, batch_size=1000
+    )
+    messages = op.input("input", f, source)
+
+    def forward(items: list[SourceItem]) -> list[SinkMessage]:
+        out: list[SinkMessage] = []
+        for m in items:
+            value = getattr(m, "value", None)
+            if value is not None:
+                out.append(KafkaSinkMessage(None, orjson.dumps(orjson.loads(value))))
+        return out
+
+    op.output(
+        "output", op.flat_map_batch("forward", messages, forward), KafkaSink([bootstrap], out)
+    )
+    return f
+
+
+if __name__ == "__main__":
+    tune_gc()
+    run_main(flow(*sys.argv[1:4]))

@@ -1,0 +1,88 @@
+"""The Quix Streams peer: Leadflow's scoring and qualification in a Quix Streams app.
+
+Runs in its own virtual environment (``.venv-quix``: Quix Streams pins an older
+confluent-kafka), with this checkout on ``PYTHONPATH`` for the engine's pure
+domain code. What it does: decode and validate each event, keep the person's
+state in Quix's RocksDB state keyed by the message key (the cookie), apply the
+same scoring, cleansing, fit and MQL rule (``engine.person.apply_event``), and
+write the records it produces to the output topic. What it does not do, because
+its partitioned state cannot: resolve identities across keys (merges), assign
+SDRs fairly across partitions (it picks by hash), timers.
+
+``python -m benchmarks.quix_peer BOOTSTRAP IN OUT COUNT|serve STATE_DIR`` — with a
+count, it stops after that many events and prints the events per second.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import orjson
+from quixstreams import Application  # type: ignore[import-not-found]
+from quixstreams.state import State  # type: ignore[import-not-found]
+
+from engine.events import Event, Origin, decode_event
+from engine.person import PersonState, Rulebook, apply_event, decode_state, encode_state
+from engine.sales import complete_routing, route_promotion
+from engine.settings import load_settings
+
+
+def main() -> None:
+    """Run the app."""
+    bootstrap, inp, out, count, state_dir = sys.argv[1:6]
+    settings = load_settings(env={})
+    rules = Rulebook(settings)
+    roster = settings.roster
+    app = Application(
+        broker_address=bootstrap,
+        consumer_group=f"quix-peer-{time.time_ns()}",
+        auto_offset_reset="earliest",
+        state_dir=state_dir,
+        consumer_extra_config={"fetch.wait.max.ms": 10},
+    )
+    source = app.topic(inp, value_deserializer="bytes", key_deserializer="bytes")
+    sink = app.topic(out, value_serializer="bytes", key_serializer="bytes")
+    limit = 0 if count == "serve" else int(count)
+    seen = {"n": 0, "start": 0.0}
+
+    def process(value: bytes, state: State) -> list[bytes]:
+        if seen["n"] == 0:
+            seen["start"] = time.perf_counter()
+        seen["n"] += 1
+        if limit and seen["n"] >= limit:
+            app.stop()
+        now_ms = int(time.time() * 1000)
+        event = decode_event(
+            value,
+            Origin(inp, 0, 0),
+            ingested_ms=now_ms,
+            trusted=False,
+            max_bytes=32_768,
+            max_future_skew_ms=86_400_000,
+        )
+        if not isinstance(event, Event):
+            return []
+        raw = state.get("p")  # Quix state holds JSON values: the state as text
+        person = decode_state("q", raw.encode()) if raw else PersonState("q", is_new=True)
+        records, promotion = apply_event(person, event, rules, now_ms)
+        if promotion is not None:
+            routing = route_promotion(promotion, rules, now_ms)
+            sdrs = roster.for_queue(routing.queue)
+            sdr = sdrs[hash(event.anonymous_id) % len(sdrs)]
+            records = complete_routing(routing, sdr, roster, rules, now_ms)
+        state.set("p", encode_state(person).decode())
+        return [orjson.dumps(r.value) for r in records]
+
+    sdf: Any = app.dataframe(source)
+    sdf = sdf.apply(process, stateful=True, expand=True)
+    sdf.to_topic(sink)
+    app.run()
+    if limit:
+        elapsed = time.perf_counter() - seen["start"]
+        print(f"{seen['n'] / elapsed:.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
