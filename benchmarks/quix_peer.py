@@ -23,7 +23,7 @@ import orjson
 from quixstreams import Application  # type: ignore[import-not-found]
 from quixstreams.state import State  # type: ignore[import-not-found]
 
-from engine.events import Event, Origin, decode_event
+from benchmarks import workload
 from engine.person import PersonState, Rulebook, apply_event, decode_state, encode_state
 from engine.sales import complete_routing, route_promotion
 from engine.settings import load_settings
@@ -54,15 +54,8 @@ def main() -> None:
         if limit and seen["n"] >= limit:
             app.stop()
         now_ms = int(time.time() * 1000)
-        event = decode_event(
-            value,
-            Origin(inp, 0, 0),
-            ingested_ms=now_ms,
-            trusted=False,
-            max_bytes=32_768,
-            max_future_skew_ms=86_400_000,
-        )
-        if not isinstance(event, Event):
+        event = workload.decode(value, inp, now_ms)
+        if event is None:
             return []
         raw = state.get("p")  # Quix state holds JSON values: the state as text
         person = decode_state("q", raw.encode()) if raw else PersonState("q", is_new=True)

@@ -42,7 +42,6 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from benchmarks import workload
-from engine.events import Event, Origin, decode_event
 from engine.identity import identifiers_of
 from engine.person import PersonState, Rulebook, apply_event, decode_state, encode_state
 from engine.sales import complete_routing, route_promotion
@@ -231,15 +230,8 @@ def loop_peer(settings: Settings, topic: str, limit: int) -> float:
             continue
         done += 1
         now_ms = int(time.time() * 1000)
-        event = decode_event(
-            msg.value(),
-            Origin(topic, 0, 0),
-            ingested_ms=now_ms,
-            trusted=False,
-            max_bytes=32_768,
-            max_future_skew_ms=86_400_000,
-        )
-        if not isinstance(event, Event):
+        event = workload.decode(msg.value(), topic, now_ms)
+        if event is None:
             continue
         ident = identifiers_of(event, settings.identity)[0]
         key = f"peer:id:{ident.digest}"

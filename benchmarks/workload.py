@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from engine.events import Event, Origin, decode_event
 from engine.person import iso
 
 PAGES = ["/", "/pricing", "/product/analytics/dashboards", "/product/routing", "/blog/decay"]
@@ -73,6 +74,19 @@ def events(people: int, count: int, seed: int = 7) -> Iterator[dict[str, Any]]:
                 },
             }
         yield event
+
+
+def decode(value: bytes | None, topic: str, now_ms: int) -> Event | None:
+    """An input message as the engine's decoder sees it (None: it would go to the DLQ)."""
+    event = decode_event(
+        value,
+        Origin(topic, 0, 0),
+        ingested_ms=now_ms,
+        trusted=False,
+        max_bytes=32_768,
+        max_future_skew_ms=86_400_000,
+    )
+    return event if isinstance(event, Event) else None
 
 
 def encoded(people: int, count: int, seed: int = 7) -> list[tuple[bytes, bytes]]:

@@ -259,7 +259,7 @@ def apply_event(
 
     outputs: list[Output] = []
     if p.is_new:
-        outputs.append(_transition(p, lifecycle.LEAD, "first_event", event, rules, now_ms))
+        outputs.append(transition(p, lifecycle.LEAD, "first_event", event, rules, now_ms))
         p.is_new = False
     changed = _learn(p, event, rules, outputs, now_ms)
     _touch(p, event)
@@ -321,7 +321,7 @@ def _learn(
     if reason and not p.disqualified and lifecycle.DISQUALIFIED in lifecycle.ALLOWED[p.stage]:
         p.disqualified = reason
         outputs.append(
-            _transition(p, lifecycle.DISQUALIFIED, f"cleansing:{reason}", event, rules, now_ms)
+            transition(p, lifecycle.DISQUALIFIED, f"cleansing:{reason}", event, rules, now_ms)
         )
     return True
 
@@ -336,7 +336,7 @@ def promote(
     now_ms: int,
 ) -> Promotion:
     """Make ``p`` an MQL now; the SDR is assigned by the caller (see engine.sales)."""
-    outputs.append(_transition(p, lifecycle.MQL, cause, event, rules, now_ms))
+    outputs.append(transition(p, lifecycle.MQL, cause, event, rules, now_ms))
     p.promotions += 1
     fit, fit_factors = rules.fit.score(p.profile)
     campaigns = [t[0] for t in (p.first_touch, p.last_touch) if t]
@@ -483,15 +483,6 @@ def _cite(contributions: list[Contribution]) -> list[dict[str, Any]]:
     ]
 
 
-def _transition(
-    p: PersonState, to_stage: str, cause: str, event: Event, rules: Rulebook, now_ms: int
-) -> Output:
-    from_stage = None if p.is_new else p.stage
-    if from_stage is not None:
-        lifecycle.check_transition(from_stage, to_stage)
-    return _record(p, from_stage, to_stage, cause, event, rules, now_ms)
-
-
 def transition(
     p: PersonState,
     to_stage: str,
@@ -503,8 +494,10 @@ def transition(
     **extra: Any,
 ) -> Output:
     """Move ``p`` to ``to_stage`` (raises lifecycle.IllegalTransition) and say so."""
-    lifecycle.check_transition(p.stage, to_stage)
-    record = _record(p, p.stage, to_stage, cause, event, rules, now_ms, **extra)
+    from_stage = None if p.is_new else p.stage
+    if from_stage is not None:
+        lifecycle.check_transition(from_stage, to_stage)
+    record = _record(p, from_stage, to_stage, cause, event, rules, now_ms, **extra)
     record.value["actor"] = actor
     return record
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from engine.profile import Profile
@@ -128,7 +128,7 @@ def next_available_ms(sdrs: Sequence[Sdr], after_ms: int) -> int | None:
         first = _local(sdr, after_ms).date()
         for n in range(LOOKAHEAD_DAYS):
             day = first + timedelta(days=n)
-            for moment in _openings(sdr, day):
+            for moment in _openings(sdr):
                 at = int(datetime.combine(day, moment, zone).timestamp() * 1000)
                 if at > after_ms and is_available(sdr, at):
                     best = at if best is None else min(best, at)
@@ -139,7 +139,8 @@ def next_available_ms(sdrs: Sequence[Sdr], after_ms: int) -> int | None:
     return best
 
 
-def _openings(sdr: Sdr, day: date) -> list[time]:
+def _openings(sdr: Sdr) -> list[time]:
+    """Local times of day when the SDR's availability can begin."""
     start = sdr.working_hours[0]
     moments = [time(0, 0)]
     if start:

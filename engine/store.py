@@ -124,6 +124,19 @@ if ARGV[2] ~= '' and not member then redis.call('HSET', KEYS[3], ARGV[2], best) 
 return best
 """
 
+# KEYS: (person key, redirect key, pending key) per person. Read them all at once.
+_LOAD = """
+local out = {}
+for i = 1, #KEYS, 3 do
+  out[(i + 2) / 3] = {
+    redis.call('GET', KEYS[i]) or false,
+    redis.call('GET', KEYS[i + 1]) or false,
+    redis.call('SMEMBERS', KEYS[i + 2]),
+  }
+end
+return out
+"""
+
 # Store a new roster under the next version. KEYS: roster key; ARGV: roster JSON.
 _APPLY_ROSTER = """
 local cur = redis.call('GET', KEYS[1])
@@ -264,6 +277,7 @@ class RedisStore:
             name: self.client.register_script(body)
             for name, body in (
                 ("assign", _ASSIGN),
+                ("load", _LOAD),
                 ("roster", _APPLY_ROSTER),
                 ("save", _SAVE),
             )
@@ -358,21 +372,12 @@ class RedisStore:
             values = self._mget(keys)
             return [_stored(values[i], values[n + i]) for i in range(n)]
 
-        def read() -> list[Any]:
-            pipe = self.client.pipeline(transaction=False)
-            for i in range(n):
-                pipe.get(keys[i])
-                pipe.get(keys[n + i])
-                pipe.smembers(self.pending_key(one_ids[i]))
-            return cast(list[Any], pipe.execute())
-
-        rows = self._retry(read)
+        items: list[tuple[list[str], list[Any]]] = [
+            ([keys[i], keys[n + i], self.pending_key(one_ids[i])], []) for i in range(n)
+        ]
         return [
-            replace(
-                _stored(rows[3 * i], rows[3 * i + 1]),
-                pending=tuple(sorted(m.decode() for m in rows[3 * i + 2])),
-            )
-            for i in range(n)
+            replace(_stored(state or None, redirect or None), pending=tuple(sorted(_texts(pend))))
+            for state, redirect, pend in self._script("load", items)
         ]
 
     def save_people(self, saves: Sequence[tuple[str, int, bytes, int]]) -> list[int]:
@@ -536,6 +541,10 @@ class RedisStore:
 
 def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode()
+
+
+def _texts(members: list[bytes]) -> list[str]:
+    return [m.decode() for m in members]
 
 
 def _pair(member: bytes) -> tuple[str, str]:
