@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import orjson
 
 from dataflows.metrics import metrics
-from engine.events import Event, Origin, Rejection, decode_event
+from engine.events import Event, Origin, Rejection, decode_event, pickled_by_fields
 from engine.identity import anchor, identifiers_of, resolve
 from engine.person import (
     DECISION,
@@ -59,6 +59,7 @@ class RawMessage:
     timestamp_ms: int
 
 
+@pickled_by_fields
 @dataclass(frozen=True, slots=True)
 class Resolved:
     """An event and the person it belongs to, with the merges it was refused (and why)."""

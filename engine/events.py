@@ -8,9 +8,10 @@ and the original bytes, which the dataflow sends to the DLQ.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from typing import Any
+from operator import attrgetter
+from typing import Any, TypeVar
 
 import orjson
 
@@ -46,11 +47,31 @@ REASONS = (
     "illegal_transition",  # sales feedback the lifecycle does not allow from the stage
 )
 
+T = TypeVar("T")
+
+
+def pickled_by_fields(cls: type[T]) -> type[T]:
+    """Pickle instances of a dataclass as (class, field values).
+
+    Items that cross processes are pickled by Bytewax; the dataclass default for
+    ``slots`` classes calls ``fields()`` for every item (measured: 12% of the CPU of
+    a two-process run went to it). Needs at least two fields.
+    """
+    values = attrgetter(*(f.name for f in fields(cls)))  # type: ignore[arg-type]
+
+    def reduce(self: T) -> tuple[type[T], tuple[Any, ...]]:
+        return cls, values(self)
+
+    cls.__reduce__ = reduce  # type: ignore[assignment, method-assign]
+    return cls
+
+
 _MAX_ID_LEN = 256
 # Events before this are data errors (epoch-zero clocks), not history.
 _MIN_EVENT_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
 
 
+@pickled_by_fields
 @dataclass(frozen=True, slots=True)
 class Origin:
     """Where a message came from: enough to find it again in Kafka."""
@@ -61,6 +82,7 @@ class Origin:
     key: bytes | None = None
 
 
+@pickled_by_fields
 @dataclass(frozen=True, slots=True)
 class Event:
     """A validated Segment event.
@@ -91,6 +113,7 @@ class Event:
     payload: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
+@pickled_by_fields
 @dataclass(frozen=True, slots=True)
 class Rejection:
     """Input that cannot be processed; goes to the DLQ with the original bytes."""

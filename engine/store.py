@@ -6,7 +6,7 @@ hash tag; keys of one person share that person's tag:
 ==============================  ==============================================
 ``P id:{<identifier digest>}``  One-ID owning that identifier
 ``P e:{<identifier digest>}``   erasure time (ms) of that identifier; expires
-``P ids:{<one_id>}``            the person's identifiers, ``kind:digest`` (a set)
+``P ids:{<one_id>}``            the person's identifiers, ``kind:digest`` (a hash)
 ``P p:{<one_id>}``              the person's state: ``<version>|<compact JSON>``
 ``P r:{<one_id>}``              One-ID that absorbed this person (a redirect)
 ``P pend:{<one_id>}``           people merged into this one, to absorb (a set)
@@ -218,7 +218,7 @@ class IdentityWrites:
         """Give an identifier nobody owns to ``one_id``."""
         s = self.store
         self.commands.append(("set", s.identifier_key(digest), one_id, None))
-        self.commands.append(("sadd", s.identifiers_key(one_id), f"{kind}:{digest}"))
+        self.commands.append(("hset", s.identifiers_key(one_id), f"{kind}:{digest}", ""))
 
     def merge(
         self, absorbed: str, survivor: str, ids: Iterable[tuple[str, str]], pending: Iterable[str]
@@ -227,11 +227,9 @@ class IdentityWrites:
         s = self.store
         self.commands.append(("set", s.redirect_key(absorbed), survivor, None))
         self.commands.append(("sadd", s.pending_key(survivor), absorbed, *pending))
-        for _, d in sorted(ids):
+        for k, d in sorted(ids):
             self.commands.append(("set", s.identifier_key(d), survivor, None))
-        members = [f"{k}:{d}" for k, d in sorted(ids)]
-        if members:
-            self.commands.append(("sadd", s.identifiers_key(survivor), *members))
+            self.commands.append(("hset", s.identifiers_key(survivor), f"{k}:{d}", ""))
         self.commands.append(("delete", s.identifiers_key(absorbed)))
 
     def erase(
@@ -298,7 +296,11 @@ class RedisStore:
         return f"{self.prefix}p:{{{one_id}}}"
 
     def identifiers_key(self, one_id: str) -> str:
-        """Key of the set of a person's identifiers (``kind:digest``)."""
+        """Key of a person's identifiers: a hash of ``kind:digest`` -> ''.
+
+        A hash, not a set: Redis before 7.2 stores small sets as hash tables
+        (256 bytes for one member) but small hashes as a ziplist (112 bytes).
+        """
         return f"{self.prefix}ids:{{{one_id}}}"
 
     def pending_key(self, one_id: str) -> str:
@@ -337,7 +339,7 @@ class RedisStore:
         def read() -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
             for o in one_ids:
-                pipe.smembers(self.identifiers_key(o))
+                pipe.hkeys(self.identifiers_key(o))
                 pipe.smembers(self.pending_key(o))
                 pipe.get(self.redirect_key(o))
             return cast(list[Any], pipe.execute())

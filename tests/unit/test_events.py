@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import orjson
@@ -127,3 +128,10 @@ def test_bad_input_is_rejected_with_a_reason_and_the_original_bytes(
 def test_oversized_messages_are_rejected_unparsed() -> None:
     result = decode(base(properties={"blob": "x" * 2000}), max_bytes=1000)
     assert isinstance(result, Rejection) and result.reason == "oversized"
+
+
+def test_events_and_rejections_survive_pickling_between_processes() -> None:
+    event = decode(base(userId="u-1", properties={"plan": "enterprise"}))
+    rejection = decode(b"{not json")
+    for item in (event, rejection, ORIGIN):
+        assert pickle.loads(pickle.dumps(item)) == item

@@ -4,6 +4,7 @@ import random
 from dataclasses import replace
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,6 +13,7 @@ from engine.events import Event
 from engine.person import (
     DECISION,
     LIFECYCLE,
+    OUTBOX_FORMAT,
     Output,
     PersonState,
     Promotion,
@@ -20,6 +22,7 @@ from engine.person import (
     current_scores,
     decode_state,
     encode_state,
+    outbox_of,
 )
 from engine.sales import complete_routing, route_promotion
 from engine.settings import load_settings
@@ -192,8 +195,30 @@ def test_state_round_trips_through_its_encoding() -> None:
     _, promotion = apply_event(p, event("m2", "Trade Show Visited"), RULES, NOW_MS)
     assert promotion is not None
     decide(promotion)
-    restored = decode_state("p1", encode_state(p))
+    stored = encode_state(p)
+    restored = decode_state("p1", stored)
+    assert restored.outbox_stored and not restored.outbox  # kept deflated until read
+    assert encode_state(restored) == stored  # passed through untouched
+    assert outbox_of(restored) == outbox_of(p)
     assert restored == replace(p, is_new=False)
+
+
+def test_a_replay_after_a_reload_re_emits_the_stored_records() -> None:
+    p = PersonState("p1", is_new=True)
+    first, _ = apply_event(p, event("m1", "Demo Requested"), RULES, NOW_MS)
+    apply_event(p, event("m2", "Pricing Viewed"), RULES, NOW_MS)
+    stored = encode_state(p)
+    body, _, outbox = stored.partition(b"\0")
+    assert b"first_event" not in body and len(outbox) < len(orjson.dumps(outbox_of(p))) / 2
+    again, _ = apply_event(decode_state("p1", stored), event("m1", "Demo Requested"), RULES, NOW_MS)
+    assert [o.value for o in again] == [o.value for o in first]
+
+
+def test_an_unknown_outbox_format_is_refused() -> None:
+    stored = encode_state(PersonState("p1", outbox=[["d", [["lifecycle", {}]]]]))
+    broken = decode_state("p1", stored.replace(b"\0" + OUTBOX_FORMAT, b"\0" + b"9"))
+    with pytest.raises(ValueError, match="unknown outbox format"):
+        outbox_of(broken)
 
 
 def test_dedup_window_and_outbox_are_bounded() -> None:
@@ -206,7 +231,7 @@ def test_dedup_window_and_outbox_are_bounded() -> None:
     for n in range(10):
         apply_event(p, event(f"m{n}", "Whitepaper Downloaded", t_ms=NOW_MS + n, n=n), small, NOW_MS)
     assert len(p.seen) == 3
-    assert len(p.outbox) == 1  # only the first event produced records
+    assert len(outbox_of(p)) == 1  # only the first event produced records
 
 
 SCORED = [
