@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per event, see engine.events.Event
 class RawMessage:
     """What the decoder needs of a Kafka message."""
 
@@ -60,7 +60,7 @@ class RawMessage:
 
 
 @pickled_by_fields
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per event, see engine.events.Event
 class Resolved:
     """An event and the person it belongs to, with the merges it was refused (and why)."""
 

@@ -72,7 +72,7 @@ _MIN_EVENT_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
 
 
 @pickled_by_fields
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per event, see engine.events.Event
 class Origin:
     """Where a message came from: enough to find it again in Kafka."""
 
@@ -83,9 +83,13 @@ class Origin:
 
 
 @pickled_by_fields
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
-    """A validated Segment event.
+    """A validated Segment event. Treat it as immutable.
+
+    Not ``frozen``, like the other classes built once per event: a frozen
+    dataclass's ``__init__`` sets each field through ``object.__setattr__``,
+    8x slower (1.9 against 0.24 us for this one), and they add up per event.
 
     Attributes:
         type: track, page, identify or alias.

@@ -35,7 +35,7 @@ _NON_DIGIT = re.compile(r"\D+")
 _MIN_PHONE_DIGITS = 6
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per event, see engine.events.Event
 class Identifier:
     """One normalised identifier and its salted digest."""
 
@@ -137,7 +137,7 @@ def anchor(identifiers: Sequence[Identifier], owners: Sequence[str | None]) -> s
     return identifiers[0].digest
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per event, see engine.events.Event
 class Resolution:
     """Who an event belongs to, and what it changes in the identity graph."""
 

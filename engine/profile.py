@@ -98,7 +98,7 @@ FACTS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per event, see engine.events.Event
 class Traits:
     """What one event says about its person, raw (checked by cleansing, then reduced to facts)."""
 

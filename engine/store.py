@@ -179,7 +179,7 @@ class StoreUnavailable(RuntimeError):
     """Redis could not be reached after all retries."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per event, see engine.events.Event
 class Stored:
     """A person as read: version, state, redirect (None if none), pending absorptions.
 
