@@ -57,15 +57,16 @@ def main() -> None:
         event = workload.decode(value, inp, now_ms)
         if event is None:
             return []
-        raw = state.get("p")  # Quix state holds JSON values: the state as text
-        person = decode_state("q", raw.encode()) if raw else PersonState("q", is_new=True)
+        # Quix state holds JSON values: the state's bytes as Latin-1 text (one char a byte).
+        raw = state.get("p")
+        person = decode_state("q", raw.encode("latin-1")) if raw else PersonState("q", is_new=True)
         records, promotion = apply_event(person, event, rules, now_ms)
         if promotion is not None:
             routing = route_promotion(promotion, rules, now_ms)
             sdrs = roster.for_queue(routing.queue)
             sdr = sdrs[hash(event.anonymous_id) % len(sdrs)]
             records = complete_routing(routing, sdr, roster, rules, now_ms)
-        state.set("p", encode_state(person).decode())
+        state.set("p", encode_state(person).decode("latin-1"))
         return [orjson.dumps(r.value) for r in records]
 
     sdf: Any = app.dataframe(source)
