@@ -167,7 +167,7 @@ def run_engine(env: dict[str, str], processes: int) -> tuple[float, float]:
     start = time.perf_counter()
     result = subprocess.run(
         [*LEADFLOW, "run", "--processes", str(processes), "--stop-at-end"],
-        env=env,
+        env={**env, "LEADFLOW_RECOVERY_DIR": tempfile.mkdtemp()},  # recovery on, from scratch
         capture_output=True,
         text=True,
         check=False,
@@ -341,7 +341,11 @@ def latency_run(
     proc = None
     if mode == "engine":
         config = ctx["config_for"](inp, out_topics[0], out_topics[1])
-        env = {**ctx["env"], "LEADFLOW_CONFIG_DIR": str(config)}
+        env = {
+            **ctx["env"],
+            "LEADFLOW_CONFIG_DIR": str(config),
+            "LEADFLOW_RECOVERY_DIR": tempfile.mkdtemp(),
+        }
         proc = subprocess.Popen(
             [*LEADFLOW, "run"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )

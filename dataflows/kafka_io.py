@@ -7,11 +7,13 @@ import logging
 import orjson
 from bytewax.connectors.kafka import (
     KafkaError,
-    KafkaSink,
     KafkaSinkMessage,
     KafkaSource,
     KafkaSourceMessage,
 )
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from confluent_kafka import KafkaError as BrokerError
+from confluent_kafka import Message, Producer
 
 from dataflows.metrics import metrics
 from dataflows.stages import RawMessage
@@ -27,6 +29,7 @@ SinkMessage = KafkaSinkMessage[bytes | None, bytes | None]
 
 
 ClientConfig = dict[str, str | int | float | bool]
+PREFETCH_KBYTES = "8192"
 
 
 def client_options(settings: Settings) -> ClientConfig:
@@ -38,6 +41,9 @@ def kafka_source(settings: Settings) -> KafkaSource:
     """The input: events (untrusted) and feedback (trusted) topics, one source."""
     options = dict(settings.kafka.options)
     options.setdefault("fetch.wait.max.ms", str(settings.kafka.fetch_wait_max_ms))
+    # Bound what librdkafka prefetches while the flow is busy (its default is 64 MiB
+    # per partition): a slow Redis then slows reading instead of filling memory.
+    options.setdefault("queued.max.messages.kbytes", PREFETCH_KBYTES)
     return KafkaSource(
         brokers=settings.kafka.bootstrap.split(","),
         topics=[settings.topics.events, settings.topics.feedback],
@@ -49,10 +55,75 @@ def kafka_source(settings: Settings) -> KafkaSource:
     )
 
 
-def kafka_sink(settings: Settings) -> KafkaSink:
-    """The output: one producer per worker, topic chosen per record."""
-    options = dict(settings.kafka.options)
-    return KafkaSink(brokers=settings.kafka.bootstrap.split(","), topic=None, add_config=options)
+class DeliveryFailed(RuntimeError):
+    """The broker refused or lost an output record: stop, so recovery replays its event."""
+
+
+class _RecordsPartition(StatelessSinkPartition[SinkMessage]):
+    """Produce a batch and wait until the broker has every record of it.
+
+    Bytewax's own Kafka sink flushes without looking at delivery reports, so a
+    record that times out is dropped without a word. Here a failed delivery
+    raises :class:`DeliveryFailed`: the process stops before the epoch is
+    committed, and the replay after the restart re-emits the record (the
+    engine's outbox makes that idempotent). A full local queue waits for the
+    broker instead of failing, and records never time out by default
+    (``message.timeout.ms = 0``): a broker outage stalls the flow, which then
+    stops reading input, instead of losing output.
+    """
+
+    def __init__(self, producer: Producer):
+        self.producer = producer
+        self.failures: list[str] = []
+
+    def _delivered(self, err: BrokerError | None, msg: Message) -> None:
+        if err is not None:
+            self.failures.append(f"{msg.topic()}: {err}")
+
+    def write_batch(self, items: list[SinkMessage]) -> None:
+        """Produce every record, then wait for all of them to be acknowledged."""
+        for m in items:
+            headers: list[tuple[str, str | bytes | None]] = [*m.headers]
+            while True:
+                try:
+                    self.producer.produce(
+                        m.topic or "",
+                        m.value,
+                        m.key,
+                        headers=headers,
+                        on_delivery=self._delivered,
+                    )
+                    break
+                except BufferError:  # the local queue is full: let the broker drain it
+                    self.producer.poll(0.1)
+        while self.producer.flush(1.0):
+            log.warning("waiting for the broker to acknowledge output records")
+        if self.failures:
+            failures, self.failures = self.failures, []
+            metrics().kafka_errors.inc(len(failures))
+            raise DeliveryFailed(f"{len(failures)} output record(s) not delivered: {failures[0]}")
+
+    def close(self) -> None:
+        """Deliver what is still queued."""
+        self.producer.flush(30.0)
+
+
+class RecordsSink(DynamicSink[SinkMessage]):
+    """The output: one producer per worker, topic chosen per record, nothing lost silently."""
+
+    def __init__(self, options: ClientConfig):
+        self.options = options
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _RecordsPartition:
+        """A producer for this worker."""
+        return _RecordsPartition(Producer(self.options))
+
+
+def kafka_sink(settings: Settings) -> RecordsSink:
+    """The output sink, with the shared client options (``message.timeout.ms`` 0 by default)."""
+    options = client_options(settings)
+    options.setdefault("message.timeout.ms", 0)
+    return RecordsSink(options)
 
 
 def to_raw_messages(items: list[SourceItem]) -> list[RawMessage]:

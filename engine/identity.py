@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,8 +50,13 @@ def digest(salt: str, text: str) -> str:
 
 
 def normalise_email(email: str, settings: IdentitySettings | None = None) -> str:
-    """Trim and lower-case; fold ``+tag`` and Gmail-style dots when configured."""
-    email = email.strip().lower()
+    """NFKC, trim and lower-case; fold ``+tag`` and Gmail-style dots when configured.
+
+    NFKC folds width and compatibility variants (fullwidth ``a``, U+FF41, is
+    ``a``), but look-alikes from other scripts (Cyrillic ``a``, U+0430) stay different mailboxes:
+    folding them would let anyone take over a lead with a look-alike address.
+    """
+    email = unicodedata.normalize("NFKC", email).strip().lower()
     if settings is None or "@" not in email:
         return email
     local, _, domain = email.rpartition("@")

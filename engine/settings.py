@@ -15,6 +15,7 @@ Environment overrides (applied after the files):
 * ``LEADFLOW_REDIS_URL`` -> ``redis.url`` (``redis://``, ``rediss://`` for TLS,
   ``user:password@`` for AUTH/ACL)
 * ``LEADFLOW_PROCESSES`` -> ``dataflow.processes``
+* ``LEADFLOW_RECOVERY_DIR`` -> ``dataflow.recovery_dir`` ('' turns recovery off)
 * ``LEADFLOW_METRICS_PORT`` -> ``metrics.port``
 """
 
@@ -100,7 +101,7 @@ class RedisSettings:
     cluster: bool = False
     # Retries with backoff before a batch gives up on Redis and the process exits
     # (Bytewax recovery then replays the batch).
-    retries: int = 5
+    retries: int = 12
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ class DataflowSettings:
     # First port of the Bytewax cluster on this host (process i uses base + i).
     cluster_base_port: int = 2101
     # Directory of Bytewax recovery partitions; empty = recovery off.
-    recovery_dir: str = ""
+    recovery_dir: str = "var/recovery"
     snapshot_interval_s: float = 10.0
     # Stop at the end of the input instead of waiting for more (replays, tests).
     stop_at_end: bool = False
@@ -576,7 +577,7 @@ def _redis(t: _Table, env: Mapping[str, str]) -> RedisSettings:
         url=url,
         key_prefix=t.text("key_prefix", RedisSettings.key_prefix),
         cluster=t.flag("cluster", False),
-        retries=t.integer("retries", 5, min=0, max=100),
+        retries=t.integer("retries", 12, min=0, max=100),
     )
     t.done()
     return s
@@ -604,7 +605,7 @@ def _dataflow(t: _Table, env: Mapping[str, str]) -> DataflowSettings:
         processes=processes,
         workers_per_process=t.integer("workers_per_process", 1, min=1, max=64),
         cluster_base_port=t.integer("cluster_base_port", 2101, min=1024, max=65000),
-        recovery_dir=t.text("recovery_dir", ""),
+        recovery_dir=env.get("LEADFLOW_RECOVERY_DIR", t.text("recovery_dir", "var/recovery")),
         snapshot_interval_s=t.number("snapshot_interval_s", 10.0, positive=True),
         stop_at_end=t.flag("stop_at_end", False),
     )

