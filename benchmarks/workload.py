@@ -35,8 +35,10 @@ EPOCH_MS = 1_793_000_000_000
 ZIPF_S = 1.0
 
 
-def events(people: int, count: int, seed: int = 7) -> Iterator[dict[str, Any]]:
-    """``count`` events over ``people`` people, in time order, as Segment JSON objects."""
+def events(
+    people: int, count: int, seed: int = 7, epoch_ms: int = EPOCH_MS
+) -> Iterator[dict[str, Any]]:
+    """``count`` events over ``people`` people, 50 ms apart from ``epoch_ms``, as Segment JSON."""
     rng = np.random.default_rng(seed)
     # Finite Zipf: the person of rank k is picked with probability ~ 1 / k^ZIPF_S;
     # shuffled so that rank is not the person id.
@@ -53,7 +55,7 @@ def events(people: int, count: int, seed: int = 7) -> Iterator[dict[str, Any]]:
         event: dict[str, Any] = {
             "messageId": f"m{n}",
             "anonymousId": f"c{p}{'b' if second_device else ''}",
-            "timestamp": iso(EPOCH_MS + n * 50),
+            "timestamp": iso(epoch_ms + n * 50),
         }
         if kinds[n] < 0.85:
             event |= {"type": "page", "properties": {"path": PAGES[pick % len(PAGES)]}}
@@ -89,9 +91,14 @@ def decode(value: bytes | None, topic: str, now_ms: int) -> Event | None:
     return event if isinstance(event, Event) else None
 
 
-def encoded(people: int, count: int, seed: int = 7) -> list[tuple[bytes, bytes]]:
+def encoded(
+    people: int, count: int, seed: int = 7, epoch_ms: int = EPOCH_MS
+) -> list[tuple[bytes, bytes]]:
     """The workload as ``(key, value)`` Kafka messages, keyed by cookie."""
-    return [(str(e["anonymousId"]).encode(), orjson.dumps(e)) for e in events(people, count, seed)]
+    return [
+        (str(e["anonymousId"]).encode(), orjson.dumps(e))
+        for e in events(people, count, seed, epoch_ms)
+    ]
 
 
 ROUTING_EXTRA = """

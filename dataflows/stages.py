@@ -31,6 +31,7 @@ from engine.person import (
     erase,
     message_digest,
     refuse_merge,
+    remember,
 )
 from engine.routing import Assignment
 from engine.sales import (
@@ -356,16 +357,22 @@ class _Round:
             out = self.produced[one_id] = []
             for n, item in enumerate(self.work[one_id]):
                 event = item.event
+                digest = message_digest(event.message_id)
+                before = len(out)
                 if n == 0:
                     for other in self.absorbing[one_id]:
                         out.append(absorb(person, other, event, self.rules, self.now_ms))
-                if message_digest(event.message_id) in person.seen:
+                if digest in person.seen:
                     self.replayed.add(one_id)
                 else:
                     for other_id, reason in item.refusals:
                         out.append(
                             refuse_merge(person, other_id, reason, event, self.rules, self.now_ms)
                         )
+                # Merge and refusal records go in the outbox under the event that caused
+                # them, or a crash before they are sent would lose them (the replay finds
+                # the merge done and the event seen).
+                remember(person, digest, out[before:], self.settings.limits.outbox_size)
                 if event.trusted and event.name == ERASE and not person.erased_ms:
                     self.erased[one_id] = [o for o, _ in person.merged_from]
                     out.append(erase(person, event, self.rules, self.now_ms))
@@ -394,6 +401,9 @@ class _Round:
         """Assign every routing of the round to an SDR, in one round trip."""
         if not self.routings:
             return
+        # In event-time order, not the order people were processed in: who gets which
+        # lead then does not depend on how the input was cut into batches (nor on a replay).
+        self.routings.sort(key=lambda r: (r.event.event_ms, r.event.message_id))
         roster = self.stage.roster()
         requests = [
             Assignment(

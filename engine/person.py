@@ -273,11 +273,13 @@ def decode_state(one_id: str, raw: bytes | None, version: int = 0) -> PersonStat
 
 
 def replayed_outputs(p: PersonState, digest: str) -> list[Output]:
-    """Records an already-applied event produced, for re-emission."""
-    for entry_digest, records in outbox_of(p):
-        if entry_digest == digest:
-            return [Output(kind, p.one_id, value) for kind, value in records]
-    return []
+    """Records an already-applied event produced, in order, for re-emission."""
+    return [
+        Output(kind, p.one_id, value)
+        for entry_digest, records in outbox_of(p)
+        if entry_digest == digest
+        for kind, value in records
+    ]
 
 
 def current_scores(p: PersonState, rules: Rulebook) -> dict[str, float]:

@@ -165,13 +165,19 @@ def _text(value: Any) -> str:
     return value.strip()[:200] if isinstance(value, str) else ""
 
 
+# No company has more employees; larger counts are junk (and would not fit the
+# 64-bit integers of the stored state).
+MAX_EMPLOYEES = 10_000_000
+
+
 def _count(value: Any) -> int:
+    """An employee count from a number or digits; 0 for anything else or implausible."""
     if isinstance(value, bool):
         return 0
-    if isinstance(value, int | float) and value > 0:
+    if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 9:
+        value = int(value.strip())
+    if isinstance(value, int | float) and 0 < value <= MAX_EMPLOYEES:
         return int(value)
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value.strip())
     return 0
 
 

@@ -24,6 +24,7 @@ from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 
+from bytewax.errors import BytewaxRuntimeError
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
 from confluent_kafka.admin import AdminClient
@@ -146,6 +147,15 @@ def run_member(
             recovery_config=recovery,
         )
     except KeyboardInterrupt:
+        log.info("stopped")
+    except BytewaxRuntimeError as e:
+        # A stop signal that lands inside a step (a Redis retry, a wait for the
+        # broker) reaches us wrapped: it is still a requested stop, not a failure.
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, KeyboardInterrupt):
+            cause = cause.__cause__
+        if cause is None:
+            raise
         log.info("stopped")
 
 

@@ -184,3 +184,10 @@ def test_look_alike_emails_stay_different_people_but_width_variants_fold() -> No
     fullwidth = normalise_email("\uff41lice@\uff45xample.com")  # the same characters, wide
     assert cyrillic != latin  # folding it would let a look-alike take over alice's lead
     assert fullwidth == latin
+
+
+def test_an_absurd_employee_count_is_ignored_not_fatal() -> None:
+    # Found by the property test above: 1.8e19 employees broke saving the state.
+    traits = {"employee_count": 1.8e19, "email": "a@b.example", "company": {"employees": "9" * 30}}
+    raw = orjson.dumps({"type": "identify", "messageId": "m", "anonymousId": "a", "traits": traits})
+    assert isinstance(process(raw), Event)
