@@ -47,3 +47,6 @@ $(QUIX_STAMP):
 
 bench: $(STAMP) $(QUIX_STAMP)  ## the benchmark suite: limits, throughput, memory, peers, latency
 	$(BIN)/python -m benchmarks.suite
+
+soak: $(STAMP)  ## 30 minutes at a steady rate; engine RSS and Redis memory sampled (MINUTES=N to shorten)
+	$(BIN)/python -m benchmarks.soak --minutes $(or $(MINUTES),30)

@@ -232,9 +232,9 @@ def encode_state(p: PersonState) -> bytes:
     for key, value in optional.items():
         if value:
             doc[key] = value
-    if p.erased_ms:
-        return orjson.dumps({"e": p.erased_ms})
     outbox = p.outbox_stored or (_deflate(p.outbox) if p.outbox else b"")
+    if p.erased_ms:
+        doc = {"e": p.erased_ms}
     return orjson.dumps(doc) + b"\0" + outbox if outbox else orjson.dumps(doc)
 
 
@@ -245,7 +245,7 @@ def decode_state(one_id: str, raw: bytes | None, version: int = 0) -> PersonStat
     body, _, outbox = raw.partition(b"\0")
     d = orjson.loads(body)
     if "e" in d:
-        return PersonState(one_id, erased_ms=d["e"], version=version)
+        return PersonState(one_id, erased_ms=d["e"], outbox_stored=outbox, version=version)
     transitions, promotions = d.get("n", (0, 0))
     queue, owner = d.get("o", ("", ""))
     ref_ms, last_ms = d["t"]
@@ -300,7 +300,9 @@ def apply_event(
     settings = rules.settings
     if p.erased_ms:
         if event.event_ms <= p.erased_ms:
-            return [], None  # events from before an erasure cannot bring the person back
+            # Events from before an erasure cannot bring the person back; the erasure
+            # itself, replayed, sends its record again.
+            return replayed_outputs(p, message_digest(event.message_id)), None
         _revive(p)
     digest = message_digest(event.message_id)
     if digest in p.seen:
@@ -515,6 +517,9 @@ def erase(p: PersonState, event: Event, rules: Rulebook, now_ms: int) -> Output:
     _revive(p)
     p.is_new = False
     p.erased_ms = erased_ms
+    # The tombstone keeps this one record (no personal data in it) so that a replay
+    # of the erasure after a crash sends it again.
+    remember(p, message_digest(event.message_id), [record], 1)
     return record
 
 

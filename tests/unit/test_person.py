@@ -22,6 +22,7 @@ from engine.person import (
     current_scores,
     decode_state,
     encode_state,
+    erase,
     outbox_of,
 )
 from engine.sales import complete_routing, route_promotion
@@ -264,3 +265,17 @@ def test_a_message_id_never_counts_twice_whatever_the_order(
         apply_event(noisy, e, RULES, NOW_MS)
     assert current_scores(noisy, RULES) == pytest.approx(current_scores(clean, RULES), rel=1e-9)
     assert noisy.score.caps == clean.score.caps
+
+
+def test_a_replayed_erasure_sends_its_record_again_and_nothing_personal_is_kept() -> None:
+    p = known_buyer()
+    apply_event(p, event("m1", "Demo Requested"), RULES, NOW_MS)
+    gone = event("m2", "erase", t_ms=NOW_MS + 1, trusted=True)
+    record = erase(p, gone, RULES, NOW_MS)
+    tombstone = encode_state(p)
+    kept = tombstone.partition(b"\0")[0] + orjson.dumps(outbox_of(decode_state("p1", tombstone)))
+    assert b"acme" not in kept.lower() and b"@" not in kept
+    replayed, _ = apply_event(decode_state("p1", tombstone), gone, RULES, NOW_MS + 5)
+    assert [o.value for o in replayed] == [record.value]
+    older, _ = apply_event(decode_state("p1", tombstone), event("m0", "Demo Requested"), RULES, 0)
+    assert older == []

@@ -1,0 +1,166 @@
+"""The soak run (``make soak``): a steady stream for 30 minutes, memory sampled throughout.
+
+``python -m benchmarks.soak [--minutes 30] [--rate 1000] [--people 20000]``
+
+Starts the embedded broker and Redis and ``leadflow run`` (one process,
+recovery on), then produces the benchmark workload's mix for a fixed set of
+people at a steady rate, with new messageIds and ingest-time timestamps, so
+the working set (the people, their states, identifiers and queues) fills in
+the first minutes and then stays the same. Every ``--every`` seconds it
+samples the engine's resident memory (RSS), Redis ``used_memory`` and the
+people stored. At the end it prints the samples and a verdict: memory must
+stop growing once the working set is there (the last third of the run may
+not grow more than 10% over the sample at one third), and writes everything
+to ``var/soak.json``. Exits 1 if the verdict is "growing".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+import redis
+from confluent_kafka import Producer
+
+from benchmarks import workload
+from engine.settings import load_settings
+from leadflow.servers import LocalBroker, LocalRedis, free_port, stop_process
+from leadflow.topics import create_topics
+
+# Allowed growth of the last third over the sample at one third of the run.
+GROWTH_LIMIT = 0.10
+
+
+def log(text: str) -> None:
+    """Progress on stderr."""
+    print(f"[soak {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def feed(bootstrap: str, topic: str, people: int, rate: float, stop: threading.Event) -> None:
+    """Produce the workload mix for ``people`` at ``rate`` until ``stop`` is set."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    start, sent, chunk = time.monotonic(), 0, 0
+    while not stop.is_set():
+        for event in workload.events(people, 10_000, seed=chunk):
+            event["messageId"] = f"s{chunk}-{event['messageId']}"
+            event.pop("timestamp")  # ingest time: the soak runs in real time
+            while (ahead := start + sent / rate - time.monotonic()) > 0:
+                time.sleep(min(ahead, 0.05))
+            if stop.is_set():
+                break
+            producer.produce(topic, orjson.dumps(event), str(event["anonymousId"]).encode())
+            producer.poll(0)
+            sent += 1
+        chunk += 1
+    producer.flush(30)
+
+
+def sample(engine: psutil.Process, client: redis.Redis, started: float) -> dict[str, float]:
+    """Engine RSS, Redis memory and people stored, now."""
+    people = sum(1 for _ in client.scan_iter("lf:p:*", count=10_000))
+    return {
+        "minute": (time.monotonic() - started) / 60,
+        "engine_rss_mib": engine.memory_info().rss / 2**20,
+        "redis_used_mib": int(client.info("memory")["used_memory"]) / 2**20,
+        "people": people,
+    }
+
+
+def verdict(samples: list[dict[str, float]]) -> dict[str, Any]:
+    """Whether memory kept growing after the working set filled in."""
+    third = samples[len(samples) // 3]
+    last = samples[len(samples) * 2 // 3 :]
+    out: dict[str, Any] = {}
+    for key in ("engine_rss_mib", "redis_used_mib"):
+        growth = max(s[key] for s in last) / third[key] - 1
+        out[key] = {"at_one_third": third[key], "max_last_third": max(s[key] for s in last)}
+        out[key]["growth"] = growth
+    out["steady"] = all(
+        out[k]["growth"] <= GROWTH_LIMIT for k in ("engine_rss_mib", "redis_used_mib")
+    )
+    return out
+
+
+def main() -> int:
+    """Run the soak and report."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--rate", type=float, default=1_000.0, help="events per second")
+    parser.add_argument("--people", type=int, default=20_000, help="the working set")
+    parser.add_argument("--every", type=float, default=30.0, help="seconds between samples")
+    parser.add_argument("--out", default="var/soak.json")
+    args = parser.parse_args()
+    config = workload.bench_config(Path(tempfile.mkdtemp()) / "config")
+    with LocalBroker() as broker, LocalRedis("redis") as server:
+        assert isinstance(broker, LocalBroker) and isinstance(server, LocalRedis)
+        env = {
+            **os.environ,
+            "LEADFLOW_CONFIG_DIR": str(config),
+            "LEADFLOW_KAFKA_BOOTSTRAP": broker.bootstrap,
+            "LEADFLOW_REDIS_URL": server.url,
+            "LEADFLOW_METRICS_PORT": str(free_port()),
+            "LEADFLOW_RECOVERY_DIR": tempfile.mkdtemp(),
+        }
+        settings = load_settings(config, env=env)
+        create_topics(settings, partitions=2)
+        engine_log = Path(tempfile.mkdtemp()) / "engine.log"
+        with engine_log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "leadflow.cli", "run"], env=env, stdout=out, stderr=out
+            )
+        stop = threading.Event()
+        feeder = threading.Thread(
+            target=feed,
+            args=(broker.bootstrap, settings.topics.events, args.people, args.rate, stop),
+        )
+        client = redis.Redis.from_url(server.url, socket_timeout=60)
+        samples: list[dict[str, float]] = []
+        started = time.monotonic()
+        log(f"{args.minutes:g} min at {args.rate:,.0f} events/s over {args.people:,} people")
+        feeder.start()
+        try:
+            while (time.monotonic() - started) / 60 < args.minutes:
+                time.sleep(args.every)
+                if proc.poll() is not None:
+                    raise RuntimeError(
+                        f"the engine exited with {proc.returncode}; log: {engine_log}"
+                    )
+                samples.append(sample(psutil.Process(proc.pid), client, started))
+                s = samples[-1]
+                log(
+                    f"minute {s['minute']:5.1f}: engine RSS {s['engine_rss_mib']:6.1f} MiB, "
+                    f"Redis {s['redis_used_mib']:6.1f} MiB, {s['people']:,} people"
+                )
+        finally:
+            stop.set()
+            feeder.join()
+            proc.send_signal(signal.SIGINT)
+            stop_process(proc)
+            client.close()
+    result = {"minutes": args.minutes, "rate": args.rate, "people": args.people}
+    result |= {"samples": samples, "verdict": verdict(samples)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    v = result["verdict"]
+    for key in ("engine_rss_mib", "redis_used_mib"):
+        print(
+            f"{key}: {v[key]['at_one_third']:.1f} at one third, "
+            f"{v[key]['max_last_third']:.1f} max in the last third ({v[key]['growth']:+.1%})"
+        )
+    print("steady" if v["steady"] else "growing", f"(figures in {args.out})")
+    return 0 if v["steady"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
