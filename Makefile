@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit integration bench soak clean
+.PHONY: demo test lint typecheck unit integration bench soak profile clean
 
 # Create the virtual environment and install the project with the embedded
 # broker/Redis binaries and the dev tools; re-run when pyproject.toml changes.
@@ -49,4 +49,7 @@ bench: $(STAMP) $(QUIX_STAMP)  ## the benchmark suite: limits, throughput, memor
 	$(BIN)/python -m benchmarks.suite
 
 soak: $(STAMP)  ## 30 minutes at a steady rate; engine RSS and Redis memory sampled (MINUTES=N to shorten)
-	$(BIN)/python -m benchmarks.soak --minutes $(or $(MINUTES),30)
+	$(BIN)/python -m benchmarks.soak --minutes $(or $(MINUTES),30) $(SOAK_ARGS)
+
+profile: $(STAMP)  ## leadflow run under py-spy: where the time goes (var/profile.txt)
+	$(BIN)/python -m benchmarks.profile

@@ -201,7 +201,7 @@ def memory_at_scale(redis_url: str, sample: list[bytes], people: int) -> float:
             cookie = f"{(i * 2654435761) % (1 << 64):016x}"
             pipe.set(f"lf:p:{{{one_id}}}", b"1|" + sample[i % len(sample)])
             pipe.set(f"lf:id:{{{cookie}}}", one_id)
-            pipe.sadd(f"lf:ids:{{{one_id}}}", f"anon:{cookie}")
+            pipe.hset(f"lf:ids:{{{one_id}}}", f"anon:{cookie}", "")
         pipe.execute()
     used = int(client.info("memory")["used_memory"])
     client.flushall()

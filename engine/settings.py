@@ -110,7 +110,7 @@ class LimitSettings:
 
     max_event_bytes: int = 32_768
     # How many recent messageIds each person remembers for de-duplication.
-    dedup_window: int = 256
+    dedup_window: int = 64
     # Output records kept per person for replay (re-emitted, never recomputed).
     outbox_size: int = 8
     # Events stamped further than this ahead of their ingest time are rejected.
@@ -586,7 +586,7 @@ def _redis(t: _Table, env: Mapping[str, str]) -> RedisSettings:
 def _limits(t: _Table) -> LimitSettings:
     s = LimitSettings(
         max_event_bytes=t.integer("max_event_bytes", 32_768, min=256, max=1_048_576),
-        dedup_window=t.integer("dedup_window", 256, min=1, max=10_000),
+        dedup_window=t.integer("dedup_window", 64, min=1, max=10_000),
         outbox_size=t.integer("outbox_size", 8, min=1, max=1_000),
         max_future_skew_s=t.integer("max_future_skew_s", 86_400, min=0),
     )

@@ -93,7 +93,7 @@ def rig(tmp: Path, name: str, appendonly: bool = False, advertised_port: int = 0
     text = engine_toml.read_text().replace(
         "snapshot_interval_s = 10.0", "snapshot_interval_s = 1.0"
     )
-    engine_toml.write_text(text.replace("dedup_window = 256", "dedup_window = 5000"))
+    engine_toml.write_text(text.replace("dedup_window = 64", "dedup_window = 5000"))
     with (
         LocalBroker(advertised_port=advertised_port) as broker,
         LocalRedis("redis", appendonly=appendonly) as server,

@@ -75,7 +75,7 @@ def test_environment_overrides_connections_and_librdkafka_options() -> None:
         ),
         (
             "engine.toml",
-            "dedup_window = 256",
+            "dedup_window = 64",
             "dedup_window = 0",
             "limits.dedup_window",
             "must be between",
