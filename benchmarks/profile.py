@@ -13,7 +13,6 @@ stacks stay in ``var/profile.txt`` for flame-graph tools.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import subprocess
@@ -66,14 +65,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with LocalBroker() as broker, LocalRedis("redis") as server:
         assert isinstance(broker, LocalBroker) and isinstance(server, LocalRedis)
-        env = {
-            **os.environ,
-            "LEADFLOW_CONFIG_DIR": str(config),
-            "LEADFLOW_KAFKA_BOOTSTRAP": broker.bootstrap,
-            "LEADFLOW_REDIS_URL": server.url,
-            "LEADFLOW_METRICS_PORT": str(free_port()),
-            "LEADFLOW_RECOVERY_DIR": tempfile.mkdtemp(),
-        }
+        env = workload.engine_env(config, broker.bootstrap, server.url, free_port())
         settings = load_settings(config, env=env)
         create(broker.bootstrap, list(settings.topics.all()), 2)
         produce(

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -168,14 +167,7 @@ def main() -> int:
             bootstrap = servers.enter_context(LocalBroker()).bootstrap  # type: ignore[attr-defined]
         server = servers.enter_context(LocalRedis("redis"))
         assert isinstance(server, LocalRedis)
-        env = {
-            **os.environ,
-            "LEADFLOW_CONFIG_DIR": str(config),
-            "LEADFLOW_KAFKA_BOOTSTRAP": bootstrap,
-            "LEADFLOW_REDIS_URL": server.url,
-            "LEADFLOW_METRICS_PORT": str(metrics_port),
-            "LEADFLOW_RECOVERY_DIR": tempfile.mkdtemp(),
-        }
+        env = workload.engine_env(config, bootstrap, server.url, metrics_port)
         settings = load_settings(config, env=env)
         create_topics(settings, partitions=1)
         engine_log = Path(tempfile.mkdtemp()) / "engine.log"

@@ -510,13 +510,7 @@ def main() -> None:
     }
     with LocalBroker() as broker, LocalRedis("redis") as server:
         assert isinstance(broker, LocalBroker) and isinstance(server, LocalRedis)
-        env = {
-            **os.environ,
-            "LEADFLOW_KAFKA_BOOTSTRAP": broker.bootstrap,
-            "LEADFLOW_REDIS_URL": server.url,
-            "LEADFLOW_CONFIG_DIR": str(config),
-            "LEADFLOW_METRICS_PORT": str(free_port()),
-        }
+        env = workload.engine_env(config, broker.bootstrap, server.url, free_port())
         settings = load_settings(config, env=env)
         log("physical limits")
         results["limits"] = limits(broker.bootstrap, server.url, messages)

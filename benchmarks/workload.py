@@ -10,7 +10,9 @@ the leads over three queues (see :func:`bench_config`).
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -120,6 +122,18 @@ sla_minutes = 15
 name = "dach"
 sla_minutes = 15
 """
+
+
+def engine_env(config: Path, bootstrap: str, redis_url: str, metrics_port: int) -> dict[str, str]:
+    """The environment of a ``leadflow run`` on these servers: this config, fresh recovery."""
+    return {
+        **os.environ,
+        "LEADFLOW_CONFIG_DIR": str(config),
+        "LEADFLOW_KAFKA_BOOTSTRAP": bootstrap,
+        "LEADFLOW_REDIS_URL": redis_url,
+        "LEADFLOW_METRICS_PORT": str(metrics_port),
+        "LEADFLOW_RECOVERY_DIR": tempfile.mkdtemp(prefix="leadflow-recovery-"),
+    }
 
 
 def bench_config(into: Path) -> Path:
