@@ -126,11 +126,13 @@ def build_flow(
     decoder = Decoder(settings, clock)
 
     def decode(items: list[SourceItem]) -> list[Rejection | tuple[str, list[Event]]]:
-        decoded = decoder(to_raw_messages(items))
-        events = [d for d in decoded if isinstance(d, Event)]
-        out: list[Rejection | tuple[str, list[Event]]] = [
-            d for d in decoded if isinstance(d, Rejection)
-        ]
+        events: list[Event] = []
+        out: list[Rejection | tuple[str, list[Event]]] = []
+        for d in decoder(to_raw_messages(items)):
+            if isinstance(d, Event):
+                events.append(d)
+            else:
+                out.append(d)
         if events:
             # One resolver for the whole cluster: a constant key sends every event to one worker.
             out.append((RESOLVER_KEY, events))

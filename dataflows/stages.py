@@ -372,7 +372,8 @@ class _Round:
                 # Merge and refusal records go in the outbox under the event that caused
                 # them, or a crash before they are sent would lose them (the replay finds
                 # the merge done and the event seen).
-                remember(person, digest, out[before:], self.settings.limits.outbox_size)
+                if len(out) > before:
+                    remember(person, digest, out[before:], self.settings.limits.outbox_size)
                 if event.trusted and event.name == ERASE and not person.erased_ms:
                     self.erased[one_id] = [o for o, _ in person.merged_from]
                     out.append(erase(person, event, self.rules, self.now_ms))

@@ -201,6 +201,13 @@ def encode_state(p: PersonState) -> bytes:
 
     Short keys and omitted defaults keep memory per person low.
     """
+    outbox = p.outbox_stored or (_deflate(p.outbox) if p.outbox else b"")
+    # A tombstone keeps the erasure time and, in its outbox, the erasure's record.
+    body = orjson.dumps({"e": p.erased_ms} if p.erased_ms else _state_doc(p))
+    return body + b"\0" + outbox if outbox else body
+
+
+def _state_doc(p: PersonState) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "s": p.stage,
         "t": [p.score.ref_ms, p.score.last_ms],
@@ -232,10 +239,7 @@ def encode_state(p: PersonState) -> bytes:
     for key, value in optional.items():
         if value:
             doc[key] = value
-    outbox = p.outbox_stored or (_deflate(p.outbox) if p.outbox else b"")
-    if p.erased_ms:
-        doc = {"e": p.erased_ms}
-    return orjson.dumps(doc) + b"\0" + outbox if outbox else orjson.dumps(doc)
+    return doc
 
 
 def decode_state(one_id: str, raw: bytes | None, version: int = 0) -> PersonState:
