@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
 
 import orjson
 from bytewax.connectors.kafka import (
@@ -11,9 +15,11 @@ from bytewax.connectors.kafka import (
     KafkaSource,
     KafkaSourceMessage,
 )
+from bytewax.inputs import StatefulSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import KafkaError as BrokerError
 from confluent_kafka import Message, Producer
+from confluent_kafka.admin import AdminClient
 
 from dataflows.metrics import metrics
 from dataflows.stages import RawMessage
@@ -21,6 +27,7 @@ from engine.events import Origin, Rejection
 from engine.person import DECISION, Output
 from engine.sales import DLQ
 from engine.settings import Settings
+from engine.store import RedisStore
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +44,132 @@ def client_options(settings: Settings) -> ClientConfig:
     return {"bootstrap.servers": settings.kafka.bootstrap, **settings.kafka.options}
 
 
-def kafka_source(settings: Settings) -> KafkaSource:
-    """The input: events (untrusted) and feedback (trusted) topics, one source."""
+def kafka_cluster(settings: Settings) -> dict[str, str]:
+    """What identifies the input: bootstrap servers, the broker's cluster id, input topics."""
+    admin = AdminClient(client_options(settings))
+    cluster_id = admin.list_topics(timeout=10).cluster_id or ""
+    topics = f"{settings.topics.events},{settings.topics.feedback}"
+    return {"bootstrap": settings.kafka.bootstrap, "cluster_id": cluster_id, "topics": topics}
+
+
+def input_sources(settings: Settings, cluster: dict[str, str]) -> dict[str, str]:
+    """Input topic -> the prefix of its partitions' source names (``<prefix><partition>``).
+
+    A source name is short (it is kept in people's states, see
+    engine.person.settle) and changes with the input's identity
+    (:func:`kafka_cluster`): offsets of another cluster or topic never mix.
+    """
+    tag = hashlib.blake2b(orjson.dumps(cluster, option=orjson.OPT_SORT_KEYS), digest_size=3)
+    return {
+        settings.topics.events: tag.hexdigest() + "e",
+        settings.topics.feedback: tag.hexdigest() + "f",
+    }
+
+
+class _PositionedPartition(StatefulSourcePartition[SourceItem, int | None]):
+    """A Kafka partition that records, in Redis, the offset below which input is done.
+
+    Bytewax snapshots a partition's offset when an epoch ends, and reads the
+    next epoch's input only once every output has finished the epochs before
+    (its back-pressure). So when a batch is read after two snapshots, every
+    message below the older one has been applied to Redis and its records
+    acknowledged by the broker: that offset is *done*. (One snapshot would do;
+    the second is a margin.) Input is never read again from below it (see
+    :class:`PositionedKafkaSource`), so people forget those positions.
+    """
+
+    def __init__(
+        self, inner: StatefulSourcePartition[SourceItem, int | None], store: RedisStore, source: str
+    ):
+        self.inner = inner
+        self.store = store
+        self.source = source
+        self.snapshots: list[int] = []  # the last two snapshotted offsets, oldest first
+        self.done = -1
+
+    def next_batch(self) -> Iterable[SourceItem]:
+        """Record the done offset if it moved, then read a batch."""
+        if len(self.snapshots) == 2 and self.snapshots[0] > self.done:
+            self.done = self.snapshots[0]
+            self.store.advance_input(self.source, self.done)
+        return self.inner.next_batch()
+
+    def next_awake(self) -> datetime | None:
+        """When to read next (the Kafka partition's answer)."""
+        return self.inner.next_awake()
+
+    def snapshot(self) -> int | None:
+        """The offset to resume from; remembered to learn the done offset."""
+        offset = self.inner.snapshot()
+        if offset is not None and offset >= 0:
+            self.snapshots = [*self.snapshots[-1:], offset]
+        return offset
+
+    def close(self) -> None:
+        """Close the consumer and the Redis connection."""
+        self.inner.close()
+        self.store.close()
+
+
+class PositionedKafkaSource(KafkaSource):
+    """Bytewax's Kafka source, starting no lower than the done offsets kept in Redis.
+
+    A partition resumes from Bytewax's recovery snapshot or from its done
+    offset in Redis, whichever is later: the events below the done offset are
+    applied and delivered, and people have forgotten their positions. So losing
+    the recovery directory (a new disk, a wiped volume) replays nothing already
+    done, instead of the whole input.
+    """
+
+    def __init__(self, settings: Settings, sources: dict[str, str], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.sources = sources
+
+    def build_part(  # type: ignore[override]  # a wrapper of the partition Bytewax's returns
+        self, step_id: str, for_part: str, resume_state: int | None
+    ) -> _PositionedPartition:
+        """The partition, resumed from the later of recovery and the done offset."""
+        index, topic = for_part.split("-", 1)
+        source = self.sources[topic] + index
+        store = RedisStore(self.settings.redis)
+        done = store.inputs_done().get(source)
+        start = resume_state
+        if done is not None and (start is None or done > start):
+            log.info(
+                "input %s starts at offset %d (done in Redis), not %s (recovery)",
+                for_part,
+                done,
+                "the beginning" if start is None else start,
+            )
+            start = done
+        return _PositionedPartition(super().build_part(step_id, for_part, start), store, source)
+
+
+def kafka_source(settings: Settings, sources: dict[str, str] | None = None) -> KafkaSource:
+    """The input: events (untrusted) and feedback (trusted) topics, one source.
+
+    With ``sources`` (:func:`input_sources`) it records its done offsets in
+    Redis (:class:`PositionedKafkaSource`), as the engine needs; without, it is
+    Bytewax's plain Kafka source (the pass-through benchmark).
+    """
     options = dict(settings.kafka.options)
     options.setdefault("fetch.wait.max.ms", str(settings.kafka.fetch_wait_max_ms))
     # Bound what librdkafka prefetches while the flow is busy (its default is 64 MiB
     # per partition): a slow Redis then slows reading instead of filling memory.
     options.setdefault("queued.max.messages.kbytes", PREFETCH_KBYTES)
-    return KafkaSource(
-        brokers=settings.kafka.bootstrap.split(","),
-        topics=[settings.topics.events, settings.topics.feedback],
-        tail=not settings.dataflow.stop_at_end,
-        add_config=options,
-        batch_size=settings.kafka.source_batch_size,
+    args: dict[str, Any] = {
+        "brokers": settings.kafka.bootstrap.split(","),
+        "topics": [settings.topics.events, settings.topics.feedback],
+        "tail": not settings.dataflow.stop_at_end,
+        "add_config": options,
+        "batch_size": settings.kafka.source_batch_size,
         # Broker errors become items we count and log; the flow never dies on them.
-        raise_on_errors=False,
-    )
+        "raise_on_errors": False,
+    }
+    if sources is None:
+        return KafkaSource(**args)
+    return PositionedKafkaSource(settings, sources, **args)
 
 
 class DeliveryFailed(RuntimeError):

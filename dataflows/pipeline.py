@@ -29,13 +29,13 @@ from typing import TypeVar
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
-from bytewax.inputs import Source
 from bytewax.operators import KeyedStream, StatefulBatchLogic
-from bytewax.outputs import Sink
 
 from dataflows.kafka_io import (
     SinkMessage,
     SourceItem,
+    input_sources,
+    kafka_cluster,
     kafka_sink,
     kafka_source,
     to_dlq_message,
@@ -108,13 +108,9 @@ def _is_rejection(item: object) -> bool:
 
 
 def build_flow(
-    settings: Settings,
-    source: Source[SourceItem] | None = None,
-    sink: Sink[SinkMessage] | None = None,
-    store: RedisStore | None = None,
-    clock: Clock = time.time,
+    settings: Settings, store: RedisStore | None = None, clock: Clock = time.time
 ) -> Dataflow:
-    """Build the dataflow; tests may swap the source, sink, store or clock.
+    """Build the dataflow; tests may swap the store or clock.
 
     From decoding to the person stage, one Bytewax item carries a whole batch
     of events (a list): Bytewax's cost is per item and per step, about 1 us,
@@ -122,8 +118,9 @@ def build_flow(
     biggest cost that was not our own code.
     """
     flow = Dataflow("leadflow")
-    messages = op.input("input", flow, source or kafka_source(settings))
-    decoder = Decoder(settings, clock)
+    sources = input_sources(settings, kafka_cluster(settings))
+    messages = op.input("input", flow, kafka_source(settings, sources))
+    decoder = Decoder(settings, sources, clock)
 
     def decode(items: list[SourceItem]) -> list[Rejection | tuple[str, list[Event]]]:
         events: list[Event] = []
@@ -177,7 +174,7 @@ def build_flow(
         op.map("dlq_records", rejected, dlq),
         op.flat_map_batch("score_qualify_route", owned, score_qualify_route),
     )
-    op.output("output", out, sink or kafka_sink(settings))
+    op.output("output", out, kafka_sink(settings))
     return flow
 
 

@@ -25,6 +25,7 @@ from engine.person import (
     PersonState,
     Rulebook,
     absorb,
+    already_applied,
     apply_event,
     decode_state,
     encode_state,
@@ -32,6 +33,7 @@ from engine.person import (
     message_digest,
     refuse_merge,
     remember,
+    settle,
 )
 from engine.routing import Assignment
 from engine.sales import (
@@ -49,6 +51,9 @@ from engine.store import SAVED, IdentityWrites, RedisStore
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]
+# How often the person stage re-reads the input's done offsets: a stale value only
+# means people keep a few more input positions until the next read.
+INPUTS_DONE_REFRESH_S = 1.0
 
 
 @dataclass(slots=True)  # not frozen: one per event, see engine.events.Event
@@ -73,8 +78,9 @@ class Resolved:
 class Decoder:
     """Decode and validate a batch of raw messages into events and rejections."""
 
-    def __init__(self, settings: Settings, clock: Clock = time.time):
+    def __init__(self, settings: Settings, sources: dict[str, str], clock: Clock = time.time):
         self.settings = settings
+        self.sources = sources  # input topic -> source name prefix (dataflows.kafka_io)
         self.clock = clock
 
     def __call__(self, messages: list[RawMessage]) -> list[Event | Rejection]:
@@ -101,6 +107,8 @@ class Decoder:
                 rejected[item.reason] += 1
             else:
                 consumed[(item.type, "feedback" if trusted else "events")] += 1
+                item.source = self.sources[msg.origin.topic] + str(msg.origin.partition)
+                item.offset = msg.origin.offset
             out.append(item)
         m = metrics()
         for reason, n in rejected.items():
@@ -267,6 +275,16 @@ class PersonStage(_LazyStore):
         self.rules = Rulebook(settings)
         self.clock = clock
         self._roster = settings.roster
+        self._done: dict[str, int] = {}
+        self._done_read_at = -INPUTS_DONE_REFRESH_S
+
+    def inputs_done(self) -> dict[str, int]:
+        """The input sources' done offsets (engine.person.settle), read at most once a second."""
+        now = time.monotonic()
+        if now - self._done_read_at >= INPUTS_DONE_REFRESH_S:
+            self._done = self.store.inputs_done()
+            self._done_read_at = now
+        return self._done
 
     def roster(self) -> RosterSettings:
         """The roster applied in Redis (``leadflow roster apply``), else roster.toml's."""
@@ -329,12 +347,14 @@ class _Round:
     def _load(self) -> None:
         """Load the people, then the frozen states of those they have yet to absorb."""
         wanted: dict[str, set[str]] = {}
+        done_offsets = self.stage.inputs_done()
         stored_people = self.store.load_people(list(self.work), pending=True)
         for one_id, stored in zip(self.work, stored_people, strict=True):
             if stored.redirect:
                 self._again(stored.redirect, self.work[one_id])
                 continue
             person = self.people[one_id] = decode_state(one_id, stored.state, stored.version)
+            settle(person, done_offsets)
             self.loaded[one_id] = stored.state
             self.timers_loaded[one_id] = dict(person.timers)
             done = {m[0] for m in person.merged_from} | {one_id}
@@ -362,7 +382,7 @@ class _Round:
                 if n == 0:
                     for other in self.absorbing[one_id]:
                         out.append(absorb(person, other, event, self.rules, self.now_ms))
-                if digest in person.seen:
+                if already_applied(person, event, digest):
                     self.replayed.add(one_id)
                 else:
                     for other_id, reason in item.refusals:

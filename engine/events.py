@@ -101,6 +101,9 @@ class Event:
         user_id, anonymous_id, email, previous_id: raw identifiers ('' if absent).
         trusted: True when read from the feedback topic.
         payload: the whole decoded object, unknown fields included.
+        source: the input partition it was read from ('' when not read from
+            Kafka: a timer), named by dataflows.kafka_io.InputPositions.
+        offset: its offset in that partition (-1 when ``source`` is '').
     """
 
     type: str
@@ -115,6 +118,8 @@ class Event:
     previous_id: str = ""
     trusted: bool = False
     payload: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    source: str = ""
+    offset: int = -1
 
 
 @pickled_by_fields

@@ -7,9 +7,11 @@ for each event, has every promotion assigned to an SDR (see engine.sales and
 the store), and saves the states.
 
 Nothing lost, nothing doubled: the state remembers the digests of the last
-``limits.dedup_window`` messageIds it applied (and of the content of its
-recent ``track`` events: the same form submitted twice scores once), and, in
-an *outbox*, the output records of its last ``limits.outbox_size``
+``limits.dedup_window`` messageIds it applied (a client's retry; and the
+content of its recent ``track`` events: the same form submitted twice scores
+once), the input positions (Kafka partition and offset) of every event it
+applied that could still be read again after a crash (see :func:`settle`),
+and, in an *outbox*, the output records of its last ``limits.outbox_size``
 output-producing events. An event seen again (a client retry, or Bytewax
 replaying input after a crash) changes nothing and re-emits the records it
 produced the first time, with the same ids.
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from bisect import bisect_left, insort
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -81,6 +85,8 @@ class PersonState:
     profile: Profile = field(default_factory=Profile)
     disqualified: str = ""  # the cleansing reason, once disqualified
     seen: list[str] = field(default_factory=list)  # recent message/content digests, oldest first
+    # Input source -> offsets of events applied from it that may still be replayed, ascending.
+    unsettled: dict[str, list[int]] = field(default_factory=dict)
     transitions: int = 0  # lifecycle records written so far (makes record ids stable)
     promotions: int = 0
     queue: str = ""
@@ -214,6 +220,8 @@ def _state_doc(p: PersonState) -> dict[str, Any]:
         "c": p.score.contributions,
         "m": p.seen,
     }
+    if p.unsettled:
+        doc["u"] = p.unsettled
     if p.score.caps:
         doc["k"] = p.score.caps
     # Not dataclasses.asdict: its recursive deep copy was the costliest call per batch.
@@ -260,6 +268,7 @@ def decode_state(one_id: str, raw: bytes | None, version: int = 0) -> PersonStat
         profile=Profile(**d.get("p", {})),
         disqualified=d.get("dq", ""),
         seen=d["m"],
+        unsettled=d.get("u", {}),
         transitions=transitions,
         promotions=promotions,
         queue=queue,
@@ -309,9 +318,9 @@ def apply_event(
             return replayed_outputs(p, message_digest(event.message_id)), None
         _revive(p)
     digest = message_digest(event.message_id)
-    if digest in p.seen:
+    if already_applied(p, event, digest):
         return replayed_outputs(p, digest), None
-    see(p, digest, settings.limits.dedup_window)
+    mark_applied(p, event, digest, settings.limits.dedup_window)
 
     outputs: list[Output] = []
     if p.is_new:
@@ -486,6 +495,8 @@ def absorb(
     merge_scores(p.score, other.score, rules.scoring)
     merge_profiles(p.profile, other.profile)
     p.seen = [*(d for d in other.seen if d not in p.seen), *p.seen][-settings.limits.dedup_window :]
+    for source, offsets in other.unsettled.items():
+        p.unsettled[source] = sorted({*p.unsettled.get(source, ()), *offsets})
     stage = lifecycle.further_stage(p.stage if from_stage else other.stage, other.stage)
     if other.owner and (not p.owner or (stage == other.stage and stage != p.stage)):
         p.queue, p.owner = other.queue, other.owner
@@ -609,9 +620,48 @@ def _record(
 
 
 def see(p: PersonState, digest: str, window: int) -> None:
-    """Remember a message digest (the last ``window`` are kept) so it never counts twice."""
+    """Remember a digest (the last ``window`` are kept) so it never counts twice."""
     p.seen.append(digest)
     del p.seen[:-window]
+
+
+def already_applied(p: PersonState, event: Event, digest: str) -> bool:
+    """Whether ``event`` was applied: its messageId recently, or its input position.
+
+    The digest catches a client sending the same event twice; the position
+    catches Bytewax replaying input after a crash, however many events the
+    person had since (the digest window alone would miss a busy person's).
+    """
+    if digest in p.seen:
+        return True
+    offsets = p.unsettled.get(event.source)
+    if offsets is None:
+        return False
+    i = bisect_left(offsets, event.offset)
+    return i < len(offsets) and offsets[i] == event.offset
+
+
+def mark_applied(p: PersonState, event: Event, digest: str, window: int) -> None:
+    """Remember that ``event`` was applied, by messageId digest and by input position."""
+    see(p, digest, window)
+    if event.source:
+        insort(p.unsettled.setdefault(event.source, []), event.offset)
+
+
+def settle(p: PersonState, done: Mapping[str, int]) -> None:
+    """Forget the input positions below each source's done offset.
+
+    ``done`` holds, per input source, an offset below which every event has
+    been applied and its records delivered (see dataflows.kafka_io): input is
+    never read again from below it, so those positions can never be replayed.
+    """
+    for source in list(p.unsettled):
+        offsets = p.unsettled[source]
+        cut = bisect_left(offsets, done.get(source, 0))
+        if cut == len(offsets):
+            del p.unsettled[source]
+        elif cut:
+            del offsets[:cut]
 
 
 def remember(p: PersonState, digest: str, outputs: list[Output], size: int) -> None:

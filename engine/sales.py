@@ -30,15 +30,16 @@ from engine.person import (
     PersonState,
     Promotion,
     Rulebook,
+    already_applied,
     decision_record,
     iso,
+    mark_applied,
     message_digest,
     note,
     promote,
     qualification,
     remember,
     replayed_outputs,
-    see,
     stable_id,
     transition,
 )
@@ -179,9 +180,9 @@ def apply_feedback(p: PersonState, event: Event, rules: Rulebook, now_ms: int) -
         detail = f"{event.name}: no lead is known by this event's identifiers"
         return [Output(DLQ, p.one_id, _refusal(event, "illegal_transition", detail))]
     digest = message_digest(event.message_id)
-    if digest in p.seen:
+    if already_applied(p, event, digest):
         return replayed_outputs(p, digest)
-    see(p, digest, settings.limits.dedup_window)
+    mark_applied(p, event, digest, settings.limits.dedup_window)
     props = event.payload.get("properties") or {}
     actor = str(props.get("actor") or props.get("sdr") or "sales")[:100]
     target = FEEDBACK[event.name]
@@ -230,11 +231,11 @@ def fire_timer(
     """Fire a due timer: records to emit now, or a routing / promotion to complete."""
     kind, due = event.name, event.event_ms
     digest = message_digest(event.message_id)
-    if digest in p.seen:
+    if already_applied(p, event, digest):
         return replayed_outputs(p, digest), None, None
     if p.timers.get(kind) != due:
         return [], None, None  # cancelled or moved since it was scheduled
-    see(p, digest, rules.settings.limits.dedup_window)
+    mark_applied(p, event, digest, rules.settings.limits.dedup_window)
     del p.timers[kind]
     work = p.work
     outputs: list[Output] = []

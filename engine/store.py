@@ -16,6 +16,7 @@ hash tag; keys of one person share that person's tag:
 ``P q:{<queue>}:d:<sdr>:<day>`` leads an SDR took that local day (``w:`` week)
 ``P roster``                    the roster applied: ``<version>|<JSON>``
 ``P timers``                    due time of every pending timer (a sorted set)
+``P input``                     per input source, the offset read up to and done
 ==============================  ==============================================
 
 The identity graph (``id``, ``e``, ``ids``, ``r``, ``pend``) has one writer,
@@ -135,6 +136,13 @@ for i = 1, #KEYS, 3 do
   }
 end
 return out
+"""
+
+# Raise an input source's done offset, never lower it. KEYS: input key; ARGV: source, offset.
+_ADVANCE_INPUT = """
+local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '-1')
+if tonumber(ARGV[2]) > cur then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return 0
 """
 
 # Store a new roster under the next version. KEYS: roster key; ARGV: roster JSON.
@@ -274,6 +282,7 @@ class RedisStore:
         self._scripts: dict[str, Script] = {
             name: self.client.register_script(body)
             for name, body in (
+                ("advance", _ADVANCE_INPUT),
                 ("assign", _ASSIGN),
                 ("load", _LOAD),
                 ("roster", _APPLY_ROSTER),
@@ -322,6 +331,10 @@ class RedisStore:
     def roster_key(self) -> str:
         """Key of the roster applied to running engines."""
         return f"{self.prefix}roster"
+
+    def input_key(self) -> str:
+        """Key of the input sources' done offsets (a hash: source -> offset)."""
+        return f"{self.prefix}input"
 
     # -- identity graph (one writer: the resolver) -----------------------------
     def owners(self, digests: Sequence[str]) -> tuple[list[str | None], list[int]]:
@@ -463,6 +476,15 @@ class RedisStore:
             one_id, kind, due = member.decode().split("|")
             out.append((one_id, kind, int(due)))
         return out
+
+    def inputs_done(self) -> dict[str, int]:
+        """Per input source, the offset below which every event is applied and delivered."""
+        raw = self._retry(lambda: self.client.hgetall(self.input_key()))
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    def advance_input(self, source: str, offset: int) -> None:
+        """Record that ``source`` is done below ``offset`` (a lower offset changes nothing)."""
+        self._script("advance", [([self.input_key()], [source, offset])])
 
     def close(self) -> None:
         """Release the connection pool."""

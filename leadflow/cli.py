@@ -187,7 +187,8 @@ def _roster(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from leadflow.runner import kafka_cluster, prepare_recovery, run_local_cluster, run_member
+    from dataflows.kafka_io import kafka_cluster
+    from leadflow.runner import prepare_recovery, run_local_cluster, run_member
 
     settings = _settings(args)
     dataflow = settings.dataflow

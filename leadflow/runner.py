@@ -27,9 +27,7 @@ from types import FrameType
 from bytewax.errors import BytewaxRuntimeError
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
-from confluent_kafka.admin import AdminClient
 
-from dataflows.kafka_io import client_options
 from dataflows.metrics import metrics
 from dataflows.pipeline import build_flow
 from engine.settings import Settings
@@ -70,14 +68,6 @@ def serve_metrics(settings: Settings, process_id: int) -> None:
         os.environ["BYTEWAX_DATAFLOW_API_ENABLED"] = "1"
         os.environ["BYTEWAX_DATAFLOW_API_PORT"] = str(settings.metrics.port + process_id)
         log.info("metrics on http://0.0.0.0:%d/metrics", settings.metrics.port + process_id)
-
-
-def kafka_cluster(settings: Settings) -> dict[str, str]:
-    """What identifies the input: bootstrap servers, the broker's cluster id, input topics."""
-    admin = AdminClient(client_options(settings))
-    cluster_id = admin.list_topics(timeout=10).cluster_id or ""
-    topics = f"{settings.topics.events},{settings.topics.feedback}"
-    return {"bootstrap": settings.kafka.bootstrap, "cluster_id": cluster_id, "topics": topics}
 
 
 def prepare_recovery(settings: Settings, cluster: dict[str, str]) -> None:

@@ -18,12 +18,16 @@ from engine.person import (
     PersonState,
     Promotion,
     Rulebook,
+    absorb,
+    already_applied,
     apply_event,
     current_scores,
     decode_state,
     encode_state,
     erase,
+    message_digest,
     outbox_of,
+    settle,
 )
 from engine.sales import complete_routing, route_promotion
 from engine.settings import load_settings
@@ -233,6 +237,41 @@ def test_dedup_window_and_outbox_are_bounded() -> None:
         apply_event(p, event(f"m{n}", "Whitepaper Downloaded", t_ms=NOW_MS + n, n=n), small, NOW_MS)
     assert len(p.seen) == 3
     assert len(outbox_of(p)) == 1  # only the first event produced records
+
+
+def test_a_replay_from_the_input_is_recognised_by_its_position_after_the_window() -> None:
+    small = Rulebook(replace(RULES.settings, limits=replace(RULES.settings.limits, dedup_window=3)))
+    p = PersonState("p1", is_new=True)
+    views = [
+        replace(event(f"m{n}", "Pricing Viewed", n=n), source="ab0", offset=100 + n)
+        for n in range(10)
+    ]
+    for e in views:
+        apply_event(p, e, small, NOW_MS)
+    assert views[0].message_id and len(p.seen) == 3  # its digest is long gone
+    before = encode_state(p)
+    apply_event(p, views[0], small, NOW_MS)  # Bytewax replaying after a crash
+    assert encode_state(p) == before
+    restored = decode_state("p1", before)
+    assert restored.unsettled == {"ab0": list(range(100, 110))}
+    # The same offset of another partition is another event.
+    other = replace(event("x", "Pricing Viewed"), source="ab1", offset=100)
+    apply_event(p, other, small, NOW_MS)
+    assert p.unsettled["ab1"] == [100]
+
+
+def test_settled_positions_are_forgotten_and_absorbed_ones_kept() -> None:
+    p = PersonState("p1", unsettled={"ab0": [5, 7, 9], "ab1": [3]})
+    settle(p, {"ab0": 8, "ab1": 4, "zz0": 100})
+    assert p.unsettled == {"ab0": [9]}
+    settle(p, {"ab0": 10})
+    assert p.unsettled == {}
+    survivor, absorbed = known_buyer(), PersonState("p2", unsettled={"ab0": [4, 12]})
+    survivor.unsettled = {"ab0": [11, 12]}
+    absorb(survivor, absorbed, event("m", "Pricing Viewed"), RULES, NOW_MS)
+    assert survivor.unsettled == {"ab0": [4, 11, 12]}
+    replayed = replace(event("late", "Pricing Viewed"), source="ab0", offset=4)
+    assert already_applied(survivor, replayed, message_digest("late"))
 
 
 SCORED = [
