@@ -24,8 +24,7 @@ from confluent_kafka.admin import AdminClient
 from dataflows.metrics import metrics
 from dataflows.stages import RawMessage
 from engine.events import Origin, Rejection
-from engine.person import DECISION, Output
-from engine.sales import DLQ
+from engine.person import DECISION, DLQ, Output
 from engine.settings import Settings
 from engine.store import RedisStore
 

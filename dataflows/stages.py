@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import orjson
 
 from dataflows.metrics import metrics
+from engine.consent import LISTS, suppression_of
 from engine.events import Event, Origin, Rejection, decode_event, pickled_by_fields
 from engine.identity import anchor, identifiers_of, resolve
 from engine.person import (
@@ -45,6 +46,7 @@ from engine.sales import (
     complete_routing,
     fire_timer,
     route_promotion,
+    withhold_from_sales,
 )
 from engine.settings import ConfigError, RosterSettings, Settings, check_roster, roster_data
 from engine.store import SAVED, IdentityWrites, RedisStore
@@ -425,6 +427,20 @@ class _Round:
         # In event-time order, not the order people were processed in: who gets which
         # lead then does not depend on how the input was cut into batches (nor on a replay).
         self.routings.sort(key=lambda r: (r.event.event_ms, r.event.message_id))
+        people = [(r.person.one_id, r.person.profile.email_domain) for r in self.routings]
+        routed = []
+        for r, on_lists in zip(
+            self.routings, self.store.lists_holding(people, tuple(LISTS)), strict=True
+        ):
+            r.suppression = suppression_of(on_lists)
+            if r.suppression.blacklisted:
+                records = withhold_from_sales(r, self.rules, self.now_ms)
+                self.produced[r.person.one_id].extend(records)
+            else:
+                routed.append(r)
+        self.routings = routed
+        if not routed:
+            return
         roster = self.stage.roster()
         requests = [
             Assignment(
@@ -441,6 +457,8 @@ class _Round:
     def _save(self, outputs: list[Output]) -> None:
         """Save whoever changed; emit the records of those saved; losers go round again."""
         block_ms = self.settings.identity.erasure_block_days * 86_400_000
+        # Saved at every event: a person expires retention_days after their last one.
+        retention_ms = self.settings.limits.retention_days * 86_400_000
         saves, done = [], []
         for one_id in self.produced:
             person = self.people[one_id]
@@ -448,7 +466,8 @@ class _Round:
             if raw == self.loaded[one_id] or person.is_new:
                 done.append(one_id)  # replays, or nobody: nothing to save, records to (re-)emit
             else:
-                saves.append((one_id, person.version, raw, block_ms if person.erased_ms else 0))
+                ttl_ms = block_ms if person.erased_ms else retention_ms
+                saves.append((one_id, person.version, raw, ttl_ms))
         for (one_id, _, _, _), status in zip(saves, self.store.save_people(saves), strict=True):
             if status == SAVED:
                 done.append(one_id)

@@ -31,6 +31,7 @@ import orjson
 
 from engine import lifecycle
 from engine.cleansing import Cleanser
+from engine.consent import apply_consent, consent_updates, merge_consent
 from engine.events import Event
 from engine.fit import FitFactor, FitModel
 from engine.profile import Profile, merge_profiles, merge_traits, present_fields, traits_of
@@ -52,6 +53,9 @@ from engine.settings import Settings
 PROFILE_FIELDS = tuple(f.name for f in fields(Profile))
 DECISION = "decision"
 LIFECYCLE = "lifecycle"
+DLQ = "dlq"  # the output kind of an event refused after decoding (a DLQ record)
+MINUTE_MS = 60_000
+RATE_LIMITED = "rate_limited"  # the DLQ reason, and the disqualification, of a flood
 MANUAL_MQL = "manual_mql"
 ERASE = "erase"
 
@@ -70,7 +74,7 @@ class Rulebook:
 class Output:
     """A record for an output topic, keyed by One-ID."""
 
-    kind: str  # DECISION or LIFECYCLE
+    kind: str  # DECISION, LIFECYCLE or DLQ
     one_id: str
     value: dict[str, Any]
 
@@ -106,6 +110,9 @@ class PersonState:
     # The current sales work item (see engine.sales.Work): decision, queue, SDR, SLA.
     work: dict[str, Any] = field(default_factory=dict)
     timers: dict[str, int] = field(default_factory=dict)  # timer kind -> due epoch ms
+    # Channel -> [status, event ms, source, basis, pre-ticked 0/1] (see engine.consent).
+    consent: dict[str, list[Any]] = field(default_factory=dict)
+    rate: list[int] = field(default_factory=list)  # [broker minute, untrusted events in it]
     version: int = 0  # the stored version this state was read at (compare-and-set); not stored
     is_new: bool = False  # not stored
 
@@ -243,6 +250,8 @@ def _state_doc(p: PersonState) -> dict[str, Any]:
         "lt": p.last_touch,
         "w": p.work,
         "tm": p.timers,
+        "cn": p.consent,
+        "rl": p.rate,
     }
     for key, value in optional.items():
         if value:
@@ -281,6 +290,8 @@ def decode_state(one_id: str, raw: bytes | None, version: int = 0) -> PersonStat
         last_touch=d.get("lt", []),
         work=d.get("w", {}),
         timers=d.get("tm", {}),
+        consent=d.get("cn", {}),
+        rate=d.get("rl", []),
         version=version,
     )
 
@@ -321,12 +332,25 @@ def apply_event(
     if already_applied(p, event, digest):
         return replayed_outputs(p, digest), None
     mark_applied(p, event, digest, settings.limits.dedup_window)
+    if not event.trusted and over_rate(p, event, settings.limits.max_events_per_minute):
+        # No person sends that much: a bot. Its events stop counting, and it is
+        # disqualified once, so what it scored before the limit buys nothing.
+        detail = f"more than {settings.limits.max_events_per_minute} events in a minute"
+        refused = [Output(DLQ, p.one_id, refusal(event, RATE_LIMITED, detail))]
+        if not p.disqualified and lifecycle.DISQUALIFIED in lifecycle.ALLOWED[p.stage]:
+            p.disqualified = RATE_LIMITED
+            refused.append(
+                transition(p, lifecycle.DISQUALIFIED, RATE_LIMITED, event, rules, now_ms)
+            )
+        remember(p, digest, refused, settings.limits.outbox_size)
+        return refused, None
 
     outputs: list[Output] = []
     if p.is_new:
         outputs.append(transition(p, lifecycle.LEAD, "first_event", event, rules, now_ms))
         p.is_new = False
     changed = _learn(p, event, rules, outputs, now_ms)
+    apply_consent(p.consent, consent_updates(event), event.event_ms)
     _touch(p, event)
 
     duplicate_submission = False
@@ -392,7 +416,12 @@ def _learn(
         levels=rules.fit.levels,
         valid_phone=valid_phone,
     )
-    for channel, known in (("email", bool(traits.email) and not reason), ("phone", valid_phone)):
+    push = _push_token(event)
+    for channel, known in (
+        ("email", bool(traits.email) and not reason),
+        ("phone", valid_phone),
+        ("push", push),
+    ):
         if known and channel not in p.channels:
             p.channels.append(channel)
     if reason and not p.disqualified and lifecycle.DISQUALIFIED in lifecycle.ALLOWED[p.stage]:
@@ -505,6 +534,7 @@ def absorb(
     p.transitions += other.transitions
     p.promotions += other.promotions
     p.channels += [c for c in other.channels if c not in p.channels]
+    merge_consent(p.consent, other.consent)
     p.outbox = (outbox_of(other) + outbox_of(p))[-settings.limits.outbox_size :]
     p.merged_from += [[other.one_id, now_ms], *other.merged_from]
     touches = [t for t in (p.first_touch, other.first_touch, p.last_touch, other.last_touch) if t]
@@ -617,6 +647,41 @@ def _record(
         **extra,
     }
     return Output(LIFECYCLE, p.one_id, record)
+
+
+def _push_token(event: Event) -> bool:
+    """Whether the event names a device to push to (Segment ``context.device.token``)."""
+    context = event.payload.get("context")
+    device = context.get("device") if isinstance(context, dict) else None
+    token = device.get("token") if isinstance(device, dict) else None
+    return isinstance(token, str) and bool(token.strip())
+
+
+def over_rate(p: PersonState, event: Event, per_minute: int) -> bool:
+    """Count the event in its broker minute; True when that minute is over the limit.
+
+    Broker time, not event time: a client chooses its timestamps, and a replay
+    sees the same broker times, so the same events are refused again.
+    """
+    if not per_minute:
+        return False
+    minute = event.ingested_ms // MINUTE_MS
+    if p.rate and p.rate[0] == minute:
+        p.rate[1] += 1
+    else:
+        p.rate = [minute, 1]
+    return p.rate[1] > per_minute
+
+
+def refusal(event: Event, reason: str, detail: str) -> dict[str, Any]:
+    """A DLQ record for an event refused after decoding: the reason and the event itself."""
+    return {
+        "reason": reason,
+        "detail": detail,
+        "message_id": event.message_id,
+        "event": event.payload,
+        "record_id": stable_id(event.message_id, DLQ, 0),
+    }
 
 
 def see(p: PersonState, digest: str, window: int) -> None:

@@ -22,10 +22,13 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from engine import lifecycle
+from engine.consent import NOT_SUPPRESSED, Suppression, channel_permissions, contact_points
 from engine.events import Event
 from engine.lifecycle import IllegalTransition
 from engine.person import (
     DECISION,
+    DLQ,
+    MINUTE_MS,
     Output,
     PersonState,
     Promotion,
@@ -38,9 +41,9 @@ from engine.person import (
     note,
     promote,
     qualification,
+    refusal,
     remember,
     replayed_outputs,
-    stable_id,
     transition,
 )
 from engine.routing import Candidate, capacity_periods, company_of, is_available, next_available_ms
@@ -48,9 +51,8 @@ from engine.scoring import TOTAL, falls_below_ms, scale_scores
 from engine.settings import RosterSettings, Sdr
 
 TIMER: Final = "timer"  # the event type of a fired timer
-DLQ: Final = "dlq"  # the output kind of a refused feedback event
+BLACKLISTED: Final = "blacklisted"  # the disqualification of a lead on the blacklist
 SLA, DEMOTE, NURTURE, ASSIGN = "sla", "demote", "nurture", "assign"
-MINUTE_MS = 60_000
 DAY_MS = 86_400_000
 # With nobody available in the look-ahead window, try again this often.
 RETRY_MS = 3_600_000
@@ -79,6 +81,8 @@ class Routing:
     exclude: tuple[str, ...]  # SDRs who breached this lead's SLA
     event: Event  # the event or timer that caused it
     outputs: list[Output]  # records to emit with the decision
+    # What the suppression lists say about the person, looked up before assignment.
+    suppression: Suppression = NOT_SUPPRESSED
 
 
 def timer_event(one_id: str, kind: str, due_ms: int, now_ms: int) -> Event:
@@ -151,8 +155,19 @@ def complete_routing(
         outputs = [*r.outputs, waiting]
     else:
         sla_ms = int(queue.sla_minutes * MINUTE_MS)
+        # The channels as they are now: consent may have changed since the promotion.
+        permitted, withheld = channel_permissions(
+            p.consent,
+            contact_points(p.channels, p.profile.mobile),
+            p.profile.country,
+            rules.settings.consent,
+            r.suppression,
+        )
         decision: dict[str, Any] = {
             **work["record"],
+            "channels": permitted,
+            "channels_withheld": withheld,
+            "contactable": bool(permitted),
             "decision_id": r.key,
             "queue": r.queue,
             "sdr": sdr.id,
@@ -173,12 +188,29 @@ def complete_routing(
     return outputs
 
 
+def withhold_from_sales(r: Routing, rules: Rulebook, now_ms: int) -> list[Output]:
+    """A blacklisted lead: disqualified instead of routed, so no decision and no alert."""
+    p = r.person
+    p.work = {}
+    p.queue, p.owner = "", ""
+    for kind in (SLA, ASSIGN):
+        p.timers.pop(kind, None)
+    if lifecycle.DISQUALIFIED in lifecycle.ALLOWED[p.stage]:
+        p.disqualified = BLACKLISTED
+        record = transition(p, lifecycle.DISQUALIFIED, BLACKLISTED, r.event, rules, now_ms)
+    else:  # a stage sales already works (re-routed after an SLA breach): no alert, say why
+        record = note(p, "withheld_blacklisted", r.event, rules, now_ms)
+    outputs = [*r.outputs, record]
+    remember(p, message_digest(r.event.message_id), outputs, rules.settings.limits.outbox_size)
+    return outputs
+
+
 def apply_feedback(p: PersonState, event: Event, rules: Rulebook, now_ms: int) -> list[Output]:
     """Move ``p`` as a trusted sales event says; an illegal move becomes a DLQ record."""
     settings = rules.settings
     if p.is_new:  # nobody is known by its identifiers: nothing to move, no one to create
         detail = f"{event.name}: no lead is known by this event's identifiers"
-        return [Output(DLQ, p.one_id, _refusal(event, "illegal_transition", detail))]
+        return [Output(DLQ, p.one_id, refusal(event, "illegal_transition", detail))]
     digest = message_digest(event.message_id)
     if already_applied(p, event, digest):
         return replayed_outputs(p, digest)
@@ -195,7 +227,7 @@ def apply_feedback(p: PersonState, event: Event, rules: Rulebook, now_ms: int) -
     try:
         record = transition(p, target, event.name, event, rules, now_ms, actor=actor, **extra)
     except IllegalTransition as e:
-        outputs = [Output(DLQ, p.one_id, _refusal(event, "illegal_transition", str(e)))]
+        outputs = [Output(DLQ, p.one_id, refusal(event, "illegal_transition", str(e)))]
     else:
         outputs = [record]
         _after_feedback(p, target, rules, now_ms)
@@ -314,13 +346,3 @@ def _schedule_demotion(p: PersonState, rules: Rulebook, now_ms: int) -> None:
 
 def _company(p: PersonState, queue: str, rules: Rulebook) -> str:
     return company_of(p.profile) if rules.settings.routing.queue(queue).sticky else ""
-
-
-def _refusal(event: Event, reason: str, detail: str) -> dict[str, Any]:
-    return {
-        "reason": reason,
-        "detail": detail,
-        "message_id": event.message_id,
-        "event": event.payload,
-        "record_id": stable_id(event.message_id, DLQ, 0),
-    }

@@ -17,6 +17,11 @@ Environment overrides (applied after the files):
 * ``LEADFLOW_PROCESSES`` -> ``dataflow.processes``
 * ``LEADFLOW_RECOVERY_DIR`` -> ``dataflow.recovery_dir`` ('' turns recovery off)
 * ``LEADFLOW_METRICS_PORT`` -> ``metrics.port``
+
+Any ``LEADFLOW_*`` variable (these, and webhook secrets such as
+``LEADFLOW_WEBHOOK_SECRET``) may instead name a file holding the value:
+``<NAME>_FILE=/run/secrets/x`` (Docker and Kubernetes secrets), read at
+start-up, trailing newline dropped (:func:`with_secret_files`).
 """
 
 from __future__ import annotations
@@ -115,6 +120,51 @@ class LimitSettings:
     outbox_size: int = 8
     # Events stamped further than this ahead of their ingest time are rejected.
     max_future_skew_s: int = 86_400
+    # Untrusted events one person may send per minute (broker time); the rest go to
+    # the DLQ as "rate_limited", unscored. 0 = no limit.
+    max_events_per_minute: int = 120
+    # A person's state expires after this many days without an event. 0 = never.
+    retention_days: int = 730
+
+
+CHANNELS = ("email", "sms", "phone", "push")
+# EU and EEA member states and the UK: consent must be given, never pre-ticked (GDPR, PECR).
+GDPR_COUNTRIES = (
+    "AT", "BE", "BG", "HR", "CY", "CZ", "DK", "EE", "FI", "FR", "DE", "GR", "HU", "IE", "IT",
+    "LV", "LT", "LU", "MT", "NL", "PL", "PT", "RO", "SK", "SI", "ES", "SE", "IS", "LI", "NO",
+    "GB",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ConsentPolicy:
+    """The consent rules of a group of countries.
+
+    ``opt_in`` channels may be used only with an explicit grant that was not
+    pre-ticked; the other channels may be used unless denied or revoked.
+    """
+
+    name: str
+    countries: tuple[str, ...]
+    opt_in: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ConsentSettings:
+    """Country consent policies; a country no policy names gets ``default``."""
+
+    policies: tuple[ConsentPolicy, ...] = (
+        ConsentPolicy("gdpr", GDPR_COUNTRIES, CHANNELS),
+        ConsentPolicy("pipl", ("CN",), CHANNELS),
+    )
+    default: ConsentPolicy = ConsentPolicy("default", (), ("sms", "push"))
+
+    def policy_for(self, country: str) -> ConsentPolicy:
+        """The policy of an ISO 3166 alpha-2 country ('' or unknown: the default)."""
+        for policy in self.policies:
+            if country in policy.countries:
+                return policy
+        return self.default
 
 
 @dataclass(frozen=True)
@@ -386,6 +436,7 @@ class Settings:
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     roster: RosterSettings = field(default_factory=RosterSettings)
     lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
+    consent: ConsentSettings = field(default_factory=ConsentSettings)
     config_dir: str = str(DEFAULT_CONFIG_DIR)
 
 
@@ -506,7 +557,7 @@ def load_settings(
     Raises:
         ConfigError: on the first problem found, naming file, key and problem.
     """
-    env = os.environ if env is None else env
+    env = with_secret_files(os.environ if env is None else env)
     directory = Path(config_dir or env.get("LEADFLOW_CONFIG_DIR") or DEFAULT_CONFIG_DIR)
     engine, scoring, routing, roster = (_read_file(directory, n) for n in CONFIG_FILES)
     settings = Settings(
@@ -524,12 +575,31 @@ def load_settings(
         routing=_routing(routing.table("routing")),
         roster=roster_from(roster),
         lifecycle=_lifecycle(routing.table("lifecycle")),
+        consent=_consent(engine.table("consent")),
         config_dir=str(directory),
     )
     for t in (engine, scoring, routing, roster):
         t.done()
     check_roster(settings.roster, settings.routing, roster.file)
     return settings
+
+
+def with_secret_files(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` plus, for every ``LEADFLOW_<NAME>_FILE``, ``LEADFLOW_<NAME>`` = the file's content.
+
+    A variable set directly wins over its file. An unreadable file stops start-up
+    with a :class:`ConfigError` naming the variable (never the content).
+    """
+    out = dict(env)
+    for name, path in env.items():
+        target = name.removesuffix("_FILE")
+        if target == name or not name.startswith("LEADFLOW_") or target in env:
+            continue
+        try:
+            out[target] = Path(path).read_text().rstrip("\r\n")
+        except OSError as e:
+            raise ConfigError("env", name, f"cannot read {path}: {e.strerror}") from None
+    return out
 
 
 def _kafka(t: _Table, env: Mapping[str, str]) -> KafkaSettings:
@@ -589,6 +659,38 @@ def _limits(t: _Table) -> LimitSettings:
         dedup_window=t.integer("dedup_window", 64, min=1, max=10_000),
         outbox_size=t.integer("outbox_size", 8, min=1, max=1_000),
         max_future_skew_s=t.integer("max_future_skew_s", 86_400, min=0),
+        max_events_per_minute=t.integer("max_events_per_minute", 120, min=0),
+        retention_days=t.integer("retention_days", 730, min=0, max=36_500),
+    )
+    t.done()
+    return s
+
+
+def _consent(t: _Table) -> ConsentSettings:
+    def channels(table: _Table, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        names = table.strings(key) if key in table.data else list(default)
+        unknown = [c for c in names if c not in CHANNELS]
+        if unknown:
+            raise table.error(key, f"unknown channel {unknown[0]!r}; channels are {list(CHANNELS)}")
+        return tuple(names)
+
+    policies = []
+    claimed: dict[str, str] = {}
+    for pt in t.tables("policies"):
+        name = pt.text("name", "", pattern=_NAME)
+        countries = tuple(c.upper() for c in pt.strings("countries"))
+        for c in countries:
+            if not re.fullmatch(r"[A-Z]{2}", c):
+                raise pt.error("countries", f"{c!r} is not an ISO 3166 alpha-2 code")
+            if c in claimed:
+                raise pt.error("countries", f"{c} is already in policy {claimed[c]!r}")
+            claimed[c] = name
+        policies.append(ConsentPolicy(name, countries, channels(pt, "opt_in", CHANNELS)))
+        pt.done()
+    d = ConsentSettings()
+    s = ConsentSettings(
+        policies=tuple(policies) if "policies" in t.data else d.policies,
+        default=ConsentPolicy("default", (), channels(t, "default_opt_in", d.default.opt_in)),
     )
     t.done()
     return s

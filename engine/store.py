@@ -17,6 +17,7 @@ hash tag; keys of one person share that person's tag:
 ``P roster``                    the roster applied: ``<version>|<JSON>``
 ``P timers``                    due time of every pending timer (a sorted set)
 ``P input``                     per input source, the offset read up to and done
+``P list:<name>``               a suppression list's members (a set; engine.consent)
 ==============================  ==============================================
 
 The identity graph (``id``, ``e``, ``ids``, ``r``, ``pend``) has one writer,
@@ -332,6 +333,10 @@ class RedisStore:
         """Key of the roster applied to running engines."""
         return f"{self.prefix}roster"
 
+    def list_key(self, name: str) -> str:
+        """Key of a suppression list (unsubscribe, dnc, blacklist, whitelist)."""
+        return f"{self.prefix}list:{name}"
+
     def input_key(self) -> str:
         """Key of the input sources' done offsets (a hash: source -> offset)."""
         return f"{self.prefix}input"
@@ -477,6 +482,46 @@ class RedisStore:
             out.append((one_id, kind, int(due)))
         return out
 
+    # -- suppression lists ----------------------------------------------------------
+    def change_list(self, name: str, members: Sequence[str], add: bool) -> int:
+        """Add (or remove) list members; how many were not (or were) there."""
+        op = self.client.sadd if add else self.client.srem
+        return int(self._retry(lambda: op(self.list_key(name), *members)))
+
+    def list_members(self, name: str) -> list[str]:
+        """A list's members, sorted."""
+        return sorted(_texts(self._retry(lambda: self.client.smembers(self.list_key(name)))))
+
+    def lists_holding(
+        self, people: Sequence[tuple[str, str]], names: Sequence[str]
+    ) -> list[dict[str, bool]]:
+        """For each ``(one_id, e-mail domain)``: which of the lists hold one of theirs.
+
+        Two round trips for the whole batch: the people's identifiers, then
+        every list asked about each person's identifiers and domain at once.
+        """
+        if not people:
+            return []
+        nodes = self.graph([one_id for one_id, _ in people])
+        candidates = [
+            sorted(f"{kind}:{d}" for kind, d in node.identifiers if kind in ("email", "phone"))
+            + ([f"domain:{domain}"] if domain else [])
+            for node, (_, domain) in zip(nodes, people, strict=True)
+        ]
+
+        asked = [(i, name) for i, members in enumerate(candidates) if members for name in names]
+
+        def read() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for i, name in asked:
+                pipe.smismember(self.list_key(name), candidates[i])
+            return cast(list[Any], pipe.execute())
+
+        held: list[dict[str, bool]] = [dict.fromkeys(names, False) for _ in people]
+        for (i, name), reply in zip(asked, self._retry(read) if asked else [], strict=True):
+            held[i][name] = any(reply)
+        return held
+
     def inputs_done(self) -> dict[str, int]:
         """Per input source, the offset below which every event is applied and delivered."""
         raw = self._retry(lambda: self.client.hgetall(self.input_key()))
@@ -550,6 +595,11 @@ class RedisStore:
         for attempt in range(self.settings.retries + 1):
             try:
                 return op()
+            except (redis.AuthenticationError, redis.ResponseError) as e:
+                if not _refused_credentials(e):
+                    raise
+                # Retrying wrong credentials only delays the error the operator must see.
+                raise StoreUnavailable(f"Redis refused the credentials: {e}") from None
             except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as e:
                 if attempt == self.settings.retries:
                     raise StoreUnavailable(
@@ -561,6 +611,12 @@ class RedisStore:
                 time.sleep(delay)
                 delay = min(delay * 2, RETRY_CAP_S)
         raise AssertionError("unreachable")
+
+
+def _refused_credentials(e: redis.RedisError) -> bool:
+    """A wrong or missing password or ACL user (redis-py raises several kinds)."""
+    text = str(e)
+    return isinstance(e, redis.AuthenticationError) or text.startswith(("NOAUTH", "WRONGPASS"))
 
 
 def _text(value: bytes | None) -> str | None:

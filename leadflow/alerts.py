@@ -33,7 +33,7 @@ import orjson
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from dataflows.kafka_io import client_options
-from engine.settings import Settings
+from engine.settings import Settings, with_secret_files
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class AlertSender:
         sleep: Callable[[float], None] = time.sleep,
     ):
         self.settings = settings
-        self.env = dict(os.environ if env is None else env)
+        self.env = with_secret_files(os.environ if env is None else env)
         self.sleep = sleep
         self.stats = AlertStats()
         self.producer = Producer(client_options(settings))

@@ -16,9 +16,12 @@ import json
 import logging
 import sys
 
+from engine.consent import LISTS
 from engine.settings import ConfigError, Settings, load_settings, masked
+from engine.store import StoreUnavailable
 
 EXIT_CONFIG = 2
+EXIT_UNAVAILABLE = 3  # Redis unreachable, or refusing our credentials
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,6 +79,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     roster.add_parser("show", help="print the roster in force, availability and load, as JSON")
 
+    lists = sub.add_parser(
+        "lists", help="suppression lists: unsubscribe, dnc, blacklist, whitelist"
+    ).add_subparsers(dest="lists_command", required=True)
+    for verb, text in (("add", "put values on a list"), ("remove", "take values off a list")):
+        change = lists.add_parser(verb, help=text)
+        change.add_argument("list", choices=sorted(LISTS))
+        change.add_argument("values", nargs="*", help="e-mail addresses, phone numbers, domains")
+        change.add_argument("--file", help="read values from this file, one per line ('-': stdin)")
+    show = lists.add_parser("show", help="print list members (digests and domains) as JSON")
+    show.add_argument(
+        "list", nargs="*", help=f"lists to show (default all: {', '.join(sorted(LISTS))})"
+    )
+    check = lists.add_parser("check", help="say which lists hold each value")
+    check.add_argument("values", nargs="*")
+    check.add_argument("--file", help="read values from this file, one per line ('-': stdin)")
+
     alerts = sub.add_parser("alerts", help="POST decisions to the queues' webhooks (own process)")
     alerts.add_argument(
         "--stop-at-end", action="store_true", help="exit once every decision so far is handled"
@@ -106,10 +125,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"leadflow: configuration error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except StoreUnavailable as e:
+        print(f"leadflow: {e}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    handlers = {"config": _config, "roster": _roster, "inspect": _inspect, "alerts": _alerts}
+    handlers = {
+        "config": _config,
+        "roster": _roster,
+        "inspect": _inspect,
+        "alerts": _alerts,
+        "lists": _lists,
+    }
     if args.command in handlers:
         return handlers[args.command](args)
     if args.command == "topics":
@@ -166,6 +194,24 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"leadflow: nobody owns {args.identifier!r}", file=sys.stderr)
         return 1
     print(render(person))
+    return 0
+
+
+def _lists(args: argparse.Namespace) -> int:
+    from leadflow.lists import change_list, check_values, read_values, show_lists
+
+    settings = _settings(args)
+    if args.lists_command in ("add", "remove"):
+        values = read_values(args.values, args.file)
+        print(change_list(settings, args.list, values, add=args.lists_command == "add"))
+    elif args.lists_command == "show":
+        print(json.dumps(show_lists(settings, args.list), indent=2))
+    else:
+        for n, (_, held) in enumerate(
+            check_values(settings, read_values(args.values, args.file)), 1
+        ):
+            # The value itself is not echoed: it may be an address or a number.
+            print(f"value {n}: {', '.join(held) or 'on no list'}")
     return 0
 
 

@@ -422,6 +422,9 @@ def test_an_unreachable_broker_for_20_s_is_ridden_out(tmp_path: Path, clean: End
     assert_same_end(got, clean)
 
 
+PAUSE_S = 20
+
+
 def test_a_paused_redis_slows_reading_instead_of_filling_memory(tmp_path: Path) -> None:
     with rig(tmp_path, "pause") as r:
         create_topics(r.settings, partitions=1)
@@ -431,12 +434,15 @@ def test_a_paused_redis_slows_reading_instead_of_filling_memory(tmp_path: Path) 
             time.sleep(5.0)  # started and caught up
             rss_before = psutil.Process(proc.pid).memory_info().rss
             client = redis.Redis.from_url(r.redis.url)
-            client.client_pause(8000)
             big = workload.encoded(50_000, 200_000, seed=3)  # ~60 MB waiting in the broker
+            paused_at = time.monotonic()
+            client.client_pause(PAUSE_S * 1000)
             produce(r, [(k, v) for k, v in big])
             time.sleep(4.0)
             rss_paused = psutil.Process(proc.pid).memory_info().rss
-            time.sleep(5.0)  # the pause ends; the engine reads on
+            # Measured while Redis was still paused, or it measures the work after it.
+            assert time.monotonic() - paused_at < PAUSE_S - 1, "producing outlasted the pause"
+            time.sleep(PAUSE_S + 5.0 - (time.monotonic() - paused_at))  # the engine reads on
             assert proc.poll() is None
             stored = client.dbsize()
             client.close()

@@ -24,8 +24,7 @@ import pytest
 from dataflows.stages import IdentityStage, PersonStage
 from dataflows.timers import TimerPoller
 from engine.events import Event, Origin, decode_event
-from engine.person import DECISION, LIFECYCLE, Output, Rulebook, current_scores, iso
-from engine.sales import DLQ
+from engine.person import DECISION, DLQ, LIFECYCLE, Output, Rulebook, current_scores, iso
 from engine.settings import Settings
 from engine.store import RedisStore
 from leadflow.servers import LocalBroker, LocalRedis, free_port

@@ -5,7 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from engine.settings import DEFAULT_CONFIG_DIR, ConfigError, load_settings, mask_url, masked
+from engine.settings import (
+    DEFAULT_CONFIG_DIR,
+    ConfigError,
+    load_settings,
+    mask_url,
+    masked,
+    with_secret_files,
+)
 
 
 @pytest.fixture
@@ -151,6 +158,27 @@ def test_environment_overrides_connections_and_librdkafka_options() -> None:
             "lifecycle.recycle_score_factor",
             "between 0 and 1",
         ),
+        (
+            "engine.toml",
+            'countries = ["CN"]',
+            'countries = ["CN", "DE"]',
+            "consent.policies[1].countries",
+            "DE is already in policy 'gdpr'",
+        ),
+        (
+            "engine.toml",
+            'default_opt_in = ["sms", "push"]',
+            'default_opt_in = ["sms", "fax"]',
+            "consent.default_opt_in",
+            "unknown channel 'fax'",
+        ),
+        (
+            "engine.toml",
+            'countries = ["CN"]',
+            'countries = ["China"]',
+            "consent.policies[1].countries",
+            "not an ISO 3166 alpha-2 code",
+        ),
     ],
 )
 def test_invalid_configuration_names_file_key_and_problem(
@@ -171,6 +199,21 @@ def test_broken_toml_and_missing_files_are_reported(config: Path) -> None:
     (config / "roster.toml").unlink()
     with pytest.raises(ConfigError):
         load_settings(config, env={})
+
+
+def test_secrets_may_come_from_files_and_an_unreadable_one_stops_start_up(tmp_path: Path) -> None:
+    secret = tmp_path / "redis-url"
+    secret.write_text("redis://:s3cret@h:1/0\n")
+    s = load_settings(env={"LEADFLOW_REDIS_URL_FILE": str(secret)})
+    assert s.redis.url == "redis://:s3cret@h:1/0"
+    direct = load_settings(
+        env={"LEADFLOW_REDIS_URL_FILE": str(secret), "LEADFLOW_REDIS_URL": "redis://h:2/0"}
+    )
+    assert direct.redis.url == "redis://h:2/0"
+    assert with_secret_files({"SSL_CERT_FILE": "/nonexistent"}) == {"SSL_CERT_FILE": "/nonexistent"}
+    with pytest.raises(ConfigError) as e:
+        load_settings(env={"LEADFLOW_KAFKA_OPT_SASL_PASSWORD_FILE": str(tmp_path / "missing")})
+    assert "LEADFLOW_KAFKA_OPT_SASL_PASSWORD_FILE" in str(e.value)
 
 
 def test_secrets_are_masked() -> None:
