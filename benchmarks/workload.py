@@ -132,6 +132,7 @@ def engine_env(config: Path, bootstrap: str, redis_url: str, metrics_port: int) 
         "LEADFLOW_KAFKA_BOOTSTRAP": bootstrap,
         "LEADFLOW_REDIS_URL": redis_url,
         "LEADFLOW_METRICS_PORT": str(metrics_port),
+        "LEADFLOW_HEALTH_PORT": "0",
         "LEADFLOW_RECOVERY_DIR": tempfile.mkdtemp(prefix="leadflow-recovery-"),
     }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -21,7 +22,7 @@ from confluent_kafka import KafkaError as BrokerError
 from confluent_kafka import Message, Producer
 from confluent_kafka.admin import AdminClient
 
-from dataflows.metrics import metrics
+from dataflows.metrics import metrics, observed_store
 from dataflows.stages import RawMessage
 from engine.events import Origin, Rejection
 from engine.person import DECISION, DLQ, Output
@@ -65,6 +66,17 @@ def input_sources(settings: Settings, cluster: dict[str, str]) -> dict[str, str]
     }
 
 
+class InputClock:
+    """When this process last read input, for the readiness probe (leadflow.health)."""
+
+    def __init__(self) -> None:
+        self.partitions = 0  # input partitions this process reads
+        self.last_read = time.monotonic()
+
+
+INPUT_CLOCK = InputClock()
+
+
 class _PositionedPartition(StatefulSourcePartition[SourceItem, int | None]):
     """A Kafka partition that records, in Redis, the offset below which input is done.
 
@@ -91,6 +103,7 @@ class _PositionedPartition(StatefulSourcePartition[SourceItem, int | None]):
         if len(self.snapshots) == 2 and self.snapshots[0] > self.done:
             self.done = self.snapshots[0]
             self.store.advance_input(self.source, self.done)
+        INPUT_CLOCK.last_read = time.monotonic()
         return self.inner.next_batch()
 
     def next_awake(self) -> datetime | None:
@@ -131,7 +144,7 @@ class PositionedKafkaSource(KafkaSource):
         """The partition, resumed from the later of recovery and the done offset."""
         index, topic = for_part.split("-", 1)
         source = self.sources[topic] + index
-        store = RedisStore(self.settings.redis)
+        store = observed_store(self.settings.redis)
         done = store.inputs_done().get(source)
         start = resume_state
         if done is not None and (start is None or done > start):
@@ -142,6 +155,7 @@ class PositionedKafkaSource(KafkaSource):
                 "the beginning" if start is None else start,
             )
             start = done
+        INPUT_CLOCK.partitions += 1
         return _PositionedPartition(super().build_part(step_id, for_part, start), store, source)
 
 

@@ -6,12 +6,20 @@ serves (``BYTEWAX_DATAFLOW_API_ENABLED``), so one scrape sees both.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from engine.settings import RedisSettings
+from engine.store import RedisStore
 
 # Milliseconds-scale buckets: the promise is a decision within milliseconds.
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Event time can be much older than ingest (offline clients, batch imports): up to an hour.
+EVENT_AGE_BUCKETS_S = (*LATENCY_BUCKETS_S, 30.0, 60.0, 300.0, 900.0, 3600.0)
+REDIS_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,15 @@ class Metrics:
     erasures: Counter
     erased_events: Counter
     decision_latency: Histogram
+    event_to_decision: Histogram
+    transitions: Counter
+    sla_breaches: Counter
+    redis_seconds: Histogram
+    redis_errors: Counter
+    webhooks: Counter
+    timers_fired: Counter
+    timers_pending: Gauge
+    build: Info
 
     @classmethod
     def create(cls, registry: CollectorRegistry = REGISTRY, prefix: str = "leadflow") -> Metrics:
@@ -68,7 +85,56 @@ class Metrics:
                 buckets=LATENCY_BUCKETS_S,
                 registry=registry,
             ),
+            event_to_decision=Histogram(
+                f"{prefix}_event_to_decision_seconds",
+                "Event time of the triggering event to decision",
+                ["queue"],
+                buckets=EVENT_AGE_BUCKETS_S,
+                registry=registry,
+            ),
+            transitions=Counter(
+                f"{prefix}_stage_transitions",
+                "Lifecycle stage transitions",
+                ["from_stage", "to_stage"],
+                registry=registry,
+            ),
+            sla_breaches=Counter(
+                f"{prefix}_sla_breaches", "Leads not accepted in time", ["queue"], registry=registry
+            ),
+            redis_seconds=Histogram(
+                f"{prefix}_redis_seconds",
+                "Redis round trips (a pipeline or script call), by store operation",
+                ["op"],
+                buckets=REDIS_BUCKETS_S,
+                registry=registry,
+            ),
+            redis_errors=Counter(
+                f"{prefix}_redis_errors",
+                "Redis calls failed (retried, or given up)",
+                ["op"],
+                registry=registry,
+            ),
+            webhooks=Counter(
+                f"{prefix}_webhook_deliveries",
+                "Webhook POSTs: delivered, failed (an attempt), parked (gave up)",
+                ["queue", "outcome"],
+                registry=registry,
+            ),
+            timers_fired=Counter(
+                f"{prefix}_timers_fired", "Timers fired", ["kind"], registry=registry
+            ),
+            timers_pending=Gauge(
+                f"{prefix}_timers_pending", "Timers scheduled and not yet due", registry=registry
+            ),
+            build=Info(f"{prefix}_build", "Leadflow build", registry=registry),
         )
+
+    def observe_redis(self, op: str, seconds: float, failed: bool) -> None:
+        """A Redis call's duration, or its failure (see engine.store.RedisStore.observer)."""
+        if failed:
+            self.redis_errors.labels(op).inc()
+        else:
+            self.redis_seconds.labels(op).observe(seconds)
 
 
 _metrics: Metrics | None = None
@@ -79,4 +145,19 @@ def metrics() -> Metrics:
     global _metrics  # noqa: PLW0603  # one registry per process, by design of prometheus-client
     if _metrics is None:
         _metrics = Metrics.create()
+        _metrics.build.info({"version": _version(), "python": sys.version.split()[0]})
     return _metrics
+
+
+def observed_store(settings: RedisSettings) -> RedisStore:
+    """A Redis store whose every call is timed into the metrics."""
+    store = RedisStore(settings)
+    store.observer = metrics().observe_redis
+    return store
+
+
+def _version() -> str:
+    try:
+        return version("leadflow")
+    except PackageNotFoundError:  # run from a checkout without installing
+        return "unknown"

@@ -42,6 +42,7 @@ from dataflows.kafka_io import (
     to_output_message,
     to_raw_messages,
 )
+from dataflows.metrics import observed_store
 from dataflows.stages import Clock, Decoder, IdentityStage, PersonStage, Resolved
 from dataflows.timers import TimerSource
 from engine.events import Event, Rejection
@@ -153,7 +154,7 @@ def build_flow(
         "timers",
         flow,
         TimerSource(
-            lambda: store or RedisStore(settings.redis), 1.0, settings.dataflow.stop_at_end
+            lambda: store or observed_store(settings.redis), 1.0, settings.dataflow.stop_at_end
         ),
     )
     timer_batches = op.map("timer_shards", timers, lambda t: (person_shard(t), [t]))

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 
 import orjson
 
-from dataflows.metrics import metrics
+from dataflows.metrics import metrics, observed_store
 from engine.consent import LISTS, suppression_of
 from engine.events import Event, Origin, Rejection, decode_event, pickled_by_fields
 from engine.identity import anchor, identifiers_of, resolve
 from engine.person import (
     DECISION,
+    DLQ,
     ERASE,
     Output,
     PersonState,
@@ -31,6 +32,7 @@ from engine.person import (
     decode_state,
     encode_state,
     erase,
+    iso,
     message_digest,
     refuse_merge,
     remember,
@@ -130,7 +132,7 @@ class _LazyStore:
     @property
     def store(self) -> RedisStore:
         if self._store is None:
-            self._store = RedisStore(self.settings.redis)
+            self._store = observed_store(self.settings.redis)
         return self._store
 
 
@@ -317,6 +319,44 @@ class PersonStage(_LazyStore):
         raise RuntimeError(f"people still contended after {MAX_ROUNDS} rounds: {sorted(work)[:5]}")
 
 
+def count_record(
+    record: Output, person: PersonState, triggers: dict[str, Event], now_iso: str, now_ms: int
+) -> None:
+    """Count a record in the metrics (a decision is logged too), unless it is a replay.
+
+    A new decision is one assigned in this round (its id is among the round's
+    routings); a new lifecycle record is stamped with this round's time.
+    """
+    m, value = metrics(), record.value
+    if record.kind == DLQ:
+        m.rejected.labels(value["reason"]).inc()
+    elif record.kind == DECISION:
+        trigger = triggers.get(value["decision_id"])
+        if trigger is None:
+            return
+        m.promotions.labels(person.queue).inc()
+        m.assignments.labels(person.queue, person.owner).inc()
+        m.decision_latency.labels(person.queue).observe(max(0, now_ms - trigger.ingested_ms) / 1000)
+        m.event_to_decision.labels(person.queue).observe(max(0, now_ms - trigger.event_ms) / 1000)
+        log.debug(
+            "decision %s: queue %s, sdr %s",
+            value["decision_id"],
+            person.queue,
+            person.owner,
+            extra={"one_id": person.one_id},
+        )
+    elif value.get("recorded_at") == now_iso:
+        cause = value["cause"]
+        if value["from"] != value["to"]:
+            m.transitions.labels(value["from"] or "none", value["to"]).inc()
+        if cause == "merge":
+            m.merges.inc()
+        elif cause.startswith("merge_refused:"):
+            m.merges_refused.labels(cause.removeprefix("merge_refused:")).inc()
+        elif cause == "sla_breached":
+            m.sla_breaches.labels(person.queue).inc()
+
+
 class _Round:
     """One round of :class:`PersonStage` over the people of a batch."""
 
@@ -473,28 +513,22 @@ class _Round:
                 done.append(one_id)
             else:
                 self._again(one_id, self.work[one_id])
-        ingested = {r.key: r.event.ingested_ms for r in self.routings}
+        triggers = {r.key: r.event for r in self.routings}
+        now_iso = iso(self.now_ms)
         m = metrics()
         for one_id in done:
             person = self.people[one_id]
             outputs.extend(self.produced[one_id])
             for record in self.produced[one_id]:
-                cause = record.value.get("cause", "")
-                if cause == "merge":
-                    m.merges.inc()
-                elif cause.startswith("merge_refused:"):
-                    m.merges_refused.labels(cause.removeprefix("merge_refused:")).inc()
-                elif record.kind == DECISION and record.value["decision_id"] in ingested:
-                    # Counted when made, not when a replay re-emits it.
-                    m.promotions.labels(person.queue).inc()
-                    m.assignments.labels(person.queue, person.owner).inc()
-                    latency_s = max(0, self.now_ms - ingested[record.value["decision_id"]]) / 1000
-                    m.decision_latency.labels(person.queue).observe(latency_s)
+                count_record(record, person, triggers, now_iso, self.now_ms)
             if one_id in self.erased:
                 self.store.drop_people(self.erased[one_id])
                 m.erasures.inc()
         self.store.absorbed([(o, [s.one_id for s in self.absorbing[o]]) for o in done])
         saved = set(done)
+        for one_id, kind, _ in self.fired:
+            if one_id in saved:
+                m.timers_fired.labels(kind).inc()
         # Timers set or moved since loaded, and all timers of a person whose events are
         # replayed (a crash may have come between the save and this call). Entries left
         # behind in Redis are harmless: a timer the state no longer holds does nothing.

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
+from dataflows.metrics import metrics
 from dataflows.stages import Resolved
 from engine.sales import timer_event
 from engine.store import RedisStore
@@ -40,6 +41,7 @@ class TimerPoller:
         now = self.clock()
         now_ms = int(now * 1000)
         due = self.store.due_timers(now_ms, POLL_LIMIT)
+        metrics().timers_pending.set(self.store.timers_pending())
         live = set(due)
         self.emitted = {t: at for t, at in self.emitted.items() if t in live}
         out = []

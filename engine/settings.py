@@ -17,6 +17,8 @@ Environment overrides (applied after the files):
 * ``LEADFLOW_PROCESSES`` -> ``dataflow.processes``
 * ``LEADFLOW_RECOVERY_DIR`` -> ``dataflow.recovery_dir`` ('' turns recovery off)
 * ``LEADFLOW_METRICS_PORT`` -> ``metrics.port``
+* ``LEADFLOW_HEALTH_PORT`` -> ``metrics.health_port``
+* ``LEADFLOW_ALERTS_METRICS_PORT`` -> ``metrics.alerts_port``
 
 Any ``LEADFLOW_*`` variable (these, and webhook secrets such as
 ``LEADFLOW_WEBHOOK_SECRET``) may instead name a file holding the value:
@@ -188,6 +190,10 @@ class MetricsSettings:
 
     # Process i of a local cluster serves /metrics on port + i; 0 turns it off.
     port: int = 3030
+    # Process i serves /livez and /readyz on health_port + i; 0 turns them off.
+    health_port: int = 8086
+    # ``leadflow alerts`` serves its own /metrics here; 0 turns it off.
+    alerts_port: int = 3099
 
 
 @dataclass(frozen=True)
@@ -716,16 +722,22 @@ def _dataflow(t: _Table, env: Mapping[str, str]) -> DataflowSettings:
 
 
 def _metrics(t: _Table, env: Mapping[str, str]) -> MetricsSettings:
-    port = t.integer("port", 3030, min=0, max=65535)
-    if "LEADFLOW_METRICS_PORT" in env:
-        raw = env["LEADFLOW_METRICS_PORT"]
-        if not raw.isdigit() or int(raw) > 65535:
-            raise ConfigError(
-                "env", "LEADFLOW_METRICS_PORT", f"expected a port 0..65535, got {raw!r}"
-            )
-        port = int(raw)
+    def port(key: str, default: int, variable: str) -> int:
+        value = t.integer(key, default, min=0, max=65535)
+        if variable in env:
+            raw = env[variable]
+            if not raw.isdigit() or int(raw) > 65535:
+                raise ConfigError("env", variable, f"expected a port 0..65535, got {raw!r}")
+            value = int(raw)
+        return value
+
+    s = MetricsSettings(
+        port=port("port", 3030, "LEADFLOW_METRICS_PORT"),
+        health_port=port("health_port", 8086, "LEADFLOW_HEALTH_PORT"),
+        alerts_port=port("alerts_port", 3099, "LEADFLOW_ALERTS_METRICS_PORT"),
+    )
     t.done()
-    return MetricsSettings(port=port)
+    return s
 
 
 def _identity(t: _Table) -> IdentitySettings:

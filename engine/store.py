@@ -280,6 +280,9 @@ class RedisStore:
                 settings.url, socket_timeout=10, socket_connect_timeout=5
             )
         self.cluster = settings.cluster
+        # Told of every Redis call: (store method or script, seconds, failed). The
+        # dataflow sets it to its metrics; the engine stays free of them.
+        self.observer: Callable[[str, float, bool], None] | None = None
         self._scripts: dict[str, Script] = {
             name: self.client.register_script(body)
             for name, body in (
@@ -471,6 +474,10 @@ class RedisStore:
         if commands:
             self._retry(lambda: self._pipeline(commands))
 
+    def timers_pending(self) -> int:
+        """How many timers are scheduled."""
+        return int(self._retry(lambda: self.client.zcard(self.timers_key())))
+
     def due_timers(self, now_ms: int, limit: int) -> list[tuple[str, str, int]]:
         """Up to ``limit`` timers due at ``now_ms``, earliest first, as ``(one_id, kind, due)``."""
         raw = self._retry(
@@ -583,24 +590,32 @@ class RedisStore:
             return cast(list[Any], pipe.execute())
 
         results: list[Any] = [None] * len(items)
-        for group, reply in zip(groups, self._retry(run), strict=True):
+        for group, reply in zip(groups, self._retry(run, name), strict=True):
             replies = reply if isinstance(reply, list) and not one_call_each else [reply]
             for i, value in zip(group, replies, strict=True):
                 results[i] = value
         return results
 
-    def _retry(self, op: Callable[[], T]) -> T:
-        """Run ``op``; on connection trouble retry with backoff, then give up loudly."""
+    def _retry(self, op: Callable[[], T], what: str = "") -> T:
+        """Run ``op``; on connection trouble retry with backoff, then give up loudly.
+
+        Every attempt is reported to :attr:`observer` (if set) as ``(what, seconds,
+        failed)``; ``what`` defaults to the store method that made the call.
+        """
+        what = what or op.__qualname__.split(".")[1].lstrip("_")
         delay = RETRY_FIRST_S
         for attempt in range(self.settings.retries + 1):
+            started = time.perf_counter()
             try:
-                return op()
+                result = op()
             except (redis.AuthenticationError, redis.ResponseError) as e:
+                self._observe(what, started, True)
                 if not _refused_credentials(e):
                     raise
                 # Retrying wrong credentials only delays the error the operator must see.
                 raise StoreUnavailable(f"Redis refused the credentials: {e}") from None
             except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as e:
+                self._observe(what, started, True)
                 if attempt == self.settings.retries:
                     raise StoreUnavailable(
                         f"Redis unavailable after {attempt + 1} attempts: {e}"
@@ -610,7 +625,14 @@ class RedisStore:
                 )
                 time.sleep(delay)
                 delay = min(delay * 2, RETRY_CAP_S)
+            else:
+                self._observe(what, started, False)
+                return result
         raise AssertionError("unreachable")
+
+    def _observe(self, what: str, started: float, failed: bool) -> None:
+        if self.observer is not None:
+            self.observer(what, time.perf_counter() - started, failed)
 
 
 def _refused_credentials(e: redis.RedisError) -> bool:

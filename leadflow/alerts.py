@@ -31,8 +31,10 @@ from dataclasses import dataclass, field
 
 import orjson
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from prometheus_client import start_http_server
 
 from dataflows.kafka_io import client_options
+from dataflows.metrics import metrics
 from engine.settings import Settings, with_secret_files
 
 log = logging.getLogger(__name__)
@@ -109,12 +111,15 @@ class AlertSender:
                 status, problem = 0, f"{type(e).__name__}: {e}"
             if 200 <= status < 300:
                 self.stats.delivered += 1
+                metrics().webhooks.labels(queue.name, "delivered").inc()
                 return
+            metrics().webhooks.labels(queue.name, "failed").inc()
             if attempt < MAX_ATTEMPTS:
                 self.stats.retries += 1
                 self.sleep(delay)
                 delay = min(delay * 2, BACKOFF_CAP_S)
         self._park(value, queue.webhook_url, problem)
+        metrics().webhooks.labels(queue.name, "parked").inc()
 
     def _park(self, value: bytes, url: str, problem: str) -> None:
         log.warning("webhook %s failed %d times (%s): parked", url, MAX_ATTEMPTS, problem)
@@ -141,6 +146,9 @@ def run_alerts(
     sleep: Callable[[float], None] = time.sleep,
 ) -> AlertStats:
     """Consume decisions and deliver them until stopped (or, with ``stop_at_end``, drained)."""
+    if settings.metrics.alerts_port:
+        start_http_server(settings.metrics.alerts_port)
+        log.info("alerts metrics on http://0.0.0.0:%d/metrics", settings.metrics.alerts_port)
     sender = AlertSender(settings, env, sleep)
     consumer = Consumer(
         {

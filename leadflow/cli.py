@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
 import sys
 
 from engine.consent import LISTS
 from engine.settings import ConfigError, Settings, load_settings, masked
 from engine.store import StoreUnavailable
+from leadflow.logs import FORMATS, configure_logging
 
 EXIT_CONFIG = 2
 EXIT_UNAVAILABLE = 3  # Redis unreachable, or refusing our credentials
@@ -30,7 +31,18 @@ def _parser() -> argparse.ArgumentParser:
         "--config-dir",
         help="directory of engine/scoring/routing/roster.toml (env LEADFLOW_CONFIG_DIR)",
     )
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("LEADFLOW_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="env LEADFLOW_LOG_LEVEL (default INFO)",
+    )
+    p.add_argument(
+        "--log-format",
+        default=os.environ.get("LEADFLOW_LOG_FORMAT", "text"),
+        choices=FORMATS,
+        help="text, or one JSON object per line; env LEADFLOW_LOG_FORMAT (default text)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the dataflow against the configured Kafka and Redis")
@@ -115,11 +127,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``leadflow`` console script."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level, args.log_format)
     try:
         return _dispatch(args)
     except ConfigError as e:

@@ -84,6 +84,7 @@ def run_demo(opts: DemoOptions) -> int:
             "LEADFLOW_REDIS_URL": redis.url,
             "LEADFLOW_PROCESSES": str(opts.processes),
             "LEADFLOW_METRICS_PORT": str(free_port()),
+            "LEADFLOW_HEALTH_PORT": str(free_port()),
             # The embedded broker is new every time: so is the recovery data.
             "LEADFLOW_RECOVERY_DIR": str(workdir / "recovery"),
         }
@@ -99,7 +100,10 @@ def run_demo(opts: DemoOptions) -> int:
                 preexec_fn=die_with_parent,  # noqa: PLW1509  # the engine must not outlive the demo
             )
         print(f"engine  {opts.processes} process(es), log {engine_log}")
-        print(f"metrics http://127.0.0.1:{settings.metrics.port}/metrics\n")
+        print(
+            f"metrics http://127.0.0.1:{settings.metrics.port}/metrics\n"
+            f"health  http://127.0.0.1:{settings.metrics.health_port}/readyz\n"
+        )
         watcher = OutputWatcher(settings, None if opts.quiet else _print_alert).start()
         sent = _produce(settings, opts)
         print(

@@ -31,6 +31,7 @@ from bytewax.run import cli_main
 from dataflows.metrics import metrics
 from dataflows.pipeline import build_flow
 from engine.settings import Settings
+from leadflow.health import Health, serve_health
 from leadflow.servers import die_with_parent, stop_process
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,10 @@ def run_member(
         settings.dataflow.workers_per_process,
         "on" if recovery else "off",
     )
+    health = Health(settings)
+    if settings.metrics.health_port:
+        serve_health(health, settings.metrics.health_port + (process_id or 0))
+    health.running = True
     try:
         cli_main(
             build_flow(settings),

@@ -31,7 +31,11 @@ def redis_server() -> Iterator[LocalRedis]:
 def local_settings(broker: LocalBroker, redis: LocalRedis, **dataflow: object) -> Settings:
     """The default configuration pointed at the local servers."""
     s = load_settings(
-        env={"LEADFLOW_KAFKA_BOOTSTRAP": broker.bootstrap, "LEADFLOW_REDIS_URL": redis.url}
+        env={
+            "LEADFLOW_KAFKA_BOOTSTRAP": broker.bootstrap,
+            "LEADFLOW_REDIS_URL": redis.url,
+            "LEADFLOW_ALERTS_METRICS_PORT": "0",
+        }
     )
     return replace(s, dataflow=replace(s.dataflow, **dataflow))  # type: ignore[arg-type]
 

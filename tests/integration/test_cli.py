@@ -24,6 +24,7 @@ def _env(broker: LocalBroker, redis: LocalRedis) -> dict[str, str]:
         "LEADFLOW_KAFKA_BOOTSTRAP": broker.bootstrap,
         "LEADFLOW_REDIS_URL": redis.url,
         "LEADFLOW_METRICS_PORT": str(free_port()),
+        "LEADFLOW_HEALTH_PORT": "0",
         "LEADFLOW_RECOVERY_DIR": str(broker.workdir / "recovery"),  # gone with the broker
     }
 

@@ -152,6 +152,7 @@ def test_logs_of_a_full_run_hold_no_email_or_phone(settings: Settings, tmp_path:
         "LEADFLOW_REDIS_URL": settings.redis.url,
         "LEADFLOW_RECOVERY_DIR": str(tmp_path / "recovery"),
         "LEADFLOW_METRICS_PORT": "0",
+        "LEADFLOW_HEALTH_PORT": "0",
     }
     run = cli(env, "--log-level", "DEBUG", "run", "--stop-at-end")
     assert run.returncode == 0, run.stderr[-2000:]

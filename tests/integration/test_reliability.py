@@ -105,6 +105,7 @@ def rig(tmp: Path, name: str, appendonly: bool = False, advertised_port: int = 0
             "LEADFLOW_KAFKA_BOOTSTRAP": bootstrap,
             "LEADFLOW_REDIS_URL": server.url,
             "LEADFLOW_METRICS_PORT": str(free_port()),
+            "LEADFLOW_HEALTH_PORT": "0",
             "LEADFLOW_RECOVERY_DIR": str(tmp / name / "recovery"),
         }
         settings = load_settings(config, env=env)

@@ -236,6 +236,7 @@ def test_the_running_engine_reroutes_on_real_time(tmp_path: Path) -> None:
             "LEADFLOW_KAFKA_BOOTSTRAP": broker.bootstrap,
             "LEADFLOW_REDIS_URL": redis.url,
             "LEADFLOW_METRICS_PORT": str(free_port()),
+            "LEADFLOW_HEALTH_PORT": "0",
             "LEADFLOW_RECOVERY_DIR": str(broker.workdir / "recovery"),
             "LEADFLOW_CONFIG_DIR": str(config),
         }

@@ -1,0 +1,249 @@
+"""Observability for real: a Prometheus server scrapes a running engine; rules, dashboard, probes.
+
+Needs Debian's ``prometheus`` package (``prometheus`` and ``promtool`` on PATH),
+which ``.ci/run`` installs; without it these tests are skipped with a message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from engine.settings import Settings
+from leadflow.servers import free_port, stop_process
+from tests.integration.flow import hot_lead, outputs, page, send
+
+DEPLOY = Path(__file__).parents[2] / "deploy"
+NEEDS_PROMETHEUS = pytest.mark.skipif(
+    not (shutil.which("prometheus") and shutil.which("promtool")),
+    reason="prometheus/promtool not on PATH: apt-get install prometheus (.ci/run does)",
+)
+SERIES = re.compile(r"\b((?:leadflow|bytewax)_[a-z_]+)")
+
+
+def get(url: str, timeout: float = 5) -> tuple[int, bytes]:
+    """Status and body of a GET (an HTTP error status is an answer, not an exception)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def wait_for(what: str, check: Any, timeout_s: float = 60) -> Any:
+    """Poll ``check`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except OSError:
+            value = None
+        if value:
+            return value
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def declared(metrics_text: str) -> set[str]:
+    """Series names a /metrics page declares (``# TYPE``), with their sample suffixes."""
+    names = set()
+    for line in metrics_text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            names.add(name)
+            suffixes = {
+                "counter": ["_total"],
+                "histogram": ["_bucket", "_count", "_sum"],
+                "info": ["_info"],
+            }
+            names.update(name + s for s in suffixes.get(kind, []))
+    return names
+
+
+def sample(metrics_text: str, name: str) -> float:
+    """The sum of a series' samples on a /metrics page."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics_text.splitlines()
+        if line.startswith((name + " ", name + "{"))
+    )
+
+
+@pytest.fixture
+def engine(settings: Settings, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """``leadflow run`` at DEBUG with JSON logs, its metrics and health ports."""
+    ports = {"metrics": free_port(), "health": free_port()}
+    env = {
+        **os.environ,
+        "LEADFLOW_KAFKA_BOOTSTRAP": settings.kafka.bootstrap,
+        "LEADFLOW_REDIS_URL": settings.redis.url,
+        "LEADFLOW_RECOVERY_DIR": str(tmp_path / "recovery"),
+        "LEADFLOW_METRICS_PORT": str(ports["metrics"]),
+        "LEADFLOW_HEALTH_PORT": str(ports["health"]),
+        "LEADFLOW_LOG_FORMAT": "json",
+        "LEADFLOW_LOG_LEVEL": "DEBUG",
+    }
+    log = tmp_path / "engine.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "leadflow.cli", "run"], env=env, stdout=out, stderr=out
+        )
+    try:
+        yield {**ports, "log": log, "proc": proc}
+    finally:
+        stop_process(proc)
+
+
+@pytest.fixture
+def prometheus(engine: dict[str, Any], tmp_path: Path) -> Iterator[str]:
+    """A real Prometheus scraping the engine every second; its base URL."""
+    if not shutil.which("prometheus"):
+        pytest.skip("prometheus not on PATH: apt-get install prometheus (.ci/run does)")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s}\n"
+        "scrape_configs:\n"
+        "  - job_name: leadflow\n"
+        f"    static_configs: [{{targets: ['127.0.0.1:{engine['metrics']}']}}]\n"
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            "prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "prometheus.log").open("wb"),
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for("Prometheus to be ready", lambda: get(f"{base}/-/ready")[0] == 200)
+        yield base
+    finally:
+        stop_process(proc)
+
+
+def query(base: str, promql: str) -> float | None:
+    """An instant query's single value (None while there is none)."""
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+    result = orjson.loads(get(url)[1])["data"]["result"]
+    return float(result[0]["value"][1]) if result else None
+
+
+@NEEDS_PROMETHEUS
+def test_prometheus_scrapes_what_was_sent_and_the_probes_answer(
+    settings: Settings, engine: dict[str, Any], prometheus: str
+) -> None:
+    health = f"http://127.0.0.1:{engine['health']}"
+    wait_for("/livez", lambda: get(f"{health}/livez")[0] == 200)
+    ready = wait_for(
+        "/readyz", lambda: get(f"{health}/readyz")[0] == 200 and get(f"{health}/readyz")
+    )
+    assert orjson.loads(ready[1])["checks"] == dict.fromkeys(
+        ("redis", "kafka", "dataflow", "input"), "ok"
+    )
+
+    events = [*hot_lead("ana"), *hot_lead("bruno"), page("v1", "carla", "/pricing")]
+    send(settings, [*events, b"not json"])
+    metrics_url = f"http://127.0.0.1:{engine['metrics']}/metrics"
+
+    def engine_counted() -> str | None:
+        text = get(metrics_url)[1].decode()
+        return text if sample(text, "leadflow_events_total") == len(events) else None
+
+    text = wait_for("the engine to count every event", engine_counted)
+    assert len(outputs(settings).decisions) == 2
+    # What Prometheus stored from its scrapes matches what was sent.
+    assert wait_for(
+        "Prometheus to scrape the counts",
+        lambda: query(prometheus, "sum(leadflow_events_total)") == len(events),
+    )
+    assert query(prometheus, 'sum(leadflow_events_total{type="track"})') == 6
+    assert query(prometheus, 'leadflow_dlq_total{reason="invalid_json"}') == 1
+    assert query(prometheus, "sum(leadflow_ingest_to_decision_seconds_count)") == 2
+    assert query(prometheus, "sum(leadflow_event_to_decision_seconds_count)") == 2
+    assert query(prometheus, 'sum(leadflow_stage_transitions_total{to_stage="mql"})') == 2
+    assert (query(prometheus, "sum(leadflow_redis_seconds_count)") or 0) > 0
+    assert query(prometheus, "count(leadflow_build_info)") == 1
+    p99 = query(
+        prometheus,
+        "histogram_quantile(0.99, sum by (le) (leadflow_ingest_to_decision_seconds_bucket))",
+    )
+    assert p99 is not None and 0 < p99 <= 10
+
+    # Every series the dashboard and the alert rules use is one the engine declares
+    # (leadflow_webhook_deliveries comes from `leadflow alerts`, declared in the same registry).
+    names = declared(text)
+    dashboard = json.loads((DEPLOY / "grafana/dashboards/leadflow.json").read_text())
+    used = {m for p in dashboard["panels"] for t in p["targets"] for m in SERIES.findall(t["expr"])}
+    used |= set(SERIES.findall((DEPLOY / "alerts.yml").read_text()))
+    assert used - names == set()
+
+    # Logs: one JSON object per line (librdkafka writes its own lines, marked with %),
+    # the decisions logged with their One-ID, no e-mail anywhere.
+    log_text = engine["log"].read_text()
+    lines = [line for line in log_text.splitlines() if line.startswith("{")]
+    records = [orjson.loads(line) for line in lines]
+    assert records and {"time", "level", "logger", "message"} <= records[0].keys()
+    others = [ln for ln in log_text.splitlines() if not ln.startswith(("{", "%"))]
+    assert others == []
+    assert sum(1 for r in records if r.get("one_id") and "decision" in r["message"]) == 2
+    assert "@ana.example" not in log_text
+
+
+@NEEDS_PROMETHEUS
+def test_promtool_accepts_the_alert_rules_and_the_scrape_config(tmp_path: Path) -> None:
+    rules = subprocess.run(
+        ["promtool", "check", "rules", str(DEPLOY / "alerts.yml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert rules.returncode == 0, rules.stdout + rules.stderr
+    assert "SUCCESS: 8 rules found" in rules.stdout
+    config = subprocess.run(
+        ["promtool", "check", "config", str(DEPLOY / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert config.returncode == 0, config.stdout + config.stderr
+
+
+def test_the_dashboard_is_a_grafana_dashboard_on_the_provisioned_datasource() -> None:
+    dashboard = json.loads((DEPLOY / "grafana/dashboards/leadflow.json").read_text())
+    assert dashboard["uid"] == "leadflow" and dashboard["schemaVersion"] >= 36
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids)) >= 10
+    source = (DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text()
+    uid = re.search(r"uid: (\S+)", source)
+    assert uid is not None
+    for panel in dashboard["panels"]:
+        assert {"h", "w", "x", "y"} <= panel["gridPos"].keys()
+        assert panel["datasource"]["uid"] == uid.group(1)
+        assert panel["targets"] and all(t["expr"] and t["refId"] for t in panel["targets"])
+
+
+def test_the_kubernetes_config_map_holds_the_shipped_configuration() -> None:
+    text = (DEPLOY / "k8s/configmap.yaml").read_text()
+    config = Path(__file__).parents[2] / "config"
+    for path in sorted(config.iterdir()):
+        block = f"  {path.name}: |\n" + "".join(
+            f"    {line}\n" if line else "\n" for line in path.read_text().splitlines()
+        )
+        assert block in text, f"deploy/k8s/configmap.yaml is out of date for {path.name}"
