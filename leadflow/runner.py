@@ -53,13 +53,21 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def _graceful_sigterm() -> None:
-    """Make SIGTERM stop Bytewax like Ctrl-C does."""
+class _StopSignal:
+    """Whether SIGINT or SIGTERM asked this process to stop."""
+
+    received = False
+
+
+def _graceful_stop() -> None:
+    """Make SIGTERM stop Bytewax like Ctrl-C does, and remember that a stop was asked."""
 
     def handler(_sig: int, _frame: FrameType | None) -> None:
+        _StopSignal.received = True
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 def serve_metrics(settings: Settings, process_id: int) -> None:
@@ -116,7 +124,7 @@ def run_member(
     settings: Settings, process_id: int | None = None, addresses: list[str] | None = None
 ) -> None:
     """Run this process's part of the dataflow until the input ends or we are stopped."""
-    _graceful_sigterm()
+    _graceful_stop()
     tune_gc()
     serve_metrics(settings, process_id or 0)
     recovery = recovery_config(settings)
@@ -145,13 +153,11 @@ def run_member(
         log.info("stopped")
     except BytewaxRuntimeError as e:
         # A stop signal that lands inside a step (a Redis retry, a wait for the
-        # broker) reaches us wrapped: it is still a requested stop, not a failure.
-        cause: BaseException | None = e
-        while cause is not None and not isinstance(cause, KeyboardInterrupt):
-            cause = cause.__cause__
-        if cause is None:
+        # broker) reaches us wrapped, or, inside librdkafka's flush, as a SystemError
+        # without its KeyboardInterrupt: still a requested stop, not a failure.
+        if not _StopSignal.received:
             raise
-        log.info("stopped")
+        log.info("stopped (%s)", e)
 
 
 def run_local_cluster(settings: Settings, config_dir: str) -> int:

@@ -207,21 +207,14 @@ def test_prometheus_scrapes_what_was_sent_and_the_probes_answer(
 
 
 @NEEDS_PROMETHEUS
-def test_promtool_accepts_the_alert_rules_and_the_scrape_config(tmp_path: Path) -> None:
-    rules = subprocess.run(
-        ["promtool", "check", "rules", str(DEPLOY / "alerts.yml")],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+def test_promtool_accepts_the_alert_rules_and_the_scrape_config() -> None:
+    def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["promtool", *args], capture_output=True, text=True, check=False)
+
+    rules = promtool("check", "rules", str(DEPLOY / "alerts.yml"))
     assert rules.returncode == 0, rules.stdout + rules.stderr
     assert "SUCCESS: 8 rules found" in rules.stdout
-    config = subprocess.run(
-        ["promtool", "check", "config", str(DEPLOY / "prometheus.yml")],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    config = promtool("check", "config", str(DEPLOY / "prometheus.yml"))
     assert config.returncode == 0, config.stdout + config.stderr
 
 
