@@ -87,7 +87,12 @@ def main() -> None:
         assert isinstance(broker, LocalBroker) and isinstance(redis, LocalRedis)
         env = {"LEADFLOW_KAFKA_BOOTSTRAP": broker.bootstrap, "LEADFLOW_REDIS_URL": redis.url}
         settings = load_settings(env=env)
-        settings = replace(settings, dataflow=replace(settings.dataflow, stop_at_end=True))
+        # No rate limit per person, as in workload.bench_config: the peers have none.
+        settings = replace(
+            settings,
+            dataflow=replace(settings.dataflow, stop_at_end=True),
+            limits=replace(settings.limits, max_events_per_minute=0),
+        )
         create_topics(settings, partitions=1)
         events = produce(settings, args.people)
         passthrough_s = timed(passthrough_flow(settings))
