@@ -495,6 +495,10 @@ class RedisStore:
         op = self.client.sadd if add else self.client.srem
         return int(self._retry(lambda: op(self.list_key(name), *members)))
 
+    def on_list(self, name: str, member: str) -> bool:
+        """Whether ``member`` (a stored form, engine.consent.list_member) is on the list."""
+        return bool(self._retry(lambda: self.client.sismember(self.list_key(name), member)))
+
     def list_members(self, name: str) -> list[str]:
         """A list's members, sorted."""
         return sorted(_texts(self._retry(lambda: self.client.smembers(self.list_key(name)))))

@@ -84,7 +84,7 @@ def check_values(settings: Settings, values: list[str]) -> list[tuple[str, list[
                     member = list_member(name, value, settings.identity)
                 except BadListEntry:
                     continue
-                if member in store.list_members(name):
+                if store.on_list(name, member):
                     held.append(name)
             out.append((value, held))
         return out

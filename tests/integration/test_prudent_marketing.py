@@ -64,11 +64,19 @@ def decisions_by_anon(seen: Any) -> dict[str, dict[str, Any]]:
     return {d["trigger"]["message_id"].rsplit("-", 1)[0]: d for d in seen.decisions.values()}
 
 
-def test_consent_suppression_and_trust_decide_the_channels(settings: Settings) -> None:
+def test_consent_suppression_and_trust_decide_the_channels(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
     lists(settings, "add", "dnc", "+1 (415) 555-0134")
     lists(settings, "add", "blacklist", "spam.example", "partner.example")
     lists(settings, "add", "whitelist", "vip@partner.example")
     lists(settings, "add", "unsubscribe", "gone@gone.example")
+    capsys.readouterr()
+    lists(settings, "check", "+14155550134", "nobody@nowhere.example", "spam.example")
+    lists(settings, "show")
+    shown = capsys.readouterr().out
+    assert "value 1: dnc\nvalue 2: on no list\nvalue 3: blacklist\n" in shown
+    assert "domain:spam.example" in shown and "gone@" not in shown and "4155550134" not in shown
     # Consent withdrawn in a preference centre (trusted), before the lead gets hot.
     revoke = track("rev-0", "revoker", "consent_override", 0)
     revoke["properties"] = {"channel": "email", "status": "revoked", "source": "preference_centre"}
