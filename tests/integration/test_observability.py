@@ -240,3 +240,30 @@ def test_the_kubernetes_config_map_holds_the_shipped_configuration() -> None:
             f"    {line}\n" if line else "\n" for line in path.read_text().splitlines()
         )
         assert block in text, f"deploy/k8s/configmap.yaml is out of date for {path.name}"
+
+
+def test_readiness_fails_and_says_why_when_redis_and_kafka_are_unreachable() -> None:
+    from engine.settings import load_settings
+    from leadflow.health import Health, serve_health
+
+    closed = free_port()
+    settings = load_settings(
+        env={
+            "LEADFLOW_REDIS_URL": f"redis://127.0.0.1:{closed}/0",
+            "LEADFLOW_KAFKA_BOOTSTRAP": f"127.0.0.1:{closed}",
+        }
+    )
+    health = Health(settings)
+    server = serve_health(health, free_port())
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        assert get(f"{base}/livez")[0] == 200
+        status, body = get(f"{base}/readyz", timeout=15)
+        assert status == 503
+        checks = orjson.loads(body)["checks"]
+        assert checks["redis"].startswith("unreachable")
+        assert checks["kafka"].startswith("unreachable")
+        assert checks["dataflow"] == "not running"
+        assert get(f"{base}/nowhere")[0] == 404
+    finally:
+        server.shutdown()
