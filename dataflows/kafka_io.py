@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -18,8 +18,8 @@ from bytewax.connectors.kafka import (
 )
 from bytewax.inputs import StatefulSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from confluent_kafka import KafkaError as BrokerError
-from confluent_kafka import Message, Producer
 from confluent_kafka.admin import AdminClient
 
 from dataflows.metrics import metrics, observed_store
@@ -72,9 +72,40 @@ class InputClock:
     def __init__(self) -> None:
         self.partitions = 0  # input partitions this process reads
         self.last_read = time.monotonic()
+        self.resets: list[str] = []  # input partitions found reset (a broker that lost its log)
+        self.messages = 0  # messages read (not polls: an idle poll proves nothing)
+        self.consumer_errors: dict[str, str] = {}  # topic -> the last consumer error, if any
 
 
 INPUT_CLOCK = InputClock()
+# An idle input partition checks this often that its position is not beyond its end.
+END_CHECK_S = 5.0
+
+
+class InputNames:
+    """The source name of each input partition this process reads (engine.person.settle).
+
+    ``<topic prefix><partition>``, with ``.<generation>`` once the partition's log
+    was found lost and read again from its start (see :class:`_PositionedPartition`):
+    a new log's offsets must never be taken for the old log's.
+    """
+
+    def __init__(self) -> None:
+        self.prefixes: dict[str, str] = {}  # topic -> prefix (input_sources)
+        self.generations: dict[tuple[str, int], int] = {}
+
+    def base(self, topic: str, partition: int) -> str:
+        """The partition's name in generation 0."""
+        return self.prefixes[topic] + str(partition)
+
+    def name(self, topic: str, partition: int) -> str:
+        """The partition's current source name."""
+        generation = self.generations.get((topic, partition), 0)
+        base = self.base(topic, partition)
+        return f"{base}.{generation}" if generation else base
+
+
+INPUT_NAMES = InputNames()
 
 
 class _PositionedPartition(StatefulSourcePartition[SourceItem, int | None]):
@@ -90,28 +121,87 @@ class _PositionedPartition(StatefulSourcePartition[SourceItem, int | None]):
     """
 
     def __init__(
-        self, inner: StatefulSourcePartition[SourceItem, int | None], store: RedisStore, source: str
+        self,
+        rebuild: Callable[[int | None], StatefulSourcePartition[SourceItem, int | None]],
+        store: RedisStore,
+        topic: str,
+        partition: int,
+        start: int | None,
+        settings: Settings,
     ):
-        self.inner = inner
+        self.rebuild = rebuild  # Bytewax's partition reading from an offset (None: the start)
+        self.inner = rebuild(start)
         self.store = store
-        self.source = source
+        self.topic, self.partition = topic, partition
+        self.settings = settings
         self.snapshots: list[int] = []  # the last two snapshotted offsets, oldest first
         self.done = -1
+        self.next_offset = start  # the offset the next message must have, at least
+        self.held: list[SourceItem] = []  # messages after a reset, for the next batch
+        self.check_end_at = time.monotonic() + END_CHECK_S
+
+    @property
+    def source(self) -> str:
+        """This partition's current source name."""
+        return INPUT_NAMES.name(self.topic, self.partition)
 
     def next_batch(self) -> Iterable[SourceItem]:
-        """Record the done offset if it moved, then read a batch."""
+        """Record the done offset if it moved, then read a batch (cut at a reset)."""
         if len(self.snapshots) == 2 and self.snapshots[0] > self.done:
             self.done = self.snapshots[0]
             self.store.advance_input(self.source, self.done)
         INPUT_CLOCK.last_read = time.monotonic()
-        return self.inner.next_batch()
+        if self.held:
+            batch, self.held = self.held, []
+        else:
+            batch = list(self.inner.next_batch())
+        if not batch and self.next_offset is not None and time.monotonic() >= self.check_end_at:
+            # Idle: a broker that lost its log may answer a position beyond its end with
+            # nothing at all (the embedded one does) instead of an out-of-range error.
+            self.check_end_at = time.monotonic() + END_CHECK_S
+            end = _partition_end(self.settings, self.topic, self.partition)
+            if end is not None and end < self.next_offset:
+                self._reset(f"position {self.next_offset} is beyond the partition's end {end}", 0)
+                self.inner.close()
+                self.inner, self.next_offset = self.rebuild(None), None
+                return []
+        for i, item in enumerate(batch):
+            offset = item.msg.offset if isinstance(item, KafkaError) else item.offset
+            if offset is None or offset < 0:
+                continue
+            if self.next_offset is not None and offset < self.next_offset:
+                if i:  # what came before the reset is read under the old name
+                    self.held = batch[i:]
+                    return batch[:i]
+                self._reset(f"read offset {offset} after {self.next_offset - 1}", offset)
+            self.next_offset = offset + 1
+        INPUT_CLOCK.messages += len(batch)
+        return batch
+
+    def _reset(self, what: str, restart: int) -> None:
+        """The broker's log of this partition went back: it lost data (restarted, recreated)."""
+        old = self.source
+        generation = self.store.input_generation(INPUT_NAMES.base(self.topic, self.partition)) + 1
+        self.store.retire_input(INPUT_NAMES.base(self.topic, self.partition), old, generation)
+        INPUT_NAMES.generations[(self.topic, self.partition)] = generation
+        self.snapshots, self.done = [], -1
+        note = (
+            f"{self.topic}-{self.partition}: {what}; the broker lost this partition's log; "
+            f"reading it again from offset {restart} as {self.source}"
+        )
+        log.error("input reset: %s", note)
+        INPUT_CLOCK.resets = [*INPUT_CLOCK.resets[-9:], note]
+        metrics().input_reset.labels(self.topic).inc()
 
     def next_awake(self) -> datetime | None:
         """When to read next (the Kafka partition's answer)."""
-        return self.inner.next_awake()
+        return None if self.held else self.inner.next_awake()
 
     def snapshot(self) -> int | None:
         """The offset to resume from; remembered to learn the done offset."""
+        if self.held:  # not read yet: resume at the first held message
+            first = self.held[0]
+            return first.msg.offset if isinstance(first, KafkaError) else first.offset
         offset = self.inner.snapshot()
         if offset is not None and offset >= 0:
             self.snapshots = [*self.snapshots[-1:], offset]
@@ -136,15 +226,23 @@ class PositionedKafkaSource(KafkaSource):
     def __init__(self, settings: Settings, sources: dict[str, str], **kwargs: Any):
         super().__init__(**kwargs)
         self.settings = settings
-        self.sources = sources
+        INPUT_NAMES.prefixes.update(sources)
 
     def build_part(  # type: ignore[override]  # a wrapper of the partition Bytewax's returns
         self, step_id: str, for_part: str, resume_state: int | None
     ) -> _PositionedPartition:
-        """The partition, resumed from the later of recovery and the done offset."""
+        """The partition, resumed from the later of recovery and the done offset.
+
+        A start beyond the partition's end means the broker lost its log (the
+        embedded broker restarted, a topic re-created under the same cluster id):
+        ``kafka.on_input_reset`` says what to do, never skip silently.
+        """
         index, topic = for_part.split("-", 1)
-        source = self.sources[topic] + index
+        partition = int(index)
         store = observed_store(self.settings.redis)
+        base = INPUT_NAMES.base(topic, partition)
+        INPUT_NAMES.generations[(topic, partition)] = store.input_generation(base)
+        source = INPUT_NAMES.name(topic, partition)
         done = store.inputs_done().get(source)
         start = resume_state
         if done is not None and (start is None or done > start):
@@ -155,8 +253,45 @@ class PositionedKafkaSource(KafkaSource):
                 "the beginning" if start is None else start,
             )
             start = done
+        end = _partition_end(self.settings, topic, partition)
+        reset = start is not None and start >= 0 and end is not None and start > end
+        if reset:
+            problem = f"stored position {start} is beyond the partition's end {end}"
+            if self.settings.kafka.on_input_reset == "stop":
+                raise InputReset(
+                    f"input {for_part}: {problem}: the broker lost data. Set kafka.on_input_reset"
+                    ' = "earliest" to read it again from its start (see README, input resets)'
+                )
+
+        def rebuild(offset: int | None) -> StatefulSourcePartition[SourceItem, int | None]:
+            return super(PositionedKafkaSource, self).build_part(step_id, for_part, offset)
+
+        part = _PositionedPartition(
+            rebuild, store, topic, partition, None if reset else start, self.settings
+        )
+        if reset:
+            part._reset(problem, 0)
         INPUT_CLOCK.partitions += 1
-        return _PositionedPartition(super().build_part(step_id, for_part, start), store, source)
+        return part
+
+
+class InputReset(RuntimeError):
+    """The broker lost an input partition's log and the policy is to stop."""
+
+
+def _partition_end(settings: Settings, topic: str, partition: int) -> int | None:
+    """The partition's high watermark (the offset the next message will get), or None."""
+    consumer = Consumer(
+        {**client_options(settings), "group.id": "leadflow-watermarks", "enable.auto.commit": False}
+    )
+    try:
+        _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+        return int(high)
+    except Exception as e:  # the source itself will report an unreachable broker
+        log.warning("could not read the end of %s-%d: %s", topic, partition, e)
+        return None
+    finally:
+        consumer.close()
 
 
 def kafka_source(settings: Settings, sources: dict[str, str] | None = None) -> KafkaSource:
@@ -171,6 +306,9 @@ def kafka_source(settings: Settings, sources: dict[str, str] | None = None) -> K
     # Bound what librdkafka prefetches while the flow is busy (its default is 64 MiB
     # per partition): a slow Redis then slows reading instead of filling memory.
     options.setdefault("queued.max.messages.kbytes", PREFETCH_KBYTES)
+    # A position the broker no longer has (it lost its log) restarts at the partition's
+    # start, not its end: the events sent since are read; the reset is detected above.
+    options.setdefault("auto.offset.reset", "earliest")
     args: dict[str, Any] = {
         "brokers": settings.kafka.bootstrap.split(","),
         "topics": [settings.topics.events, settings.topics.feedback],
@@ -263,7 +401,10 @@ def to_raw_messages(items: list[SourceItem]) -> list[RawMessage]:
         if isinstance(item, KafkaError):
             metrics().kafka_errors.inc()
             log.warning("kafka consumer error on %s: %s", item.msg.topic, item.err)
+            INPUT_CLOCK.consumer_errors[item.msg.topic or "?"] = str(item.err)
             continue
+        if item.topic:
+            INPUT_CLOCK.consumer_errors.pop(item.topic, None)  # reading again: recovered
         ts_type, ts = item.timestamp if item.timestamp else (0, 0)
         origin = Origin(item.topic or "", item.partition or 0, item.offset or 0, item.key)
         out.append(RawMessage(item.value, origin, ts if ts_type else 0))

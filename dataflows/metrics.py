@@ -44,6 +44,9 @@ class Metrics:
     webhooks: Counter
     timers_fired: Counter
     timers_pending: Gauge
+    processing_errors: Counter
+    resends: Counter
+    input_reset: Counter
     build: Info
 
     @classmethod
@@ -125,6 +128,22 @@ class Metrics:
             ),
             timers_pending=Gauge(
                 f"{prefix}_timers_pending", "Timers scheduled and not yet due", registry=registry
+            ),
+            processing_errors=Counter(
+                f"{prefix}_processing_errors",
+                "Events sent to the DLQ because applying them raised (poison-pill guard)",
+                registry=registry,
+            ),
+            resends=Counter(
+                f"{prefix}_resent_events",
+                "Events a client sent again (same messageId): applied and emitted once",
+                registry=registry,
+            ),
+            input_reset=Counter(
+                f"{prefix}_input_resets",
+                "Input partitions whose stored position was beyond their end (broker lost data)",
+                ["topic"],
+                registry=registry,
             ),
             build=Info(f"{prefix}_build", "Leadflow build", registry=registry),
         )

@@ -32,6 +32,7 @@ from bytewax.dataflow import Dataflow, Stream
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from dataflows.kafka_io import (
+    INPUT_NAMES,
     SinkMessage,
     SourceItem,
     input_sources,
@@ -121,7 +122,7 @@ def build_flow(
     flow = Dataflow("leadflow")
     sources = input_sources(settings, kafka_cluster(settings))
     messages = op.input("input", flow, kafka_source(settings, sources))
-    decoder = Decoder(settings, sources, clock)
+    decoder = Decoder(settings, INPUT_NAMES.name, clock)
 
     def decode(items: list[SourceItem]) -> list[Rejection | tuple[str, list[Event]]]:
         events: list[Event] = []

@@ -8,12 +8,14 @@ stages import no Bytewax and can be driven directly against a real Redis.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import orjson
+import redis
 
 from dataflows.metrics import metrics, observed_store
 from engine.consent import LISTS, suppression_of
@@ -26,6 +28,7 @@ from engine.person import (
     Output,
     PersonState,
     Rulebook,
+    Seen,
     absorb,
     already_applied,
     apply_event,
@@ -34,6 +37,7 @@ from engine.person import (
     erase,
     iso,
     message_digest,
+    refusal,
     refuse_merge,
     remember,
     settle,
@@ -51,7 +55,7 @@ from engine.sales import (
     withhold_from_sales,
 )
 from engine.settings import ConfigError, RosterSettings, Settings, check_roster, roster_data
-from engine.store import SAVED, IdentityWrites, RedisStore
+from engine.store import SAVED, IdentityWrites, RedisStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]
@@ -82,9 +86,11 @@ class Resolved:
 class Decoder:
     """Decode and validate a batch of raw messages into events and rejections."""
 
-    def __init__(self, settings: Settings, sources: dict[str, str], clock: Clock = time.time):
+    def __init__(
+        self, settings: Settings, source_name: Callable[[str, int], str], clock: Clock = time.time
+    ):
         self.settings = settings
-        self.sources = sources  # input topic -> source name prefix (dataflows.kafka_io)
+        self.source_name = source_name  # (topic, partition) -> source name (dataflows.kafka_io)
         self.clock = clock
 
     def __call__(self, messages: list[RawMessage]) -> list[Event | Rejection]:
@@ -111,7 +117,7 @@ class Decoder:
                 rejected[item.reason] += 1
             else:
                 consumed[(item.type, "feedback" if trusted else "events")] += 1
-                item.source = self.sources[msg.origin.topic] + str(msg.origin.partition)
+                item.source = self.source_name(msg.origin.topic, msg.origin.partition)
                 item.offset = msg.origin.offset
             out.append(item)
         m = metrics()
@@ -250,8 +256,18 @@ class _Graph:
         writes.merge(absorbed, survivor, ids, pending)
 
 
-# Rounds of compare-and-set before a batch gives up (and the process restarts from recovery).
+# Lost compare-and-set races before one person's events count as failing (see PersonStage).
 MAX_ROUNDS = 20
+PROCESSING_ERROR = "processing_error"  # the DLQ reason of a quarantined person's events
+# Failures of the servers, not of a person's events: the flow stops and restarts from
+# recovery (nothing is lost) rather than send good events to the DLQ.
+INFRASTRUCTURE = (StoreUnavailable, OSError, redis.RedisError)
+_PII = re.compile(r"[^\s'\"@]+@[^\s'\"]+|\+?\d[\d ().-]{5,}\d")
+
+
+def _without_pii(text: str) -> str:
+    """``text`` with e-mail addresses and phone-like digit runs masked."""
+    return _PII.sub("***", text)
 
 
 class PersonStage(_LazyStore):
@@ -281,6 +297,7 @@ class PersonStage(_LazyStore):
         self._roster = settings.roster
         self._done: dict[str, int] = {}
         self._done_read_at = -INPUTS_DONE_REFRESH_S
+        self._unfinished: dict[str, list[Resolved]] = {}  # the people of the current round
 
     def inputs_done(self) -> dict[str, int]:
         """The input sources' done offsets (engine.person.settle), read at most once a second."""
@@ -307,16 +324,82 @@ class PersonStage(_LazyStore):
         return self._roster
 
     def __call__(self, items: list[Resolved]) -> list[Output]:
-        """Process a batch of resolved events; return the records to publish."""
+        """Process a batch of resolved events; return the records to publish.
+
+        The poison-pill guard: when applying the batch raises (anything but a
+        server failing, :data:`INFRASTRUCTURE`, which no retry of ours can mend),
+        the people the failing round held are done again one at a time, and a
+        person whose events raise again alone is quarantined (:meth:`quarantine`)
+        instead of stopping the flow, unless ``limits.on_processing_error = "stop"``.
+        """
         work: dict[str, list[Resolved]] = {}
         for item in items:
             work.setdefault(item.one_id, []).append(item)
         outputs: list[Output] = []
-        for _ in range(MAX_ROUNDS):
-            if not work:
-                return outputs
-            work = _Round(self, work).run(outputs)
-        raise RuntimeError(f"people still contended after {MAX_ROUNDS} rounds: {sorted(work)[:5]}")
+        try:
+            self._rounds(work, outputs)
+        except INFRASTRUCTURE:
+            raise
+        except Exception as e:
+            if self.settings.limits.on_processing_error == "stop":
+                raise
+            log.warning(
+                "batch failed (%s); applying its %d people one at a time",
+                type(e).__name__,
+                len(self._unfinished),
+            )
+            for one_id, mine in list(self._unfinished.items()):
+                alone: list[Output] = []
+                try:
+                    self._rounds({one_id: mine}, alone)
+                except INFRASTRUCTURE:
+                    raise
+                except Exception as error:
+                    alone = self.quarantine(one_id, mine, error)
+                outputs.extend(alone)
+        return outputs
+
+    def _rounds(self, work: dict[str, list[Resolved]], outputs: list[Output]) -> None:
+        """Round after round until nobody is left; a person lost races MAX_ROUNDS times: raise."""
+        conflicts: dict[str, int] = {}
+        while work:
+            self._unfinished = dict(work)
+            done_round = _Round(self, work)
+            work = done_round.run(outputs)
+            for one_id in done_round.conflicted:
+                conflicts[one_id] = conflicts.get(one_id, 0) + 1
+                if conflicts[one_id] >= MAX_ROUNDS:
+                    raise RuntimeError(f"person still contended after {MAX_ROUNDS} rounds")
+        self._unfinished = {}
+
+    def quarantine(self, one_id: str, items: list[Resolved], error: Exception) -> list[Output]:
+        """Send a person's events to the DLQ as ``processing_error``; their state stays as it was.
+
+        The detail names the exception's type and message with anything like an
+        e-mail address or a phone number masked. A quarantined timer is struck off
+        the timer set, or it would fail again every minute.
+        """
+        detail = f"{type(error).__name__}: {_without_pii(str(error))}"[:300]
+        log.error(
+            "processing error; %d events to the DLQ: %s",
+            len(items),
+            detail,
+            extra={"one_id": one_id},
+            exc_info=log.isEnabledFor(logging.DEBUG),
+        )
+        metrics().processing_errors.inc(len(items))
+        timers = [
+            tuple(i.event.message_id.split("|")[1:])
+            for i in items
+            if i.event.type == TIMER and i.event.message_id.startswith("timer|")
+        ]
+        if timers:
+            self.store.sync_timers([], [(o, k, int(due)) for o, k, due in timers])
+        return [
+            Output(DLQ, one_id, refusal(i.event, PROCESSING_ERROR, detail))
+            for i in items
+            if i.event.type != TIMER
+        ]
 
 
 def count_record(
@@ -358,7 +441,14 @@ def count_record(
 
 
 class _Round:
-    """One round of :class:`PersonStage` over the people of a batch."""
+    """One round of :class:`PersonStage` over the people of a batch.
+
+    A person's events are applied in order until one needs an SDR: the rest of
+    that person's events wait for the next round, which reads the state saved
+    with the assignment. The batch then does exactly what the same events do
+    one at a time (a promotion is routed before the acceptance, the
+    disqualification or the next promotion that follows it in the batch).
+    """
 
     def __init__(self, stage: PersonStage, work: dict[str, list[Resolved]]):
         self.stage = stage
@@ -366,14 +456,19 @@ class _Round:
         self.now_ms = int(stage.clock() * 1000)
         self.work = work
         self.retry: dict[str, list[Resolved]] = {}
+        self.later: dict[str, list[Resolved]] = {}  # events after a routing: next round
+        self.conflicted: set[str] = set()  # people whose save lost a race this round
         self.people: dict[str, PersonState] = {}
         self.loaded: dict[str, bytes | None] = {}
         self.timers_loaded: dict[str, dict[str, int]] = {}
         self.replayed: set[str] = set()  # people with an event already applied (a replay)
+        self.resends = 0  # events a client sent twice (applied once, emitted once)
         self.absorbing: dict[str, list[PersonState]] = {}
         self.produced: dict[str, list[Output]] = {}
         self.routings: list[Routing] = []
-        self.fired: list[tuple[str, str, int]] = []  # timers fired: (one_id, kind, due ms)
+        self.assigned: dict[str, list[tuple[Assignment, str]]] = {}  # person -> SDRs taken
+        # Timers fired: (person, (one_id as scheduled, kind, due ms)).
+        self.fired: list[tuple[str, tuple[str, str, int]]] = []
         self.erased: dict[str, list[str]] = {}  # erased person -> people it had absorbed
 
     def run(self, outputs: list[Output]) -> dict[str, list[Resolved]]:
@@ -417,15 +512,19 @@ class _Round:
         """Absorb, then apply each event, in order, for every person loaded."""
         for one_id, person in self.people.items():
             out = self.produced[one_id] = []
-            for n, item in enumerate(self.work[one_id]):
+            items = self.work[one_id]
+            for n, item in enumerate(items):
                 event = item.event
                 digest = message_digest(event.message_id)
                 before = len(out)
                 if n == 0:
                     for other in self.absorbing[one_id]:
                         out.append(absorb(person, other, event, self.rules, self.now_ms))
-                if already_applied(person, event, digest):
+                seen = already_applied(person, event, digest)
+                if seen is Seen.REPLAY:
                     self.replayed.add(one_id)
+                elif seen is Seen.RESEND:
+                    self.resends += 1
                 else:
                     for other_id, reason in item.refusals:
                         out.append(
@@ -440,14 +539,18 @@ class _Round:
                     self.erased[one_id] = [o for o, _ in person.merged_from]
                     out.append(erase(person, event, self.rules, self.now_ms))
                     continue
-                self._step(person, event, out)
+                if self._step(person, event, out) and n + 1 < len(items):
+                    self.later[one_id] = items[n + 1 :]
+                    break
         self._assign()
 
-    def _step(self, person: PersonState, event: Event, out: list[Output]) -> None:
-        """Apply one event, timer or sales feedback; queue what needs an SDR."""
+    def _step(self, person: PersonState, event: Event, out: list[Output]) -> bool:
+        """Apply one event, timer or sales feedback; True when it needs an SDR (queued)."""
         routing, promotion = None, None
         if event.type == TIMER:
-            self.fired.append((person.one_id, event.name, event.event_ms))
+            # Named as scheduled: a timer of a person since merged away fires for the survivor.
+            _, scheduled_for, kind, due = event.message_id.split("|")
+            self.fired.append((person.one_id, (scheduled_for, kind, int(due))))
             records, routing, promotion = fire_timer(person, event, self.rules, self.now_ms)
         elif event.trusted and event.name in FEEDBACK:
             records = apply_feedback(person, event, self.rules, self.now_ms)
@@ -457,8 +560,9 @@ class _Round:
             routing = route_promotion(promotion, self.rules, self.now_ms)
         if routing is None:
             out.extend(records)
-        else:
-            self.routings.append(routing)
+            return False
+        self.routings.append(routing)
+        return True
 
     def _assign(self) -> None:
         """Assign every routing of the round to an SDR, in one round trip."""
@@ -489,8 +593,11 @@ class _Round:
             for r in self.routings
         ]
         sdrs = {s.id: s for s in roster.sdrs}
-        for routing, sdr_id in zip(self.routings, self.store.assign(requests), strict=True):
+        answers = self.store.assign(requests)
+        for routing, request, sdr_id in zip(self.routings, requests, answers, strict=True):
             sdr = sdrs.get(sdr_id) if sdr_id else None
+            if sdr_id:
+                self.assigned.setdefault(routing.person.one_id, []).append((request, sdr_id))
             records = complete_routing(routing, sdr, roster, self.rules, self.now_ms)
             self.produced[routing.person.one_id].extend(records)
 
@@ -508,11 +615,24 @@ class _Round:
             else:
                 ttl_ms = block_ms if person.erased_ms else retention_ms
                 saves.append((one_id, person.version, raw, ttl_ms))
+        lost: list[tuple[Assignment, str]] = []
         for (one_id, _, _, _), status in zip(saves, self.store.save_people(saves), strict=True):
             if status == SAVED:
                 done.append(one_id)
             else:
+                self.conflicted.add(one_id)
                 self._again(one_id, self.work[one_id])
+                lost.extend(self.assigned.get(one_id, ()))
+        if lost:
+            # Their decisions are not emitted: the SDRs must not be charged for them.
+            self.store.release(lost)
+        for one_id in done:
+            if one_id in self.later:
+                self._again(one_id, self.later[one_id])
+        self._emit(done, outputs)
+
+    def _emit(self, done: list[str], outputs: list[Output]) -> None:
+        """Emit the records of the people saved; bring Redis' side records up to date."""
         triggers = {r.key: r.event for r in self.routings}
         now_iso = iso(self.now_ms)
         m = metrics()
@@ -524,20 +644,27 @@ class _Round:
             if one_id in self.erased:
                 self.store.drop_people(self.erased[one_id])
                 m.erasures.inc()
+        if self.resends:
+            m.resends.inc(self.resends)
         self.store.absorbed([(o, [s.one_id for s in self.absorbing[o]]) for o in done])
         saved = set(done)
-        for one_id, kind, _ in self.fired:
+        for one_id, (_, kind, _) in self.fired:
             if one_id in saved:
                 m.timers_fired.labels(kind).inc()
-        # Timers set or moved since loaded, and all timers of a person whose events are
-        # replayed (a crash may have come between the save and this call). Entries left
-        # behind in Redis are harmless: a timer the state no longer holds does nothing.
-        self.store.sync_timers(
-            [
+        # Timers set or moved since loaded are scheduled (all of them for a person whose
+        # events are replayed: a crash may have come between the save and this call);
+        # timers fired, moved, cancelled, or held by a person absorbed are struck off,
+        # so the set holds live timers only and stale entries never crowd out due ones.
+        scheduled, removed = [], [t for o, t in self.fired if o in saved]
+        for o in done:
+            now_set, before = self.people[o].timers, self.timers_loaded[o]
+            scheduled += [
                 (o, kind, due)
-                for o in done
-                for kind, due in self.people[o].timers.items()
-                if o in self.replayed or self.timers_loaded[o].get(kind) != due
-            ],
-            [t for t in self.fired if t[0] in saved],
-        )
+                for kind, due in now_set.items()
+                if o in self.replayed or before.get(kind) != due
+            ]
+            removed += [(o, kind, due) for kind, due in before.items() if now_set.get(kind) != due]
+            removed += [
+                (a.one_id, k, due) for a in self.absorbing[o] for k, due in a.timers.items()
+            ]
+        self.store.sync_timers(scheduled, removed)

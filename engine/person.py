@@ -19,6 +19,7 @@ produced the first time, with the same ids.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import zlib
 from bisect import bisect_left, insort
@@ -48,7 +49,7 @@ from engine.scoring import (
     score_at,
     top_contributions,
 )
-from engine.settings import Settings
+from engine.settings import LimitSettings, Settings
 
 PROFILE_FIELDS = tuple(f.name for f in fields(Profile))
 DECISION = "decision"
@@ -112,7 +113,10 @@ class PersonState:
     timers: dict[str, int] = field(default_factory=dict)  # timer kind -> due epoch ms
     # Channel -> [status, event ms, source, basis, pre-ticked 0/1] (see engine.consent).
     consent: dict[str, list[Any]] = field(default_factory=dict)
-    rate: list[int] = field(default_factory=list)  # [broker minute, untrusted events in it]
+    # [broker minute, untrusted events in it, 1 once any was refused as a flood]
+    rate: list[int] = field(default_factory=list)
+    # Recent track submissions: [[content digest, event ms], ...] (is_duplicate_submission)
+    submissions: list[list[Any]] = field(default_factory=list)
     version: int = 0  # the stored version this state was read at (compare-and-set); not stored
     is_new: bool = False  # not stored
 
@@ -252,6 +256,7 @@ def _state_doc(p: PersonState) -> dict[str, Any]:
         "tm": p.timers,
         "cn": p.consent,
         "rl": p.rate,
+        "sb": p.submissions,
     }
     for key, value in optional.items():
         if value:
@@ -292,6 +297,7 @@ def decode_state(one_id: str, raw: bytes | None, version: int = 0) -> PersonStat
         timers=d.get("tm", {}),
         consent=d.get("cn", {}),
         rate=d.get("rl", []),
+        submissions=d.get("sb", []),
         version=version,
     )
 
@@ -329,9 +335,8 @@ def apply_event(
             return replayed_outputs(p, message_digest(event.message_id)), None
         _revive(p)
     digest = message_digest(event.message_id)
-    if already_applied(p, event, digest):
-        return replayed_outputs(p, digest), None
-    mark_applied(p, event, digest, settings.limits.dedup_window)
+    if seen := already_applied(p, event, digest):
+        return outputs_again(p, seen, digest), None
     if not event.trusted and over_rate(p, event, settings.limits.max_events_per_minute):
         # No person sends that much: a bot. Its events stop counting, and it is
         # disqualified once, so what it scored before the limit buys nothing.
@@ -342,8 +347,14 @@ def apply_event(
             refused.append(
                 transition(p, lifecycle.DISQUALIFIED, RATE_LIMITED, event, rules, now_ms)
             )
-        remember(p, digest, refused, settings.limits.outbox_size)
+            _leave_sales(p)
+            # Only the refusal that changed the person is remembered: a flood must not
+            # push real records out of the outbox, nor grow the input positions kept.
+            # The others are refused again if replayed (see over_rate), with the same ids.
+            mark_applied(p, event, digest, settings.limits.dedup_window)
+            remember(p, digest, refused, settings.limits.outbox_size)
         return refused, None
+    mark_applied(p, event, digest, settings.limits.dedup_window)
 
     outputs: list[Output] = []
     if p.is_new:
@@ -353,11 +364,9 @@ def apply_event(
     apply_consent(p.consent, consent_updates(event), event.event_ms)
     _touch(p, event)
 
-    duplicate_submission = False
-    if event.type == "track":
-        fingerprint = content_digest(event)
-        duplicate_submission = fingerprint in p.seen
-        see(p, fingerprint, settings.limits.dedup_window)
+    duplicate_submission = event.type == "track" and is_duplicate_submission(
+        p, content_digest(event), event.event_ms, settings.limits
+    )
     if not duplicate_submission:
         for rule in rules.scoring.matching_rules(event):
             changed |= award(p.score, rule, event.event_ms, rules.scoring)
@@ -374,9 +383,71 @@ def apply_event(
         and may_qualify(p, rules)
         and (verdict := qualification(p, rules)).qualified
     ):
-        return outputs, promote(p, event, rules, verdict, "score_threshold", outputs, now_ms)
+        if settings.lifecycle.alert_late_promotions or not is_late(p, verdict, rules, now_ms):
+            return outputs, promote(p, event, rules, verdict, "score_threshold", outputs, now_ms)
+        outputs.append(late_promotion(p, verdict, event, rules, now_ms))
     remember(p, digest, outputs, settings.limits.outbox_size)
     return outputs, None
+
+
+def is_late(p: PersonState, verdict: Verdict, rules: Rulebook, now_ms: int) -> bool:
+    """Whether a score the person qualified on has decayed below its bar by ``now_ms``.
+
+    Scores are history at event time, so a backfill of old events can satisfy the
+    MQL rule at a moment long past; an SDR is paged only for a lead that is still
+    above the bar when the engine sees it (``lifecycle.alert_late_promotions``).
+    """
+    at = max(now_ms, p.score.last_ms)
+    model = rules.scoring
+    return any(
+        score_at(p.score, at, model, dim) < model.threshold[dim]
+        for dim in (TOTAL if d == "total" else d for d in verdict.on)
+        if dim in model.threshold
+    )
+
+
+def late_promotion(
+    p: PersonState, verdict: Verdict, event: Event, rules: Rulebook, now_ms: int
+) -> Output:
+    """The audit record of a promotion that held at event time but no longer does."""
+    at = max(now_ms, p.score.last_ms)
+    model = rules.scoring
+    return note(
+        p,
+        "late_promotion",
+        event,
+        rules,
+        now_ms,
+        qualified_on=list(verdict.on),
+        score_now=round(score_at(p.score, at, model), 3),
+    )
+
+
+def is_duplicate_submission(
+    p: PersonState, fingerprint: str, event_ms: int, limits: LimitSettings
+) -> bool:
+    """Whether the same track was seen within ``limits.duplicate_submission_hours``; remember it.
+
+    The same form sent twice within the window scores once; weeks later it is a
+    new submission and scores again.
+    """
+    window_ms = int(limits.duplicate_submission_hours * 3_600_000)
+    if any(d == fingerprint and abs(event_ms - at) < window_ms for d, at in p.submissions):
+        return True  # the window stays anchored at the submission that scored
+    p.submissions = [
+        s for s in p.submissions if abs(event_ms - s[1]) < window_ms and s[0] != fingerprint
+    ]
+    if window_ms:
+        p.submissions.append([fingerprint, event_ms])
+        del p.submissions[: -limits.dedup_window]
+    return False
+
+
+def _leave_sales(p: PersonState) -> None:
+    """A disqualified person holds no work item, owner or sales timer."""
+    p.work = {}
+    p.owner = ""
+    p.timers.clear()
 
 
 def may_qualify(p: PersonState, rules: Rulebook) -> bool:
@@ -429,6 +500,7 @@ def _learn(
         outputs.append(
             transition(p, lifecycle.DISQUALIFIED, f"cleansing:{reason}", event, rules, now_ms)
         )
+        _leave_sales(p)
     return True
 
 
@@ -513,8 +585,8 @@ def absorb(
     """Merge ``other`` into ``p`` (mutated): one person, as if all events had arrived under one id.
 
     Scores combine exactly (caps included), facts by newer-wins, the stage is
-    the further one (:func:`engine.lifecycle.further_stage`), the owner comes
-    with the stage, campaign touches keep the first and the latest, seen
+    the further one (:func:`engine.lifecycle.further_stage`), the owner, work
+    item and timers come with the stage, campaign touches keep the first and the latest, seen
     messages, outbox and merge history are united. (Identifiers belong to the
     identity graph, which the resolver has already merged.)
     """
@@ -524,11 +596,18 @@ def absorb(
     merge_scores(p.score, other.score, rules.scoring)
     merge_profiles(p.profile, other.profile)
     p.seen = [*(d for d in other.seen if d not in p.seen), *p.seen][-settings.limits.dedup_window :]
+    p.submissions = sorted([*other.submissions, *p.submissions], key=lambda s: s[1])[
+        -settings.limits.dedup_window :
+    ]
     for source, offsets in other.unsettled.items():
         p.unsettled[source] = sorted({*p.unsettled.get(source, ()), *offsets})
     stage = lifecycle.further_stage(p.stage if from_stage else other.stage, other.stage)
     if other.owner and (not p.owner or (stage == other.stage and stage != p.stage)):
         p.queue, p.owner = other.queue, other.owner
+    # The sales work item and its timers (SLA, demotion, nurture) come with the stage:
+    # an MQL absorbed by a lead is still owed its SLA, under the survivor's One-ID.
+    if stage == other.stage and (stage != p.stage or (other.work and not p.work)):
+        p.work, p.timers = other.work, dict(other.timers)
     p.stage = stage
     p.disqualified = p.disqualified or other.disqualified
     p.transitions += other.transitions
@@ -666,11 +745,18 @@ def over_rate(p: PersonState, event: Event, per_minute: int) -> bool:
     if not per_minute:
         return False
     minute = event.ingested_ms // MINUTE_MS
+    if p.rate and minute < p.rate[0] and p.rate[2:] == [1]:
+        # An earlier minute than the one counted: a refused event read again (refusals
+        # are not remembered), or a straggler from a person already caught flooding.
+        return True
     if p.rate and p.rate[0] == minute:
         p.rate[1] += 1
     else:
-        p.rate = [minute, 1]
-    return p.rate[1] > per_minute
+        p.rate = [minute, 1, *p.rate[2:]]
+    if p.rate[1] > per_minute:
+        p.rate[2:] = [1]  # has been refused: see above
+        return True
+    return False
 
 
 def refusal(event: Event, reason: str, detail: str) -> dict[str, Any]:
@@ -690,20 +776,42 @@ def see(p: PersonState, digest: str, window: int) -> None:
     del p.seen[:-window]
 
 
-def already_applied(p: PersonState, event: Event, digest: str) -> bool:
-    """Whether ``event`` was applied: its messageId recently, or its input position.
+class Seen(enum.Enum):
+    """What the person already knows of an event (see :func:`already_applied`)."""
 
-    The digest catches a client sending the same event twice; the position
-    catches Bytewax replaying input after a crash, however many events the
-    person had since (the digest window alone would miss a busy person's).
+    NEW = "new"
+    # The event was applied and is read again at the same input position (Bytewax
+    # replaying input after a crash), or it has no input position (a timer): its
+    # records are re-emitted, since the first emission may have been lost.
+    REPLAY = "replay"
+    # The same messageId at another input position: a client sent it twice. It was
+    # applied and its records emitted; nothing is emitted again.
+    RESEND = "resend"
+
+    def __bool__(self) -> bool:
+        return self is not Seen.NEW
+
+
+def already_applied(p: PersonState, event: Event, digest: str) -> Seen:
+    """Whether ``event`` was applied: at its input position, or by its messageId recently.
+
+    The position catches Bytewax replaying input after a crash, however many
+    events the person had since (the digest window alone would miss a busy
+    person's); the digest catches a client sending the same event twice.
     """
-    if digest in p.seen:
-        return True
     offsets = p.unsettled.get(event.source)
-    if offsets is None:
-        return False
-    i = bisect_left(offsets, event.offset)
-    return i < len(offsets) and offsets[i] == event.offset
+    if offsets is not None:
+        i = bisect_left(offsets, event.offset)
+        if i < len(offsets) and offsets[i] == event.offset:
+            return Seen.REPLAY
+    if digest in p.seen:
+        return Seen.RESEND if event.source else Seen.REPLAY
+    return Seen.NEW
+
+
+def outputs_again(p: PersonState, seen: Seen, digest: str) -> list[Output]:
+    """The records to emit for an event seen before: a replay's again, a resend's none."""
+    return replayed_outputs(p, digest) if seen is Seen.REPLAY else []
 
 
 def mark_applied(p: PersonState, event: Event, digest: str, window: int) -> None:

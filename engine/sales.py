@@ -39,11 +39,11 @@ from engine.person import (
     mark_applied,
     message_digest,
     note,
+    outputs_again,
     promote,
     qualification,
     refusal,
     remember,
-    replayed_outputs,
     transition,
 )
 from engine.routing import Candidate, capacity_periods, company_of, is_available, next_available_ms
@@ -169,6 +169,7 @@ def complete_routing(
             "channels_withheld": withheld,
             "contactable": bool(permitted),
             "decision_id": r.key,
+            "one_id": p.one_id,  # the survivor's, when the lead was merged since its promotion
             "queue": r.queue,
             "sdr": sdr.id,
             "sdr_name": sdr.name,
@@ -212,8 +213,8 @@ def apply_feedback(p: PersonState, event: Event, rules: Rulebook, now_ms: int) -
         detail = f"{event.name}: no lead is known by this event's identifiers"
         return [Output(DLQ, p.one_id, refusal(event, "illegal_transition", detail))]
     digest = message_digest(event.message_id)
-    if already_applied(p, event, digest):
-        return replayed_outputs(p, digest)
+    if seen := already_applied(p, event, digest):
+        return outputs_again(p, seen, digest)
     mark_applied(p, event, digest, settings.limits.dedup_window)
     props = event.payload.get("properties") or {}
     actor = str(props.get("actor") or props.get("sdr") or "sales")[:100]
@@ -263,8 +264,8 @@ def fire_timer(
     """Fire a due timer: records to emit now, or a routing / promotion to complete."""
     kind, due = event.name, event.event_ms
     digest = message_digest(event.message_id)
-    if already_applied(p, event, digest):
-        return replayed_outputs(p, digest), None, None
+    if seen := already_applied(p, event, digest):
+        return outputs_again(p, seen, digest), None, None
     if p.timers.get(kind) != due:
         return [], None, None  # cancelled or moved since it was scheduled
     mark_applied(p, event, digest, rules.settings.limits.dedup_window)

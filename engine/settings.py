@@ -71,6 +71,9 @@ class KafkaSettings:
     # librdkafka waits this long for a fetch to fill; its 500 ms default puts
     # ~190 ms on p50 latency on a lightly loaded topic.
     fetch_wait_max_ms: int = 10
+    # An input position beyond its partition's end (the broker lost its log):
+    # "earliest" reads the partition again from its start, "stop" refuses to start.
+    on_input_reset: str = "earliest"
 
 
 @dataclass(frozen=True)
@@ -127,8 +130,15 @@ class LimitSettings:
     max_events_per_minute: int = 120
     # A person's state expires after this many days without an event. 0 = never.
     retention_days: int = 730
+    # The same track (name and properties) again within this many hours of event time
+    # is a duplicate submission and scores nothing; later it scores again. 0 = never.
+    duplicate_submission_hours: float = 24.0
+    # When applying one person's events raises: "dlq" sends those events to the DLQ
+    # (reason processing_error) and goes on with everyone else; "stop" stops the flow.
+    on_processing_error: str = "dlq"
 
 
+ON_PROCESSING_ERROR = ("dlq", "stop")
 CHANNELS = ("email", "sms", "phone", "push")
 # EU and EEA member states and the UK: consent must be given, never pre-ticked (GDPR, PECR).
 GDPR_COUNTRIES = (
@@ -422,6 +432,10 @@ class LifecycleSettings:
     recycle_score_factor: float = 0.5  # every behaviour score is multiplied by this on recycle
     recycle_days: float = 30.0  # a recycled person re-enters nurture after this many days
     demote_on_decay: bool = True  # an unaccepted MQL falls back when decay takes it below
+    # A promotion whose qualifying scores have decayed below their bars by the time it is
+    # processed (late or backfilled events) is recorded as "late_promotion" and sent to
+    # no SDR; true alerts it anyway.
+    alert_late_promotions: bool = False
 
 
 @dataclass(frozen=True)
@@ -619,7 +633,10 @@ def _kafka(t: _Table, env: Mapping[str, str]) -> KafkaSettings:
         options=options,
         source_batch_size=t.integer("source_batch_size", 1000, min=1, max=100_000),
         fetch_wait_max_ms=t.integer("fetch_wait_max_ms", 10, min=0, max=60_000),
+        on_input_reset=t.text("on_input_reset", "earliest"),
     )
+    if s.on_input_reset not in ("earliest", "stop"):
+        raise t.error("on_input_reset", f'must be "earliest" or "stop", got {s.on_input_reset!r}')
     t.used.add("bootstrap")
     t.done()
     return s
@@ -667,7 +684,18 @@ def _limits(t: _Table) -> LimitSettings:
         max_future_skew_s=t.integer("max_future_skew_s", 86_400, min=0),
         max_events_per_minute=t.integer("max_events_per_minute", 120, min=0),
         retention_days=t.integer("retention_days", 730, min=0, max=36_500),
+        duplicate_submission_hours=t.number("duplicate_submission_hours", 24.0),
+        on_processing_error=t.text("on_processing_error", "dlq"),
     )
+    if s.duplicate_submission_hours < 0:
+        raise t.error(
+            "duplicate_submission_hours", f"must be >= 0, got {s.duplicate_submission_hours}"
+        )
+    if s.on_processing_error not in ON_PROCESSING_ERROR:
+        raise t.error(
+            "on_processing_error",
+            f"must be one of {list(ON_PROCESSING_ERROR)}, got {s.on_processing_error!r}",
+        )
     t.done()
     return s
 
@@ -1031,6 +1059,7 @@ def _lifecycle(t: _Table) -> LifecycleSettings:
         recycle_score_factor=t.number("recycle_score_factor", 0.5),
         recycle_days=t.number("recycle_days", 30.0),
         demote_on_decay=t.flag("demote_on_decay", True),
+        alert_late_promotions=t.flag("alert_late_promotions", False),
     )
     if not 0 <= s.recycle_score_factor <= 1:
         raise t.error(

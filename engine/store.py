@@ -17,6 +17,7 @@ hash tag; keys of one person share that person's tag:
 ``P roster``                    the roster applied: ``<version>|<JSON>``
 ``P timers``                    due time of every pending timer (a sorted set)
 ``P input``                     per input source, the offset read up to and done
+``P input:gen``                 per input partition, how often its log was found lost
 ``P list:<name>``               a suppression list's members (a set; engine.consent)
 ==============================  ==============================================
 
@@ -60,6 +61,8 @@ RETRY_FIRST_S = 0.05
 RETRY_CAP_S = 5.0
 
 SAVED, CONFLICT, REDIRECTED = 0, 1, 2
+# The done offset of an input source whose log the broker lost: above every offset.
+RETIRED = 2**62
 
 # Assign a decision to an SDR of its queue, once. KEYS: queue counts (hash SDR ->
 # leads), the decision's assignment, the queue's company owners (hash), then per
@@ -124,6 +127,18 @@ redis.call('EXPIRE', KEYS[3 + 2 * besti], 15 * 86400)
 redis.call('SET', KEYS[2], best, 'EX', ARGV[1])
 if ARGV[2] ~= '' and not member then redis.call('HSET', KEYS[3], ARGV[2], best) end
 return best
+"""
+
+# Undo an assignment whose decision was never emitted (its person lost a compare-and-set
+# race). KEYS: queue counts, the decision's assignment, the SDR's day and week counters;
+# ARGV: the SDR. Only if the decision is still assigned to that SDR, so twice is once.
+_RELEASE = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
+if tonumber(redis.call('GET', KEYS[3]) or '0') > 0 then redis.call('DECR', KEYS[3]) end
+if tonumber(redis.call('GET', KEYS[4]) or '0') > 0 then redis.call('DECR', KEYS[4]) end
+redis.call('DEL', KEYS[2])
+return 1
 """
 
 # KEYS: (person key, redirect key, pending key) per person. Read them all at once.
@@ -288,6 +303,7 @@ class RedisStore:
             for name, body in (
                 ("advance", _ADVANCE_INPUT),
                 ("assign", _ASSIGN),
+                ("release", _RELEASE),
                 ("load", _LOAD),
                 ("roster", _APPLY_ROSTER),
                 ("save", _SAVE),
@@ -443,6 +459,22 @@ class RedisStore:
             items.append((keys, args))
         return [_text(v) if v else None for v in self._script("assign", items, one_call_each=True)]
 
+    def release(self, assignments: Sequence[tuple[Assignment, str]]) -> int:
+        """Give back ``(request, sdr)`` assignments whose decisions were never emitted.
+
+        A person's routing is assigned before its state is saved; when the save
+        then loses a race, the decision is not emitted and the batch is applied
+        again from fresh reads, which may not promote the same way. Releasing the
+        assignment keeps an SDR's counts equal to the decisions they received.
+        """
+        items = []
+        for r, sdr in assignments:
+            q = self.queue_key(r.queue)
+            c = next(c for c in r.candidates if c.sdr == sdr)  # assign chose among them
+            day, week = f"{q}:d:{sdr}:{c.day}", f"{q}:w:{sdr}:{c.week}"
+            items.append(([q, f"{q}:a:{r.decision_id}", day, week], [sdr]))
+        return sum(int(v) for v in self._script("release", items, one_call_each=True))
+
     def queue_counts(self, queue: str) -> dict[str, int]:
         """Leads assigned so far per SDR of ``queue``."""
         raw = self._retry(lambda: self.client.hgetall(self.queue_key(queue)))
@@ -462,15 +494,19 @@ class RedisStore:
         return int(version)
 
     def sync_timers(
-        self, scheduled: Sequence[tuple[str, str, int]], fired: Sequence[tuple[str, str, int]]
+        self, scheduled: Sequence[tuple[str, str, int]], removed: Sequence[tuple[str, str, int]]
     ) -> None:
-        """Schedule ``(one_id, kind, due ms)`` timers (idempotent) and strike fired ones off."""
+        """Schedule ``(one_id, kind, due ms)`` timers (idempotent); strike ``removed`` ones off.
+
+        Removed are timers fired, moved, cancelled, or held by a person merged away,
+        each named as it was scheduled (the One-ID it was scheduled for).
+        """
         key = self.timers_key()
         commands: list[tuple[Any, ...]] = (
             [("zadd", key, {f"{o}|{k}|{due}": due for o, k, due in scheduled})] if scheduled else []
         )
-        if fired:
-            commands.append(("zrem", key, *(f"{o}|{k}|{due}" for o, k, due in fired)))
+        if removed:
+            commands.append(("zrem", key, *(f"{o}|{k}|{due}" for o, k, due in removed)))
         if commands:
             self._retry(lambda: self._pipeline(commands))
 
@@ -537,6 +573,25 @@ class RedisStore:
         """Per input source, the offset below which every event is applied and delivered."""
         raw = self._retry(lambda: self.client.hgetall(self.input_key()))
         return {k.decode(): int(v) for k, v in raw.items()}
+
+    def input_generation(self, base: str) -> int:
+        """How many times the input partition named ``base`` was found reset (see retire_input)."""
+        raw = self._retry(lambda: self.client.hget(self.input_key() + ":gen", base))
+        return int(raw or 0)
+
+    def retire_input(self, base: str, old_source: str, generation: int) -> None:
+        """A partition's log was lost: positions under ``old_source`` can never be read again.
+
+        Its done offset becomes :data:`RETIRED` (people forget every position under
+        it, engine.person.settle) and the partition's generation ``generation``, so
+        the offsets of the new log get a source name of their own.
+        """
+        key = self.input_key()
+        self._retry(
+            lambda: self._pipeline(
+                [("hset", key, old_source, RETIRED), ("hset", key + ":gen", base, generation)]
+            )
+        )
 
     def advance_input(self, source: str, offset: int) -> None:
         """Record that ``source`` is done below ``offset`` (a lower offset changes nothing)."""

@@ -3,8 +3,11 @@
 ``GET /livez``: 200 while the process serves requests (the dataflow runs in the
 main thread: when it ends, the process ends). ``GET /readyz``: 200 when Redis
 answers a PING, the Kafka cluster answers a metadata request, the dataflow is
-running and, if this process reads input partitions, it read from them in the
-last ``STALE_INPUT_S`` seconds; 503 otherwise. Both answer JSON with each
+running and, if this process reads input partitions, it polled them in the
+last ``STALE_INPUT_S`` seconds and its consumer reports no error (a poll that
+brings only errors is no read); 503 otherwise. The body also says how many
+messages were read and lists input partitions found reset (a broker that lost
+its log, see dataflows.kafka_io). Both answer JSON with each
 check's result. Checks are cached for ``CACHE_S`` so probes cost nothing.
 """
 
@@ -75,8 +78,12 @@ def _kafka_check(settings: Settings) -> str:
 
 
 def _input_check() -> str:
+    """Reading: polled lately, and the polls bring messages or nothing, not only errors."""
     if not INPUT_CLOCK.partitions:
         return "ok"  # this process reads no input partition (more workers than partitions)
+    if INPUT_CLOCK.consumer_errors:
+        topic, error = next(iter(INPUT_CLOCK.consumer_errors.items()))
+        return f"consumer error on {topic}: {error}"
     idle = time.monotonic() - INPUT_CLOCK.last_read
     return "ok" if idle < STALE_INPUT_S else f"no read for {idle:.0f}s"
 
@@ -92,6 +99,9 @@ def serve_health(health: Health, port: int) -> ThreadingHTTPServer:
             elif self.path == "/readyz":
                 ok, checks = health.ready()
                 code, body = (200 if ok else 503), {"ready": ok, "checks": checks}
+                body["messages_read"] = INPUT_CLOCK.messages
+                if INPUT_CLOCK.resets:  # handled by kafka.on_input_reset, but never silent
+                    body["input_resets"] = INPUT_CLOCK.resets
             else:
                 code, body = 404, {"error": "try /livez or /readyz"}
             data = orjson.dumps(body)

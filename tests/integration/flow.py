@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -16,13 +17,16 @@ from engine.settings import Settings
 from engine.store import RedisStore
 from leadflow.watch import Observed, OutputWatcher
 
-T0 = "2026-11-02T09:00:00.000Z"
+# The tests' event time: an hour ago, on the second. Not a fixed date: the engine alerts
+# only for leads still above the bar when it sees them (a 105-point lead from a fixed
+# date would be a late promotion once that date is a few days old).
+T0 = (datetime.now(UTC).replace(microsecond=0, tzinfo=None) - timedelta(hours=1)).isoformat(
+    timespec="milliseconds"
+) + "Z"
 
 
 def at(seconds: float) -> str:
     """An ISO timestamp ``seconds`` after T0."""
-    from datetime import datetime, timedelta
-
     return (datetime.fromisoformat(T0) + timedelta(seconds=seconds)).isoformat(
         timespec="milliseconds"
     )

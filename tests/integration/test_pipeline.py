@@ -9,6 +9,7 @@ import pytest
 
 from engine.settings import Settings
 from tests.integration.flow import (
+    at,
     behavior_score,
     hot_lead,
     identify,
@@ -149,7 +150,7 @@ def test_identify_joins_a_cookie_and_an_email_into_one_person(
                 "type": "identify",
                 "messageId": "j2",
                 "anonymousId": "anon-j",
-                "timestamp": "2026-11-02T09:00:01Z",
+                "timestamp": at(1),
                 "traits": {"email": "Jun@Initech.example", "company": "Initech"},
             },
             # the same person from another device, known only by e-mail:
@@ -157,14 +158,14 @@ def test_identify_joins_a_cookie_and_an_email_into_one_person(
                 "type": "track",
                 "event": "Contact Form Submitted",
                 "messageId": "j3",
-                "timestamp": "2026-11-02T09:00:02Z",
+                "timestamp": at(2),
                 "properties": {"email": "  jun@initech.example "},
             },
             {
                 "type": "track",
                 "event": "Webinar Attended",
                 "messageId": "j4",
-                "timestamp": "2026-11-02T09:00:03Z",
+                "timestamp": at(3),
                 "traits": {"email": "jun@initech.example"},
             },
         ],

@@ -22,7 +22,7 @@ import orjson
 import pytest
 
 from dataflows.stages import IdentityStage, PersonStage
-from dataflows.timers import TimerPoller
+from dataflows.timers import LEASE_S, TimerPoller
 from engine.events import Event, Origin, decode_event
 from engine.person import DECISION, DLQ, LIFECYCLE, Output, Rulebook, current_scores, iso
 from engine.settings import Settings
@@ -307,3 +307,38 @@ def test_timers_survive_a_crash_between_the_save_and_their_scheduling(
     (decision,) = decisions(restarted.send(*hot_lead("crash")))  # re-emitted, same id
     assert restarted.at(15 * MINUTE)[0].value["cause"] == "sla_breached"
     assert decision["decision_id"]
+
+
+def test_the_timers_of_a_person_merged_away_move_to_the_survivor(engine: Engine) -> None:
+    """An MQL absorbed by a known user: its SLA fires once, for the survivor, and no entry is stale.
+
+    Every scheduled timer belongs to a live (not redirected) person, the SLA of the
+    absorbed MQL re-routes the survivor when due, and the set is empty of due
+    entries afterwards (a stale one would come back every minute and, with
+    enough of them, crowd every live timer out of the poll).
+    """
+    engine.send({"type": "page", "messageId": "u9-0", "userId": "u-9", "properties": {}})
+    (first,) = decisions(engine.send(*hot_lead("mx")))
+    merged = engine.send(
+        {"type": "identify", "messageId": "u9-1", "userId": "u-9", "anonymousId": "mx"}
+    )
+    assert "merge" in causes(merged)
+    survivor = person_of(engine.settings, {"anonymousId": "mx"})
+    scheduled = engine.store.due_timers(10**15, 100)
+    assert {o for o, _, _ in scheduled} == {survivor.one_id}
+    assert {(k, due) for _, k, due in scheduled} == set(survivor.timers.items())
+    assert engine.store.timers_pending() == len(survivor.timers)
+
+    fired = engine.at(15 * MINUTE)
+    (second,) = decisions(fired)
+    assert second["replaces"] == first["decision_id"] and second["one_id"] == survivor.one_id
+    assert engine.at(16 * MINUTE + LEASE_S) == []  # fired once, not again after the lease
+    assert engine.store.due_timers(int((START + 17 * MINUTE + LEASE_S) * 1000), 100) == []
+
+
+def test_timers_moved_or_cancelled_leave_the_timer_set(engine: Engine) -> None:
+    engine.send(*hot_lead("cancel"))
+    assert {k for _, k, _ in engine.store.due_timers(10**15, 100)} == {"sla", "demote"}
+    engine.send(feedback("lead_accepted", "cancel"), trusted=True)
+    assert engine.store.due_timers(10**15, 100) == []  # accepted: no SLA, no demotion
+    assert engine.store.timers_pending() == 0

@@ -318,3 +318,70 @@ def test_a_replayed_erasure_sends_its_record_again_and_nothing_personal_is_kept(
     assert [o.value for o in replayed] == [record.value]
     older, _ = apply_event(decode_state("p1", tombstone), event("m0", "Demo Requested"), RULES, 0)
     assert older == []
+
+
+DAY_MS = 86_400_000
+
+
+def test_the_same_form_weeks_later_is_a_new_submission() -> None:
+    p = PersonState("p1", is_new=True)
+    form: dict[str, Any] = {"title": "Routing Playbook"}
+    apply_event(p, event("m1", "Whitepaper Downloaded", **form), RULES, NOW_MS)
+    apply_event(p, event("m2", "Whitepaper Downloaded", t_ms=NOW_MS + 3_600_000, **form), RULES, 0)
+    first = current_scores(p, RULES)[""]
+    later = NOW_MS + 21 * DAY_MS  # outside duplicate_submission_hours (24 h)
+    apply_event(p, event("m3", "Whitepaper Downloaded", t_ms=later, **form), RULES, later)
+    assert current_scores(p, RULES)[""] > first  # scored again (decayed first points + 15)
+    assert len(p.submissions) == 1  # the expired fingerprint was replaced, not kept
+
+
+def test_a_resend_is_applied_once_and_emits_nothing_a_replay_re_emits() -> None:
+    p = PersonState("p1", is_new=True)
+    first = replace(event("m1", "Demo Requested"), source="ev0", offset=7)
+    records, _ = apply_event(p, first, RULES, NOW_MS)
+    assert [o.value["cause"] for o in records] == ["first_event"]
+    before = encode_state(p)
+    resend = replace(first, offset=9)  # the client sent it again: another input position
+    assert already_applied(p, resend, message_digest("m1")).value == "resend"
+    assert apply_event(p, resend, RULES, NOW_MS) == ([], None)
+    assert already_applied(p, first, message_digest("m1")).value == "replay"
+    replayed, _ = apply_event(p, first, RULES, NOW_MS)  # Bytewax reading offset 7 again
+    assert [o.value for o in replayed] == [o.value for o in records]
+    assert encode_state(p) == before
+
+
+def test_a_flood_keeps_neither_its_positions_nor_its_refusals() -> None:
+    p = known_buyer()
+    demo = replace(event("d", "Demo Requested"), source="ev0", offset=1)
+    apply_event(p, demo, RULES, NOW_MS)
+    outbox_before = len(outbox_of(p))
+    flood = [
+        replace(event(f"f{n}", type_="page", path="/x"), source="ev0", offset=10 + n)
+        for n in range(300)
+    ]
+    refused = [apply_event(p, e, RULES, NOW_MS)[0] for e in flood]
+    assert p.disqualified == "rate_limited" and p.stage == "disqualified"
+    positions = sum(len(v) for v in p.unsettled.values())
+    # The demo, the 118 views within the limit of 120 (the identify and the demo count
+    # too), and the view that disqualified; none of the 181 refused after it.
+    assert positions == 1 + 118 + 1
+    assert len(outbox_of(p)) == outbox_before + 1  # only the disqualification
+    # A replay of the refused views (after a crash) refuses them again, unchanged.
+    again = [apply_event(p, e, RULES, NOW_MS)[0] for e in flood[200:]]
+    assert [[o.value for o in r] for r in again] == [[o.value for o in r] for r in refused[200:]]
+    assert sum(len(v) for v in p.unsettled.values()) == positions
+
+
+def test_an_absorbed_mql_brings_its_work_and_timers() -> None:
+    mql = known_buyer()
+    mql.one_id = "p2"
+    for n, name in enumerate(("Demo Requested", "Webinar Attended", "Contact Form Submitted")):
+        _, promotion = apply_event(mql, event(f"m{n}", name), RULES, NOW_MS)
+    assert promotion is not None
+    decide(promotion)
+    survivor = PersonState("p1", is_new=True)
+    apply_event(survivor, event("s1", type_="page", path="/"), RULES, NOW_MS)
+    absorb(survivor, mql, event("join", type_="identify"), RULES, NOW_MS)
+    assert survivor.stage == "mql" and survivor.owner == "sdr-ana"
+    assert survivor.timers == mql.timers and set(survivor.timers) >= {"sla"}
+    assert survivor.work["id"] == mql.work["id"]
