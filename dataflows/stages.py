@@ -571,7 +571,10 @@ class _Round:
         # In event-time order, not the order people were processed in: who gets which
         # lead then does not depend on how the input was cut into batches (nor on a replay).
         self.routings.sort(key=lambda r: (r.event.event_ms, r.event.message_id))
-        people = [(r.person.one_id, r.person.profile.email_domain) for r in self.routings]
+        people = [
+            (r.person.one_id, r.person.profile.email_domain, r.person.contacts)
+            for r in self.routings
+        ]
         routed = []
         for r, on_lists in zip(
             self.routings, self.store.lists_holding(people, tuple(LISTS)), strict=True

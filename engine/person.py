@@ -35,6 +35,7 @@ from engine.cleansing import Cleanser
 from engine.consent import apply_consent, consent_updates, merge_consent
 from engine.events import Event
 from engine.fit import FitFactor, FitModel
+from engine.identity import digest, normalise_email, normalise_phone
 from engine.profile import Profile, merge_profiles, merge_traits, present_fields, traits_of
 from engine.qualification import Verdict, is_mql
 from engine.routing import choose_queue
@@ -117,6 +118,8 @@ class PersonState:
     rate: list[int] = field(default_factory=list)
     # Recent track submissions: [[content digest, event ms], ...] (is_duplicate_submission)
     submissions: list[list[Any]] = field(default_factory=list)
+    # Contact points seen in traits, as list members (``email:<digest>``; contact_point)
+    contacts: list[str] = field(default_factory=list)
     version: int = 0  # the stored version this state was read at (compare-and-set); not stored
     is_new: bool = False  # not stored
 
@@ -257,6 +260,7 @@ def _state_doc(p: PersonState) -> dict[str, Any]:
         "cn": p.consent,
         "rl": p.rate,
         "sb": p.submissions,
+        "ct": p.contacts,
     }
     for key, value in optional.items():
         if value:
@@ -298,6 +302,7 @@ def decode_state(one_id: str, raw: bytes | None, version: int = 0) -> PersonStat
         consent=d.get("cn", {}),
         rate=d.get("rl", []),
         submissions=d.get("sb", []),
+        contacts=d.get("ct", []),
         version=version,
     )
 
@@ -487,6 +492,14 @@ def _learn(
         levels=rules.fit.levels,
         valid_phone=valid_phone,
     )
+    # Every address and number a decision may offer is checked against the suppression
+    # lists, owned as an identifier or not (a refused merge leaves a trait unowned).
+    for kind, value, known in (
+        ("email", traits.email, bool(traits.email) and not reason),
+        ("phone", traits.phone, valid_phone),
+    ):
+        if known and (point := contact_point(kind, value, rules.settings)):
+            p.contacts = [*(c for c in p.contacts if c != point), point][-MAX_CONTACTS_KEPT:]
     push = _push_token(event)
     for channel, known in (
         ("email", bool(traits.email) and not reason),
@@ -502,6 +515,20 @@ def _learn(
         )
         _leave_sales(p)
     return True
+
+
+MAX_CONTACTS_KEPT = 8
+
+
+def contact_point(kind: str, value: str, settings: Settings) -> str:
+    """``kind:digest`` of an e-mail or phone, as the suppression lists store it ('' if unusable)."""
+    identity = settings.identity
+    normal = (
+        normalise_email(value, identity)
+        if kind == "email"
+        else normalise_phone(value, identity.default_calling_code)
+    )
+    return f"{kind}:{digest(identity.salt, f'{kind}:{normal}')}" if normal else ""
 
 
 def promote(
@@ -613,6 +640,9 @@ def absorb(
     p.transitions += other.transitions
     p.promotions += other.promotions
     p.channels += [c for c in other.channels if c not in p.channels]
+    p.contacts = [*(c for c in other.contacts if c not in p.contacts), *p.contacts][
+        -MAX_CONTACTS_KEPT:
+    ]
     merge_consent(p.consent, other.consent)
     p.outbox = (outbox_of(other) + outbox_of(p))[-settings.limits.outbox_size :]
     p.merged_from += [[other.one_id, now_ms], *other.merged_from]

@@ -540,20 +540,25 @@ class RedisStore:
         return sorted(_texts(self._retry(lambda: self.client.smembers(self.list_key(name)))))
 
     def lists_holding(
-        self, people: Sequence[tuple[str, str]], names: Sequence[str]
+        self, people: Sequence[tuple[str, str, Sequence[str]]], names: Sequence[str]
     ) -> list[dict[str, bool]]:
-        """For each ``(one_id, e-mail domain)``: which of the lists hold one of theirs.
+        """For each ``(one_id, e-mail domain, contact points)``: which lists hold one of theirs.
 
-        Two round trips for the whole batch: the people's identifiers, then
-        every list asked about each person's identifiers and domain at once.
+        A person's members are the e-mails and phones the identity graph gives
+        them, the contact points their traits gave (engine.person.contact_point,
+        owned or not) and their e-mail domain. Two round trips for the whole
+        batch: the people's identifiers, then every list asked at once.
         """
         if not people:
             return []
-        nodes = self.graph([one_id for one_id, _ in people])
+        nodes = self.graph([one_id for one_id, _, _ in people])
         candidates = [
-            sorted(f"{kind}:{d}" for kind, d in node.identifiers if kind in ("email", "phone"))
+            sorted(
+                {f"{kind}:{d}" for kind, d in node.identifiers if kind in ("email", "phone")}
+                | set(contacts)
+            )
             + ([f"domain:{domain}"] if domain else [])
-            for node, (_, domain) in zip(nodes, people, strict=True)
+            for node, (_, domain, contacts) in zip(nodes, people, strict=True)
         ]
 
         asked = [(i, name) for i, members in enumerate(candidates) if members for name in names]

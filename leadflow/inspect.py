@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from engine.consent import LISTS, channel_permissions, contact_points, suppression_of
 from engine.identity import digest, normalise_email, normalise_phone
 from engine.person import PersonState, Rulebook, current_scores, decode_state, iso
 from engine.scoring import TOTAL, effective_score, top_contributions
@@ -51,7 +52,22 @@ def inspect_person(settings: Settings, identifier: str, now_ms: int) -> dict[str
             path.append(stored.redirect)
         person = decode_state(path[-1], stored.state, stored.version)
         ids = store.identifiers(person.one_id)
-        return _describe(person, ids, Rulebook(settings), f"{kind}:{value}", d, path, now_ms)
+        described = _describe(person, ids, Rulebook(settings), f"{kind}:{value}", d, path, now_ms)
+        if not person.erased_ms:
+            # What the next decision would offer: the same lists, consent and policy.
+            (on_lists,) = store.lists_holding(
+                [(person.one_id, person.profile.email_domain, person.contacts)], tuple(LISTS)
+            )
+            offered, withheld = channel_permissions(
+                person.consent,
+                contact_points(person.channels, person.profile.mobile),
+                person.profile.country,
+                settings.consent,
+                suppression_of(on_lists),
+            )
+            described["next_decision_channels"] = {"offered": offered, "withheld": withheld}
+            described["on_lists"] = sorted(name for name, held in on_lists.items() if held)
+        return described
     finally:
         store.close()
 

@@ -73,19 +73,28 @@ def show_lists(settings: Settings, names: list[str]) -> dict[str, list[str]]:
 
 
 def check_values(settings: Settings, values: list[str]) -> list[tuple[str, list[str]]]:
-    """For each value, the lists holding it."""
+    """For each value, the lists holding it (an address also by its domain, as routing checks).
+
+    A list that holds an address's domain, not the address, is reported as
+    ``blacklist (domain)``: the engine withholds such a lead all the same.
+    """
     store = RedisStore(settings.redis)
     try:
         out = []
         for value in values:
             held = []
+            domain = value.strip().rsplit("@", 1)[1] if "@" in value else ""
             for name in sorted(LISTS):
-                try:
-                    member = list_member(name, value, settings.identity)
-                except BadListEntry:
-                    continue
-                if store.on_list(name, member):
-                    held.append(name)
+                for candidate, label in ((value, name), (domain, f"{name} (domain)")):
+                    try:
+                        member = (
+                            list_member(name, candidate, settings.identity) if candidate else ""
+                        )
+                    except BadListEntry:
+                        continue
+                    if member and store.on_list(name, member):
+                        held.append(label)
+                        break
             out.append((value, held))
         return out
     finally:

@@ -7,6 +7,7 @@ logs, and Redis AUTH with a password-protected server.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -200,3 +201,34 @@ def test_redis_auth_with_a_real_password_protected_server(
         assert refused.returncode == 3
         assert "Redis refused the credentials" in refused.stderr
         assert "wrong-pw" not in refused.stderr
+
+
+def test_a_dnc_phone_owned_by_another_person_is_still_withheld(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A refused merge leaves the number as a trait of a person who does not own it."""
+    owner = {"type": "identify", "messageId": "own-0", "userId": "u-owner", "traits": {}}
+    owner["traits"] = {"phone": PHONE}
+    send(settings, [owner], key="u-owner")
+    run_flow(settings, 1)  # u-owner owns the number
+    events = buyer("other-user", phone=PHONE)
+    events[0]["userId"] = "u-other"  # a second userId: the merge with u-owner is refused
+    send(settings, events)
+    lists(settings, "add", "dnc", PHONE)
+    lists(settings, "add", "blacklist", "blocked.example")
+    run_flow(settings, 1)
+    seen = outputs(settings)
+    refused = [r for r in seen.lifecycle.values() if r["cause"].startswith("merge_refused")]
+    assert refused, "the scenario needs the merge to be refused"
+    (decision,) = decisions_by_anon(seen).values()
+    assert decision["channels_withheld"]["phone"] == "do_not_call"
+    assert "phone" not in decision["channels"] and "sms" not in decision["channels"]
+    capsys.readouterr()
+    lists(settings, "check", "someone@blocked.example")
+    assert "blacklist (domain)" in capsys.readouterr().out
+    # inspect shows the channels the next decision would offer, with the same reasons.
+    env = {**os.environ, "LEADFLOW_REDIS_URL": settings.redis.url}
+    shown = cli(env, "inspect", "anon:other-user")
+    assert shown.returncode == 0, shown.stderr
+    offered = json.loads(shown.stdout)["next_decision_channels"]
+    assert offered["withheld"]["phone"] == "do_not_call" and "phone" not in offered["offered"]
