@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -78,6 +79,9 @@ class InputClock:
 
 
 INPUT_CLOCK = InputClock()
+# Set by a stop signal (leadflow.runner): every input partition ends at its next read,
+# so the flow drains what it has read and stops cleanly, with its last epoch committed.
+STOPPING = threading.Event()
 # An idle input partition checks this often that its position is not beyond its end.
 END_CHECK_S = 5.0
 
@@ -147,6 +151,8 @@ class _PositionedPartition(StatefulSourcePartition[SourceItem, int | None]):
 
     def next_batch(self) -> Iterable[SourceItem]:
         """Record the done offset if it moved, then read a batch (cut at a reset)."""
+        if STOPPING.is_set() and not self.held:
+            raise StopIteration
         if len(self.snapshots) == 2 and self.snapshots[0] > self.done:
             self.done = self.snapshots[0]
             self.store.advance_input(self.source, self.done)

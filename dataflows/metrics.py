@@ -1,7 +1,8 @@
 """Leadflow's Prometheus metrics: one object, bounded labels, never a person.
 
-Registered in the default registry, which Bytewax's own ``/metrics`` endpoint
-serves (``BYTEWAX_DATAFLOW_API_ENABLED``), so one scrape sees both.
+Registered in the default registry, beside Bytewax's Kafka consumer-lag gauge,
+and served from it by ``leadflow run`` (leadflow.runner.serve_metrics), so one
+scrape sees both.
 """
 
 from __future__ import annotations

@@ -23,8 +23,12 @@ dataflows.stages.PersonStage).
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TypeVar
 
 import bytewax.operators as op
@@ -54,11 +58,12 @@ from engine.store import RedisStore
 # worker gets some; few enough that a batch splits into few (key, batch) groups,
 # which cost ~1.3 us each in Bytewax (shared/BYTEWAX.md).
 PERSON_SHARDS = 64
+log = logging.getLogger(__name__)
 
 
 def person_shard(r: Resolved) -> str:
-    """The routing key of a resolved event: a stable shard of its One-ID."""
-    return str(int(r.one_id[:8], 16) % PERSON_SHARDS)
+    """The routing key of a resolved event: a stable shard of its home's One-ID."""
+    return str(int(r.key[:8], 16) % PERSON_SHARDS)
 
 
 RESOLVER_KEY = "identity"
@@ -109,6 +114,37 @@ def _is_rejection(item: object) -> bool:
     return isinstance(item, Rejection)
 
 
+# Where a supervised member writes why it failed (leadflow.runner.run_local_cluster).
+MEMBER_ERRORS = "LEADFLOW_MEMBER_ERRORS"  # not *_FILE: that suffix names a secret file
+
+
+def report_failure(step: str, error: BaseException) -> None:
+    """Log a step's failure with its real cause, before Bytewax turns it into a panic.
+
+    A member whose step raises brings the cluster down with "Send thread panic" in
+    every process, the failing one included: this line, and the member's error
+    file, are where the cause survives.
+    """
+    what = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+    log.error("step %s failed: %s", step, what)
+    if path := os.environ.get(MEMBER_ERRORS):
+        with contextlib.suppress(OSError):
+            Path(path).write_text(what)
+
+
+def _reported(step: str, fn: Callable[[In], Out]) -> Callable[[In], Out]:
+    """``fn``, reporting its failure (:func:`report_failure`) before it propagates."""
+
+    def run(items: In) -> Out:
+        try:
+            return fn(items)
+        except Exception as e:
+            report_failure(step, e)
+            raise
+
+    return run
+
+
 def build_flow(
     settings: Settings, store: RedisStore | None = None, clock: Clock = time.time
 ) -> Dataflow:
@@ -149,7 +185,10 @@ def build_flow(
         return by_person_shard(resolver(_flat(batches)))
 
     resolved = op.key_rm(
-        "resolved", op.stateful_batch("resolve_identity", to_resolver, lambda _: _Pass(resolve))
+        "resolved",
+        op.stateful_batch(
+            "resolve_identity", to_resolver, lambda _: _Pass(_reported("resolve", resolve))
+        ),
     )
     timers = op.input(
         "timers",
@@ -174,7 +213,9 @@ def build_flow(
     out = op.merge(
         "records",
         op.map("dlq_records", rejected, dlq),
-        op.flat_map_batch("score_qualify_route", owned, score_qualify_route),
+        op.flat_map_batch(
+            "score_qualify_route", owned, _reported("score_qualify_route", score_qualify_route)
+        ),
     )
     op.output("output", out, kafka_sink(settings))
     return flow

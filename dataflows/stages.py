@@ -76,11 +76,24 @@ class RawMessage:
 @pickled_by_fields
 @dataclass(slots=True)  # not frozen: one per event, see engine.events.Event
 class Resolved:
-    """An event and the person it belongs to, with the merges it was refused (and why)."""
+    """An event and the person it belongs to, with the merges it made or was refused.
+
+    ``home`` is the person its batch ends with: ``one_id`` itself, or the survivor
+    that absorbs ``one_id`` later in the same batch. Every event of a batch with
+    the same home goes to the home's worker, in order, so the merges of a batch
+    happen at their events, as one event at a time would (see :class:`_Round`).
+    """
 
     one_id: str
     event: Event
     refusals: tuple[tuple[str, str], ...] = ()
+    merges: tuple[str, ...] = ()  # people absorbed into one_id at this event
+    home: str = ""
+
+    @property
+    def key(self) -> str:
+        """Whose work this is: the home, or the person when nobody absorbs them."""
+        return self.home or self.one_id
 
 
 class Decoder:
@@ -195,8 +208,13 @@ class IdentityStage(_LazyStore):
                 writes.claim(res.one_id, ident.kind, ident.digest)
             for other in res.merges:
                 graph.merge(other, res.one_id, writes)
-            out.append(Resolved(res.one_id, event, res.refusals))
+            out.append(Resolved(res.one_id, event, res.refusals, tuple(res.merges)))
         self.store.write_graph(writes)
+        for r in out:
+            home = r.one_id
+            while home in graph.redirects:
+                home = graph.redirects[home]
+            r.home = home
         if dropped:
             metrics().erased_events.inc(dropped)
         return out
@@ -334,7 +352,7 @@ class PersonStage(_LazyStore):
         """
         work: dict[str, list[Resolved]] = {}
         for item in items:
-            work.setdefault(item.one_id, []).append(item)
+            work.setdefault(item.key, []).append(item)
         outputs: list[Output] = []
         try:
             self._rounds(work, outputs)
@@ -463,7 +481,9 @@ class _Round:
         self.timers_loaded: dict[str, dict[str, int]] = {}
         self.replayed: set[str] = set()  # people with an event already applied (a replay)
         self.resends = 0  # events a client sent twice (applied once, emitted once)
-        self.absorbing: dict[str, list[PersonState]] = {}
+        self.frozen: dict[str, bytes | None] = {}  # absorbed people's states, as stored
+        self.pending: dict[str, list[str]] = {}  # person -> frozen people to absorb
+        self.absorbing: dict[str, list[PersonState]] = {}  # person -> people absorbed now
         self.produced: dict[str, list[Output]] = {}
         self.routings: list[Routing] = []
         self.assigned: dict[str, list[tuple[Assignment, str]]] = {}  # person -> SDRs taken
@@ -497,60 +517,109 @@ class _Round:
             done = {m[0] for m in person.merged_from} | {one_id}
             wanted[one_id] = {o for o in stored.pending if o not in done}
         others = sorted(set().union(*wanted.values()))
-        frozen = {
-            o: decode_state(o, st.state, st.version)
+        self.frozen = {
+            o: st.state
             for o, st in zip(others, self.store.load_people(others), strict=True)
             if st.redirect  # not frozen yet: its merge is still being written; absorbed later
         }
         for one_id, pending in wanted.items():
-            states = [frozen[o] for o in sorted(pending) if o in frozen]
-            # A pending person already absorbed by another pending one comes with it.
-            inner = {m[0] for s in states for m in s.merged_from}
-            self.absorbing[one_id] = [s for s in states if s.one_id not in inner]
+            self.pending[one_id] = sorted(o for o in pending if o in self.frozen)
 
     def _apply(self) -> None:
-        """Absorb, then apply each event, in order, for every person loaded."""
-        for one_id, person in self.people.items():
-            out = self.produced[one_id] = []
-            items = self.work[one_id]
-            for n, item in enumerate(items):
-                event = item.event
-                digest = message_digest(event.message_id)
-                before = len(out)
-                if n == 0:
-                    for other in self.absorbing[one_id]:
-                        out.append(absorb(person, other, event, self.rules, self.now_ms))
-                seen = already_applied(person, event, digest)
-                if seen is Seen.REPLAY:
-                    self.replayed.add(one_id)
-                elif seen is Seen.RESEND:
-                    self.resends += 1
-                else:
-                    for other_id, reason in item.refusals:
-                        out.append(
-                            refuse_merge(person, other_id, reason, event, self.rules, self.now_ms)
-                        )
-                # Merge and refusal records go in the outbox under the event that caused
-                # them, or a crash before they are sent would lose them (the replay finds
-                # the merge done and the event seen).
-                if len(out) > before:
-                    remember(person, digest, out[before:], self.settings.limits.outbox_size)
-                if event.trusted and event.name == ERASE and not person.erased_ms:
-                    self.erased[one_id] = [o for o, _ in person.merged_from]
-                    out.append(erase(person, event, self.rules, self.now_ms))
-                    continue
-                if self._step(person, event, out) and n + 1 < len(items):
-                    self.later[one_id] = items[n + 1 :]
-                    break
+        """Apply each person's events in order, merging people at the events that merge them."""
+        for one_id in self.people:
+            routings, fired = len(self.routings), len(self.fired)
+            if not self._apply_person(one_id, eager=False):
+                # A person due to be absorbed later in the batch needs an SDR first: their
+                # state cannot be saved on its own (it is redirected), so this batch merges
+                # everyone at its start instead, as the engine did before merging in place.
+                del self.routings[routings:], self.fired[fired:]
+                self.people[one_id] = decode_state(
+                    one_id, self.loaded[one_id], self.people[one_id].version
+                )
+                settle(self.people[one_id], self.stage.inputs_done())
+                self._apply_person(one_id, eager=True)
         self._assign()
 
-    def _step(self, person: PersonState, event: Event, out: list[Output]) -> bool:
+    def _apply_person(self, one_id: str, eager: bool) -> bool:
+        """Absorb and apply, in order, one home's events; False if it must be done eagerly."""
+        person = self.people[one_id]
+        items = self.work[one_id]
+        live = self._absorbable(one_id, items, eager)
+        out = self.produced[one_id] = []
+        for n, item in enumerate(items):
+            target = live.get(item.one_id, person)
+            self._merge_and_note(one_id, n, item, target, live, out)
+            event = item.event
+            if event.trusted and event.name == ERASE and not target.erased_ms:
+                if target is not person:
+                    return False
+                self.erased[one_id] = [o for o, _ in person.merged_from]
+                out.append(erase(person, event, self.rules, self.now_ms))
+                continue
+            if self._step(target, event, out, one_id):
+                if target is not person:
+                    return False
+                if n + 1 < len(items):
+                    self.later[one_id] = items[n + 1 :]
+                break
+        # Whoever is still to be merged (in a later round) must be as stored.
+        return all(encode_state(o) == self.frozen[o.one_id] for o in live.values())
+
+    def _absorbable(
+        self, one_id: str, items: list[Resolved], eager: bool
+    ) -> dict[str, PersonState]:
+        """The people this home absorbs: at its first event, or (``live``) at their merge's."""
+        merged_here = {o for item in items for o in item.merges}
+        states = {o: decode_state(o, self.frozen[o]) for o in self.pending[one_id]}
+        # A pending person already absorbed by another pending one comes with it.
+        inner = {m[0] for st in states.values() for m in st.merged_from}
+        live = {} if eager else {o: st for o, st in states.items() if o in merged_here}
+        self.absorbing[one_id] = [
+            st for o, st in states.items() if o not in inner and o not in live
+        ]
+        return live
+
+    def _merge_and_note(
+        self,
+        one_id: str,
+        n: int,
+        item: Resolved,
+        target: PersonState,
+        live: dict[str, PersonState],
+        out: list[Output],
+    ) -> None:
+        """The merges and refusals an event brings, and whether it was seen before."""
+        event = item.event
+        digest = message_digest(event.message_id)
+        before = len(out)
+        if n == 0:
+            for other in self.absorbing[one_id]:
+                out.append(absorb(self.people[one_id], other, event, self.rules, self.now_ms))
+        for other in [live.pop(o) for o in item.merges if o in live]:
+            out.append(absorb(target, other, event, self.rules, self.now_ms))
+            self.absorbing[one_id].append(other)
+        seen = already_applied(target, event, digest)
+        if seen is Seen.REPLAY:
+            self.replayed.add(one_id)
+        elif seen is Seen.RESEND:
+            self.resends += 1
+        else:
+            for other_id, reason in item.refusals:
+                out.append(refuse_merge(target, other_id, reason, event, self.rules, self.now_ms))
+        # Merge and refusal records go in the outbox under the event that caused
+        # them, or a crash before they are sent would lose them (the replay finds
+        # the merge done and the event seen).
+        if len(out) > before:
+            remember(target, digest, out[before:], self.settings.limits.outbox_size)
+
+    def _step(self, person: PersonState, event: Event, out: list[Output], home: str) -> bool:
         """Apply one event, timer or sales feedback; True when it needs an SDR (queued)."""
         routing, promotion = None, None
         if event.type == TIMER:
             # Named as scheduled: a timer of a person since merged away fires for the survivor.
             _, scheduled_for, kind, due = event.message_id.split("|")
-            self.fired.append((person.one_id, (scheduled_for, kind, int(due))))
+            self.fired.append((home, (scheduled_for, kind, int(due))))
             records, routing, promotion = fire_timer(person, event, self.rules, self.now_ms)
         elif event.trusted and event.name in FEEDBACK:
             records = apply_feedback(person, event, self.rules, self.now_ms)

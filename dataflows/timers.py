@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
+from dataflows.kafka_io import STOPPING
 from dataflows.metrics import metrics
 from dataflows.stages import Resolved
 from engine.sales import timer_event
@@ -61,8 +62,8 @@ class _TimerPartition(StatefulSourcePartition[Resolved, None]):
         self.next_poll = time.time()
 
     def next_batch(self) -> list[Resolved]:
-        if self.stop_at_end:
-            raise StopIteration  # a bounded run has no future to wait for
+        if self.stop_at_end or STOPPING.is_set():
+            raise StopIteration  # a bounded run has no future to wait for; a stop is a stop
         self.next_poll = time.time() + self.poll_s
         return self.poller.poll()
 

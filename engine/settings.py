@@ -204,6 +204,9 @@ class MetricsSettings:
     health_port: int = 8086
     # ``leadflow alerts`` serves its own /metrics here; 0 turns it off.
     alerts_port: int = 3099
+    # The address /metrics and the health probes listen on: every interface for a
+    # service Prometheus and Kubernetes reach from outside; demo and up use loopback.
+    listen: str = "0.0.0.0"
 
 
 @dataclass(frozen=True)
@@ -587,7 +590,7 @@ def load_settings(
         limits=_limits(engine.table("limits")),
         dataflow=_dataflow(engine.table("dataflow"), env),
         metrics=_metrics(engine.table("metrics"), env),
-        identity=_identity(engine.table("identity")),
+        identity=_identity(engine.table("identity"), env),
         scoring=_scoring(scoring.table("scoring")),
         fit=_fit(scoring.table("fit")),
         cleansing=_cleansing(scoring.table("cleansing"), directory),
@@ -602,6 +605,28 @@ def load_settings(
         t.done()
     check_roster(settings.roster, settings.routing, roster.file)
     return settings
+
+
+SHIPPED_SALT = IdentitySettings.salt
+# Set by the embedded demo and the tests, whose identifiers are made up.
+ALLOW_SHIPPED_SALT = "LEADFLOW_ALLOW_SHIPPED_SALT"
+
+
+def check_private_salt(settings: Settings, env: Mapping[str, str]) -> None:
+    """Refuse the shipped identity salt for real data.
+
+    Identifier digests are keyed by the salt; with the public one, a digest is a
+    reversible hash of an e-mail address (anyone can hash a list of addresses).
+    Only the embedded demo and the tests, which make their identifiers up, may
+    use it (they set ``LEADFLOW_ALLOW_SHIPPED_SALT=1``).
+    """
+    if settings.identity.salt == SHIPPED_SALT and env.get(ALLOW_SHIPPED_SALT) != "1":
+        raise ConfigError(
+            str(Path(settings.config_dir) / "engine.toml"),
+            "identity.salt",
+            "is the shipped, public salt: set a secret of your own (a long random string; env "
+            "LEADFLOW_IDENTITY_SALT or LEADFLOW_IDENTITY_SALT_FILE) and keep it stable",
+        )
 
 
 def with_secret_files(env: Mapping[str, str]) -> dict[str, str]:
@@ -663,9 +688,10 @@ def _redis(t: _Table, env: Mapping[str, str]) -> RedisSettings:
     url = env.get("LEADFLOW_REDIS_URL") or t.text("url", RedisSettings.url)
     t.used.add("url")
     if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-        raise t.error(
-            "url", f"must start with redis://, rediss:// or unix://, got {mask_url(url)!r}"
-        )
+        problem = f"must start with redis://, rediss:// or unix://, got {mask_url(url)!r}"
+        if env.get("LEADFLOW_REDIS_URL"):  # the variable is what to fix, not the file
+            raise ConfigError("env", "LEADFLOW_REDIS_URL", problem)
+        raise t.error("url", problem)
     s = RedisSettings(
         url=url,
         key_prefix=t.text("key_prefix", RedisSettings.key_prefix),
@@ -759,16 +785,18 @@ def _metrics(t: _Table, env: Mapping[str, str]) -> MetricsSettings:
             value = int(raw)
         return value
 
+    t.used.add("listen")  # read below, or overridden by the environment
     s = MetricsSettings(
         port=port("port", 3030, "LEADFLOW_METRICS_PORT"),
         health_port=port("health_port", 8086, "LEADFLOW_HEALTH_PORT"),
         alerts_port=port("alerts_port", 3099, "LEADFLOW_ALERTS_METRICS_PORT"),
+        listen=env.get("LEADFLOW_METRICS_LISTEN") or t.text("listen", "0.0.0.0"),
     )
     t.done()
     return s
 
 
-def _identity(t: _Table) -> IdentitySettings:
+def _identity(t: _Table, env: Mapping[str, str]) -> IdentitySettings:
     d = IdentitySettings()
     kinds = {k.name: k for k in d.kinds}
     table = t.table("kinds")
@@ -794,8 +822,9 @@ def _identity(t: _Table) -> IdentitySettings:
                     "paths", f"{path!r} must start with traits., context. or properties."
                 )
         kt.done()
+    t.used.add("salt")  # read below, or overridden by the environment
     s = IdentitySettings(
-        salt=t.text("salt", d.salt),
+        salt=env.get("LEADFLOW_IDENTITY_SALT") or t.text("salt", d.salt),
         kinds=tuple(sorted(kinds.values(), key=lambda k: (k.priority, k.name))),
         fold_dots_domains=tuple(
             x.lower() for x in t.strings("fold_dots_domains") or d.fold_dots_domains

@@ -147,8 +147,12 @@ def run_alerts(
 ) -> AlertStats:
     """Consume decisions and deliver them until stopped (or, with ``stop_at_end``, drained)."""
     if settings.metrics.alerts_port:
-        start_http_server(settings.metrics.alerts_port)
-        log.info("alerts metrics on http://0.0.0.0:%d/metrics", settings.metrics.alerts_port)
+        start_http_server(settings.metrics.alerts_port, addr=settings.metrics.listen)
+        log.info(
+            "alerts metrics on http://%s:%d/metrics",
+            settings.metrics.listen,
+            settings.metrics.alerts_port,
+        )
     sender = AlertSender(settings, env, sleep)
     consumer = Consumer(
         {

@@ -15,14 +15,27 @@ import argparse
 import json
 import os
 import sys
+import traceback
 
 from engine.consent import LISTS
-from engine.settings import ConfigError, Settings, load_settings, masked
+from engine.settings import (
+    ConfigError,
+    Settings,
+    check_private_salt,
+    load_settings,
+    mask_url,
+    masked,
+)
 from engine.store import StoreUnavailable
 from leadflow.logs import FORMATS, configure_logging
 
-EXIT_CONFIG = 2
-EXIT_UNAVAILABLE = 3  # Redis unreachable, or refusing our credentials
+# Exit codes (README, "Exit codes"): each cause its own, so a service manager or an
+# operator knows what to fix without reading a traceback.
+EXIT_FAILED = 1  # the engine stopped on an error of its own (a member failed, a processing error)
+EXIT_CONFIG = 2  # the configuration is invalid: the message names file (or variable), key, problem
+EXIT_UNAVAILABLE = 3  # Redis unreachable, refusing the credentials, or evicting keys
+EXIT_KAFKA = 4  # Kafka unreachable, a topic missing, or access refused
+EXIT_INPUT_RESET = 5  # the broker lost input and kafka.on_input_reset = "stop"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,7 +129,10 @@ def _parser() -> argparse.ArgumentParser:
         dest="config_command", required=True
     )
     config.add_parser("show", help="print the effective configuration as JSON, secrets masked")
-    config.add_parser("check", help="validate the configuration")
+    check = config.add_parser("check", help="validate the configuration")
+    check.add_argument(
+        "--connect", action="store_true", help="also reach Redis and Kafka and check them"
+    )
     return p
 
 
@@ -124,18 +140,48 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config_dir)
 
 
+def _settings_for_people(args: argparse.Namespace) -> Settings:
+    """Settings of a command that digests identifiers: the shipped salt is refused."""
+    settings = _settings(args)
+    check_private_salt(settings, os.environ)
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``leadflow`` console script."""
+    """Entry point of the ``leadflow`` console script.
+
+    A failure is one line on standard error, naming what failed and how to fix
+    it, and a documented exit code per cause; the traceback only with
+    ``--log-level DEBUG``.
+    """
     args = _parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     try:
         return _dispatch(args)
-    except ConfigError as e:
-        print(f"leadflow: configuration error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except StoreUnavailable as e:
-        print(f"leadflow: {e}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+    except Exception as e:
+        code, message = _failure(e)
+        print(f"leadflow: {message}", file=sys.stderr)
+        if args.log_level == "DEBUG":
+            traceback.print_exc()
+        return code
+
+
+def _failure(error: Exception) -> tuple[int, str]:
+    """The exit code and one-line message of a failure (wrapped by Bytewax or not)."""
+    from dataflows.kafka_io import InputReset
+    from leadflow.preflight import KafkaUnavailable, RedisUnsafe
+    from leadflow.runner import causes, describe
+
+    for cause in causes(error):
+        if isinstance(cause, ConfigError):
+            return EXIT_CONFIG, f"configuration error: {cause}"
+        if isinstance(cause, StoreUnavailable | RedisUnsafe):
+            return EXIT_UNAVAILABLE, str(cause)
+        if isinstance(cause, KafkaUnavailable):
+            return EXIT_KAFKA, str(cause)
+        if isinstance(cause, InputReset):
+            return EXIT_INPUT_RESET, str(cause)
+    return EXIT_FAILED, f"stopped on an error: {describe(error)} (--log-level DEBUG for details)"
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -187,8 +233,15 @@ def _config(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.config_command == "show":
         print(json.dumps(masked(settings), indent=2))
-    else:
-        print(f"configuration in {settings.config_dir} is valid")
+        return 0
+    print(f"configuration in {settings.config_dir} is valid")
+    if args.connect:
+        from leadflow.preflight import check_kafka, check_redis
+
+        for warning in check_redis(settings):
+            print(f"warning: {warning}")
+        print(f"redis: ok ({mask_url(settings.redis.url)}, maxmemory-policy noeviction)")
+        print(f"kafka: ok ({settings.kafka.bootstrap}, {check_kafka(settings)} topics)")
     return 0
 
 
@@ -197,7 +250,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
     from leadflow.inspect import inspect_person, render
 
-    person = inspect_person(_settings(args), args.identifier, int(time.time() * 1000))
+    person = inspect_person(_settings_for_people(args), args.identifier, int(time.time() * 1000))
     if person is None:
         print(f"leadflow: nobody owns {args.identifier!r}", file=sys.stderr)
         return 1
@@ -208,7 +261,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _lists(args: argparse.Namespace) -> int:
     from leadflow.lists import change_list, check_values, read_values, show_lists
 
-    settings = _settings(args)
+    settings = _settings_for_people(args)
     if args.lists_command in ("add", "remove"):
         values = read_values(args.values, args.file)
         print(change_list(settings, args.list, values, add=args.lists_command == "add"))
@@ -242,9 +295,10 @@ def _run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from dataflows.kafka_io import kafka_cluster
+    from leadflow.preflight import preflight
     from leadflow.runner import prepare_recovery, run_local_cluster, run_member
 
-    settings = _settings(args)
+    settings = _settings_for_people(args)
     dataflow = settings.dataflow
     if args.processes is not None:
         if args.processes < 1:
@@ -260,9 +314,11 @@ def _run(args: argparse.Namespace) -> int:
         if not 0 <= args.process_id < len(addresses):
             raise ConfigError("command line", "--process-id", f"must be in 0..{len(addresses) - 1}")
         if not args.supervised:  # a member on its own host: the host's recovery is its own
+            preflight(settings)
             prepare_recovery(settings, kafka_cluster(settings))
         run_member(settings, args.process_id, addresses)
         return 0
+    preflight(settings)
     prepare_recovery(settings, kafka_cluster(settings))
     if dataflow.processes == 1:
         run_member(settings)

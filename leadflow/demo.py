@@ -87,6 +87,8 @@ def run_demo(opts: DemoOptions) -> int:
             "LEADFLOW_HEALTH_PORT": str(free_port()),
             # The embedded broker is new every time: so is the recovery data.
             "LEADFLOW_RECOVERY_DIR": str(workdir / "recovery"),
+            "LEADFLOW_METRICS_LISTEN": "127.0.0.1",  # a laptop: nothing to serve the network
+            "LEADFLOW_ALLOW_SHIPPED_SALT": "1",  # made-up people on throw-away servers
         }
         settings = load_settings(opts.config_dir, env)
         create_topics(settings)

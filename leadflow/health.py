@@ -88,8 +88,8 @@ def _input_check() -> str:
     return "ok" if idle < STALE_INPUT_S else f"no read for {idle:.0f}s"
 
 
-def serve_health(health: Health, port: int) -> ThreadingHTTPServer:
-    """Serve /livez and /readyz on ``port`` from a daemon thread."""
+def serve_health(health: Health, port: int, listen: str = "0.0.0.0") -> ThreadingHTTPServer:
+    """Serve /livez and /readyz on ``listen``:``port`` from a daemon thread."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # the name http.server calls
@@ -114,7 +114,7 @@ def serve_health(health: Health, port: int) -> ThreadingHTTPServer:
         def log_message(self, format: str, *args: Any) -> None:  # probes are not news
             return
 
-    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)  # probes come from outside
+    server = ThreadingHTTPServer((listen, port), Handler)
     threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
-    log.info("health on http://0.0.0.0:%d/livez and /readyz", port)
+    log.info("health on http://%s:%d/livez and /readyz", listen, port)
     return server

@@ -19,17 +19,19 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 
-from bytewax.errors import BytewaxRuntimeError
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
+from prometheus_client import start_http_server
 
+from dataflows.kafka_io import STOPPING
 from dataflows.metrics import metrics
-from dataflows.pipeline import build_flow
+from dataflows.pipeline import MEMBER_ERRORS, build_flow
 from engine.settings import Settings
 from leadflow.health import Health, serve_health
 from leadflow.servers import die_with_parent, stop_process
@@ -60,23 +62,62 @@ class _StopSignal:
 
 
 def _graceful_stop() -> None:
-    """Make SIGTERM stop Bytewax like Ctrl-C does, and remember that a stop was asked."""
+    """Make SIGTERM and Ctrl-C drain and stop the flow; a second signal stops it at once.
+
+    The first signal ends every input partition at its next read (STOPPING): the
+    flow finishes the batches it holds and stops with its last epoch committed,
+    and no exception crosses Bytewax's Rust code (which would print a panic).
+    A second signal interrupts whatever runs (a flush waiting for a dead broker).
+    """
 
     def handler(_sig: int, _frame: FrameType | None) -> None:
+        if _StopSignal.received:
+            raise KeyboardInterrupt
         _StopSignal.received = True
-        raise KeyboardInterrupt
+        STOPPING.set()
+        log.info("stopping: finishing the batches in hand (signal again to stop at once)")
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
 
 
 def serve_metrics(settings: Settings, process_id: int) -> None:
-    """Ask Bytewax to serve /metrics (its own and ours, one registry) on this process's port."""
+    """Serve /metrics (ours and Bytewax's Kafka gauges: one registry) on this process's port."""
     if settings.metrics.port:
         metrics()  # register ours before the first scrape
-        os.environ["BYTEWAX_DATAFLOW_API_ENABLED"] = "1"
-        os.environ["BYTEWAX_DATAFLOW_API_PORT"] = str(settings.metrics.port + process_id)
-        log.info("metrics on http://0.0.0.0:%d/metrics", settings.metrics.port + process_id)
+        port, listen = settings.metrics.port + process_id, settings.metrics.listen
+        start_http_server(port, addr=listen)
+        log.info("metrics on http://%s:%d/metrics", listen, port)
+
+
+_PEER_LOST = ("Send thread panic", "Recv thread panic", "PanicException")
+
+
+class MemberFailed(RuntimeError):
+    """The dataflow stopped on a panic (a peer process failed); the cause is in its log."""
+
+
+def causes(error: BaseException) -> list[BaseException]:
+    """``error`` and the exceptions behind it, outermost first (Bytewax wraps what matters)."""
+    chain, seen = [error], {id(error)}
+    while True:
+        inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if inner is None or id(inner) in seen:
+            return chain
+        seen.add(id(inner))
+        chain.append(inner)
+        error = inner
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The innermost exception behind ``error``."""
+    return causes(error)[-1]
+
+
+def describe(error: BaseException) -> str:
+    """One line: the root cause's type and message."""
+    cause = root_cause(error)
+    return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}".strip()
 
 
 def prepare_recovery(settings: Settings, cluster: dict[str, str]) -> None:
@@ -138,7 +179,9 @@ def run_member(
     )
     health = Health(settings)
     if settings.metrics.health_port:
-        serve_health(health, settings.metrics.health_port + (process_id or 0))
+        serve_health(
+            health, settings.metrics.health_port + (process_id or 0), settings.metrics.listen
+        )
     health.running = True
     try:
         cli_main(
@@ -151,13 +194,23 @@ def run_member(
         )
     except KeyboardInterrupt:
         log.info("stopped")
-    except BytewaxRuntimeError as e:
-        # A stop signal that lands inside a step (a Redis retry, a wait for the
-        # broker) reaches us wrapped, or, inside librdkafka's flush, as a SystemError
-        # without its KeyboardInterrupt: still a requested stop, not a failure.
-        if not _StopSignal.received:
+    except BaseException as e:  # Bytewax's errors, and pyo3's PanicException (not an Exception)
+        if isinstance(e, SystemExit | GeneratorExit):
             raise
-        log.info("stopped (%s)", e)
+        # A second stop signal that lands inside a step (a Redis retry, a wait for
+        # the broker) reaches us wrapped, or, inside librdkafka's flush, as a
+        # SystemError without its KeyboardInterrupt: still a requested stop.
+        if not _StopSignal.received:
+            path = os.environ.get(MEMBER_ERRORS)
+            if path and not Path(path).exists():  # a step's own report comes first
+                Path(path).write_text(describe(e))
+            if isinstance(e, Exception):
+                raise
+            raise MemberFailed(describe(e)) from e
+        log.info("stopped (%s)", describe(e))
+    else:
+        if _StopSignal.received:
+            log.info("stopped")
 
 
 def run_local_cluster(settings: Settings, config_dir: str) -> int:
@@ -166,13 +219,14 @@ def run_local_cluster(settings: Settings, config_dir: str) -> int:
     base = settings.dataflow.cluster_base_port
     addresses = ";".join(f"127.0.0.1:{base + i}" for i in range(n))
     extra = ["--stop-at-end"] if settings.dataflow.stop_at_end else []
+    errors = Path(tempfile.mkdtemp(prefix="leadflow-members-"))
     children = [
         subprocess.Popen(  # our own interpreter and module
             [
                 sys.executable, "-m", "leadflow.cli", "--config-dir", config_dir,
                 "run", "--process-id", str(i), "--addresses", addresses, "--supervised", *extra,
             ],
-            env=os.environ.copy(),
+            env={**os.environ, MEMBER_ERRORS: str(errors / f"member-{i}")},
             preexec_fn=die_with_parent,  # noqa: PLW1509  # children must not outlive us
         )
         for i in range(n)
@@ -185,19 +239,41 @@ def run_local_cluster(settings: Settings, config_dir: str) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    code = 0
     try:
         while not stopping:
-            finished = [c for c in children if c.poll() is not None]
-            if finished:
-                code = finished[0].returncode
-                if all(c.poll() is not None for c in children):
-                    break
-                if code != 0:
-                    log.error("a dataflow process exited with %s; stopping the cluster", code)
-                    break
+            codes = [c.poll() for c in children]
+            if all(code is not None for code in codes) or any(codes):
+                break
             time.sleep(0.2)
+        # A member that failed brings the others down ("Send thread panic"): give them
+        # a moment to say so, so the first failure can be told from its echoes.
+        deadline = time.monotonic() + (0 if stopping else 2.0)
+        while time.monotonic() < deadline and any(c.poll() is None for c in children):
+            time.sleep(0.1)
     finally:
         for c in children:
             stop_process(c, sig=signal.SIGINT)
+    return _cluster_exit(children, errors, stopping)
+
+
+def _cluster_exit(children: list[subprocess.Popen[bytes]], errors: Path, stopping: bool) -> int:
+    """The cluster's exit code, after logging which member failed first and why."""
+    failed = []
+    for i, c in enumerate(children):
+        if c.returncode:
+            note = errors / f"member-{i}"
+            failed.append((i, c.returncode, note.read_text() if note.exists() else ""))
+    shutil.rmtree(errors, ignore_errors=True)
+    if stopping or not failed:
+        return 0
+    # The member whose error is its own, not the loss of a peer, is the cause.
+    cause = next((f for f in failed if f[2] and not f[2].startswith(_PEER_LOST)), failed[0])
+    i, code, why = cause
+    code = code if 0 < code < 128 else 1  # killed by a signal (an abort on the way down)
+    log.error(
+        "dataflow process %d failed (exit %d): %s; the cluster stopped", i, code, why or "no error"
+    )
+    for j, other, what in failed:
+        if j != i:
+            log.info("process %d stopped after it (exit %d): %s", j, other, what or "-")
     return code

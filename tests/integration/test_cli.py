@@ -9,6 +9,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import redis
+
 from engine.settings import Settings
 from leadflow.servers import LocalBroker, LocalRedis, free_port
 from leadflow.topics import create_topics
@@ -161,3 +163,87 @@ def test_roster_apply_and_show_as_sales_ops_use_them(
     roster.write_text('[[sdrs]]\nid = "sdr-x"\nqueue = "nowhere"\n')
     bad = leadflow("roster", "apply", str(roster))
     assert bad.returncode == 2 and "sdrs[0].queue" in bad.stderr and "nowhere" in bad.stderr
+
+
+def _stopping_config(tmp_path: Path) -> Path:
+    """The shipped configuration with ``limits.on_processing_error = "stop"``."""
+    import shutil
+
+    config = tmp_path / "config"
+    shutil.copytree(Path(__file__).parents[2] / "config", config)
+    engine = config / "engine.toml"
+    engine.write_text(
+        engine.read_text().replace('on_processing_error = "dlq"', 'on_processing_error = "stop"')
+    )
+    return config
+
+
+def test_the_supervisor_exits_non_zero_with_the_failing_members_own_error(
+    broker: LocalBroker, redis_server: LocalRedis, tmp_path: Path
+) -> None:
+    from tests.integration.test_nothing_stops import corrupt
+
+    settings = local_settings(broker, redis_server, stop_at_end=True)
+    create_topics(settings, partitions=2)
+    send(settings, [e for n in range(4) for e in hot_lead(f"m-{n}")[:1]])
+    run_flow(settings, 1)
+    for n in range(4):  # whichever member holds them, one of them fails
+        corrupt(settings, f"m-{n}")
+    send(settings, [e for n in range(4) for e in hot_lead(f"m-{n}")[1:]])
+    env = {**_env(broker, redis_server), "LEADFLOW_CONFIG_DIR": str(_stopping_config(tmp_path))}
+    result = subprocess.run(
+        [*LEADFLOW, "run", "--processes", "2", "--stop-at-end"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    failed = [line for line in result.stderr.splitlines() if "the cluster stopped" in line]
+    assert len(failed) == 1 and "JSONDecodeError" in failed[0], result.stderr[-3000:]
+    assert "thread panic" not in failed[0]
+
+
+def test_errors_a_person_can_act_on(broker: LocalBroker, redis_server: LocalRedis) -> None:
+    """One line naming what failed and how to fix it, and the exit code of its cause."""
+    env = _env(broker, redis_server)
+
+    def run(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*LEADFLOW, *args],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    unreachable = run("run", "--stop-at-end", LEADFLOW_REDIS_URL=dead)
+    assert unreachable.returncode == 3, unreachable.stderr
+    (line,) = [x for x in unreachable.stderr.splitlines() if x.startswith("leadflow:")]
+    assert "unreachable" in line and "LEADFLOW_REDIS_URL" in line
+    assert "Traceback" not in unreachable.stderr
+
+    missing = run("run", "--stop-at-end")  # no topics created on this broker yet
+    assert missing.returncode == 4, missing.stderr
+    assert "leadflow topics create" in missing.stderr and "Traceback" not in missing.stderr
+
+    bad_env = run("config", "check", LEADFLOW_REDIS_URL="http://nowhere")
+    assert bad_env.returncode == 2 and "env: LEADFLOW_REDIS_URL:" in bad_env.stderr
+
+    public = run("run", "--stop-at-end", LEADFLOW_ALLOW_SHIPPED_SALT="0")
+    assert public.returncode == 2 and "identity.salt" in public.stderr
+
+    redis_client = redis.Redis.from_url(redis_server.url)
+    redis_client.config_set("maxmemory-policy", "allkeys-lru")
+    redis_client.set("someone-else:key", "1")
+    create_topics(local_settings(broker, redis_server))
+    evicting = run("config", "check", "--connect")
+    assert evicting.returncode == 3 and "maxmemory-policy allkeys-lru" in evicting.stderr
+    redis_client.config_set("maxmemory-policy", "noeviction")
+    connected = run("config", "check", "--connect")
+    assert connected.returncode == 0, connected.stderr
+    assert "redis: ok" in connected.stdout and "kafka: ok" in connected.stdout
+    assert "not Leadflow's" in connected.stdout  # a shared database is said, not refused
