@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit integration bench soak profile clean
+.PHONY: demo test lint typecheck unit integration bench soak profile fuzz clean
 
 # Create the virtual environment and install the project with the embedded
 # broker/Redis binaries and the dev tools; re-run when pyproject.toml changes.
@@ -53,3 +53,12 @@ soak: $(STAMP)  ## 30 minutes at a steady rate; engine RSS and Redis memory samp
 
 profile: $(STAMP)  ## leadflow run under py-spy: where the time goes (var/profile.txt)
 	$(BIN)/python -m benchmarks.profile
+
+fuzz: $(STAMP)  ## the model-based test with fresh seeds for MINUTES (default 10); stops at the first failure
+	@end=$$(( $$(date +%s) + 60 * $(or $(MINUTES),10) )); runs=0; \
+	while [ $$(date +%s) -lt $$end ]; do \
+	  LEADFLOW_MODEL_EXAMPLES=$(or $(EXAMPLES),100) $(BIN)/pytest -q -p no:cacheprovider \
+	    tests/integration/test_model.py --hypothesis-seed=$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ') \
+	    || exit 1; \
+	  runs=$$((runs + 1)); \
+	done; echo "fuzz: $$runs runs, no failure"

@@ -84,6 +84,8 @@ INPUT_CLOCK = InputClock()
 STOPPING = threading.Event()
 # An idle input partition checks this often that its position is not beyond its end.
 END_CHECK_S = 5.0
+# How long to try reading the last message before a position the watermark is behind.
+END_PROBE_S = 3.0
 
 
 class InputNames:
@@ -165,8 +167,8 @@ class _PositionedPartition(StatefulSourcePartition[SourceItem, int | None]):
             # Idle: a broker that lost its log may answer a position beyond its end with
             # nothing at all (the embedded one does) instead of an out-of-range error.
             self.check_end_at = time.monotonic() + END_CHECK_S
-            end = _partition_end(self.settings, self.topic, self.partition)
-            if end is not None and end < self.next_offset:
+            end = _lost_end(self.settings, self.topic, self.partition, self.next_offset)
+            if end is not None:
                 self._reset(f"position {self.next_offset} is beyond the partition's end {end}", 0)
                 self.inner.close()
                 self.inner, self.next_offset = self.rebuild(None), None
@@ -259,8 +261,8 @@ class PositionedKafkaSource(KafkaSource):
                 "the beginning" if start is None else start,
             )
             start = done
-        end = _partition_end(self.settings, topic, partition)
-        reset = start is not None and start >= 0 and end is not None and start > end
+        end = None if start is None else _lost_end(self.settings, topic, partition, start)
+        reset = end is not None
         if reset:
             problem = f"stored position {start} is beyond the partition's end {end}"
             if self.settings.kafka.on_input_reset == "stop":
@@ -285,13 +287,34 @@ class InputReset(RuntimeError):
     """The broker lost an input partition's log and the policy is to stop."""
 
 
-def _partition_end(settings: Settings, topic: str, partition: int) -> int | None:
-    """The partition's high watermark (the offset the next message will get), or None."""
+def _lost_end(settings: Settings, topic: str, partition: int, position: int) -> int | None:
+    """The partition's end when its log no longer reaches ``position``, else None.
+
+    The high watermark alone is not proof: the embedded broker reports the base
+    offset of its last record batch plus one, behind the real end when that batch
+    holds several records. So a position beyond the watermark is confirmed by
+    reading the last message before it: a log that still has it was not lost.
+    """
+    if position <= 0:
+        return None
     consumer = Consumer(
-        {**client_options(settings), "group.id": "leadflow-watermarks", "enable.auto.commit": False}
+        {
+            **client_options(settings),
+            "group.id": "leadflow-watermarks",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": settings.kafka.fetch_wait_max_ms,
+        }
     )
     try:
         _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+        if high >= position:
+            return None
+        consumer.assign([TopicPartition(topic, partition, position - 1)])
+        deadline = time.monotonic() + END_PROBE_S
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.2)
+            if msg is not None and msg.error() is None:
+                return None if msg.offset() == position - 1 else int(high)
         return int(high)
     except Exception as e:  # the source itself will report an unreachable broker
         log.warning("could not read the end of %s-%d: %s", topic, partition, e)

@@ -20,7 +20,7 @@ import redis
 from dataflows.metrics import metrics, observed_store
 from engine.consent import LISTS, suppression_of
 from engine.events import Event, Origin, Rejection, decode_event, pickled_by_fields
-from engine.identity import anchor, identifiers_of, resolve
+from engine.identity import anchor, identifiers_of, reborn_id, resolve
 from engine.person import (
     DECISION,
     DLQ,
@@ -182,7 +182,7 @@ class IdentityStage(_LazyStore):
             for o in (graph.owners[i.digest] for i in ids)
             if o
         )
-        writes = IdentityWrites(self.store)
+        writes = IdentityWrites(self.store, self.settings.limits.retention_days * 86_400)
         out, dropped = [], 0
         block_s = identity.erasure_block_days * 86_400
         for event, ids in zip(events, idents, strict=True):
@@ -202,6 +202,8 @@ class IdentityStage(_LazyStore):
                 out.append(Resolved(one_id, event))
                 continue
             res = resolve(ids, owners, graph.held, identity)
+            if res.one_id not in owners and erased.get(res.one_id):
+                res.one_id = reborn_id(res.one_id, erased[res.one_id])
             for ident in res.claims:
                 graph.owners[ident.digest] = res.one_id
                 graph.held.setdefault(res.one_id, set()).add((ident.kind, ident.digest))
@@ -485,7 +487,8 @@ class _Round:
         self.pending: dict[str, list[str]] = {}  # person -> frozen people to absorb
         self.absorbing: dict[str, list[PersonState]] = {}  # person -> people absorbed now
         self.produced: dict[str, list[Output]] = {}
-        self.routings: list[Routing] = []
+        self.routings: list[tuple[str, Routing]] = []  # (home, routing) waiting for an SDR
+        self.triggers: dict[str, Event] = {}  # decision id -> its event, for the metrics
         self.assigned: dict[str, list[tuple[Assignment, str]]] = {}  # person -> SDRs taken
         # Timers fired: (person, (one_id as scheduled, kind, due ms)).
         self.fired: list[tuple[str, tuple[str, str, int]]] = []
@@ -528,53 +531,41 @@ class _Round:
     def _apply(self) -> None:
         """Apply each person's events in order, merging people at the events that merge them."""
         for one_id in self.people:
-            routings, fired = len(self.routings), len(self.fired)
-            if not self._apply_person(one_id, eager=False):
-                # A person due to be absorbed later in the batch needs an SDR first: their
-                # state cannot be saved on its own (it is redirected), so this batch merges
-                # everyone at its start instead, as the engine did before merging in place.
-                del self.routings[routings:], self.fired[fired:]
-                self.people[one_id] = decode_state(
-                    one_id, self.loaded[one_id], self.people[one_id].version
-                )
-                settle(self.people[one_id], self.stage.inputs_done())
-                self._apply_person(one_id, eager=True)
-        self._assign()
+            self._apply_person(one_id)
+        self._assign(self.routings)
 
-    def _apply_person(self, one_id: str, eager: bool) -> bool:
-        """Absorb and apply, in order, one home's events; False if it must be done eagerly."""
+    def _apply_person(self, one_id: str) -> None:
+        """Absorb and apply, in order, one home's events (and those of whom it absorbs)."""
         person = self.people[one_id]
         items = self.work[one_id]
-        live = self._absorbable(one_id, items, eager)
+        live = self._absorbable(one_id, items)
         out = self.produced[one_id] = []
         for n, item in enumerate(items):
             target = live.get(item.one_id, person)
             self._merge_and_note(one_id, n, item, target, live, out)
             event = item.event
             if event.trusted and event.name == ERASE and not target.erased_ms:
-                if target is not person:
-                    return False
-                self.erased[one_id] = [o for o, _ in person.merged_from]
-                out.append(erase(person, event, self.rules, self.now_ms))
+                # The people the erased one had absorbed are dropped once it is saved.
+                self.erased.setdefault(one_id, []).extend(o for o, _ in target.merged_from)
+                out.append(erase(target, event, self.rules, self.now_ms))
                 continue
-            if self._step(target, event, out, one_id):
-                if target is not person:
-                    return False
-                if n + 1 < len(items):
-                    self.later[one_id] = items[n + 1 :]
+            if not self._step(target, event, out, one_id):
+                continue
+            if live or target is not person:
+                # People still to be merged in this batch hold changes that can only be
+                # saved with this home: the SDR is assigned now, so nothing waits a round.
+                self._assign([self.routings.pop()])
+            elif n + 1 < len(items):
+                self.later[one_id] = items[n + 1 :]
                 break
-        # Whoever is still to be merged (in a later round) must be as stored.
-        return all(encode_state(o) == self.frozen[o.one_id] for o in live.values())
 
-    def _absorbable(
-        self, one_id: str, items: list[Resolved], eager: bool
-    ) -> dict[str, PersonState]:
+    def _absorbable(self, one_id: str, items: list[Resolved]) -> dict[str, PersonState]:
         """The people this home absorbs: at its first event, or (``live``) at their merge's."""
         merged_here = {o for item in items for o in item.merges}
         states = {o: decode_state(o, self.frozen[o]) for o in self.pending[one_id]}
         # A pending person already absorbed by another pending one comes with it.
         inner = {m[0] for st in states.values() for m in st.merged_from}
-        live = {} if eager else {o: st for o, st in states.items() if o in merged_here}
+        live = {o: st for o, st in states.items() if o in merged_here}
         self.absorbing[one_id] = [
             st for o, st in states.items() if o not in inner and o not in live
         ]
@@ -630,31 +621,28 @@ class _Round:
         if routing is None:
             out.extend(records)
             return False
-        self.routings.append(routing)
+        self.routings.append((home, routing))
         return True
 
-    def _assign(self) -> None:
-        """Assign every routing of the round to an SDR, in one round trip."""
-        if not self.routings:
+    def _assign(self, routings: list[tuple[str, Routing]]) -> None:
+        """Assign routings to SDRs, in one round trip; their records go to their homes."""
+        if not routings:
             return
         # In event-time order, not the order people were processed in: who gets which
         # lead then does not depend on how the input was cut into batches (nor on a replay).
-        self.routings.sort(key=lambda r: (r.event.event_ms, r.event.message_id))
+        routings.sort(key=lambda hr: (hr[1].event.event_ms, hr[1].event.message_id))
         people = [
-            (r.person.one_id, r.person.profile.email_domain, r.person.contacts)
-            for r in self.routings
+            (r.person.one_id, r.person.profile.email_domain, r.person.contacts) for _, r in routings
         ]
         routed = []
-        for r, on_lists in zip(
-            self.routings, self.store.lists_holding(people, tuple(LISTS)), strict=True
+        for (home, r), on_lists in zip(
+            routings, self.store.lists_holding(people, tuple(LISTS)), strict=True
         ):
             r.suppression = suppression_of(on_lists)
             if r.suppression.blacklisted:
-                records = withhold_from_sales(r, self.rules, self.now_ms)
-                self.produced[r.person.one_id].extend(records)
+                self.produced[home].extend(withhold_from_sales(r, self.rules, self.now_ms))
             else:
-                routed.append(r)
-        self.routings = routed
+                routed.append((home, r))
         if not routed:
             return
         roster = self.stage.roster()
@@ -662,16 +650,18 @@ class _Round:
             Assignment(
                 r.queue, r.key, r.company, candidates(roster, r.queue, self.now_ms, r.exclude)
             )
-            for r in self.routings
+            for _, r in routed
         ]
         sdrs = {s.id: s for s in roster.sdrs}
         answers = self.store.assign(requests)
-        for routing, request, sdr_id in zip(self.routings, requests, answers, strict=True):
+        for (home, routing), request, sdr_id in zip(routed, requests, answers, strict=True):
             sdr = sdrs.get(sdr_id) if sdr_id else None
             if sdr_id:
-                self.assigned.setdefault(routing.person.one_id, []).append((request, sdr_id))
-            records = complete_routing(routing, sdr, roster, self.rules, self.now_ms)
-            self.produced[routing.person.one_id].extend(records)
+                self.assigned.setdefault(home, []).append((request, sdr_id))
+            self.triggers[routing.key] = routing.event
+            self.produced[home].extend(
+                complete_routing(routing, sdr, roster, self.rules, self.now_ms)
+            )
 
     def _save(self, outputs: list[Output]) -> None:
         """Save whoever changed; emit the records of those saved; losers go round again."""
@@ -705,7 +695,7 @@ class _Round:
 
     def _emit(self, done: list[str], outputs: list[Output]) -> None:
         """Emit the records of the people saved; bring Redis' side records up to date."""
-        triggers = {r.key: r.event for r in self.routings}
+        triggers = self.triggers
         now_iso = iso(self.now_ms)
         m = metrics()
         for one_id in done:

@@ -143,6 +143,18 @@ def anchor(identifiers: Sequence[Identifier], owners: Sequence[str | None]) -> s
     return identifiers[0].digest
 
 
+def reborn_id(one_id: str, erased_ms: int) -> str:
+    """The One-ID of a new person whose anchor identifier was erased at ``erased_ms``.
+
+    A new person is named after their strongest identifier's digest; after an
+    erasure that name may still belong to the erased person's tombstone, or to a
+    person merged away under it. A person who comes back after an erasure is a
+    new person with a name of their own (deterministic: every worker and every
+    replay picks the same), never linked to who was erased.
+    """
+    return hashlib.blake2b(f"{one_id}:{erased_ms}".encode(), digest_size=8).hexdigest()
+
+
 @dataclass(slots=True)  # not frozen: one per event, see engine.events.Event
 class Resolution:
     """Who an event belongs to, and what it changes in the identity graph."""

@@ -8,11 +8,11 @@ hash tag; keys of one person share that person's tag:
 ``P e:{<identifier digest>}``   erasure time (ms) of that identifier; expires
 ``P ids:{<one_id>}``            the person's identifiers, ``kind:digest`` (a hash)
 ``P p:{<one_id>}``              the person's state: ``<version>|<compact JSON>``
-``P r:{<one_id>}``              One-ID that absorbed this person (a redirect)
+``P r:{<one_id>}``              One-ID that absorbed this person (a redirect); expires
 ``P pend:{<one_id>}``           people merged into this one, to absorb (a set)
 ``P q:{<queue>}``               leads assigned per SDR of the queue (a hash)
 ``P q:{<queue>}:a:<decision>``  the SDR a decision was assigned to; expires
-``P q:{<queue>}:co``            company (e-mail domain) -> its owner (a hash)
+``P q:{<queue>}:co:<company>`` the company's (e-mail domain's) owner; expires
 ``P q:{<queue>}:d:<sdr>:<day>`` leads an SDR took that local day (``w:`` week)
 ``P roster``                    the roster applied: ``<version>|<JSON>``
 ``P timers``                    due time of every pending timer (a sorted set)
@@ -56,6 +56,8 @@ T = TypeVar("T")
 # A replayed promotion must find its assignment again; replays happen within one
 # recovery snapshot interval, so 30 days is generous and still bounded.
 ASSIGNMENT_TTL_S = 30 * 86_400
+# A company's owner in a queue stays its owner this long after its last lead.
+COMPANY_OWNER_TTL_S = 180 * 86_400
 # Backoff between Redis retries: doubles from the first value up to the cap.
 RETRY_FIRST_S = 0.05
 RETRY_CAP_S = 5.0
@@ -65,9 +67,10 @@ SAVED, CONFLICT, REDIRECTED = 0, 1, 2
 RETIRED = 2**62
 
 # Assign a decision to an SDR of its queue, once. KEYS: queue counts (hash SDR ->
-# leads), the decision's assignment, the queue's company owners (hash), then per
-# candidate its day and week counters. ARGV: ttl s, company or '', then per
-# candidate: id, weight, available (1/0), daily cap, weekly cap (0: none).
+# leads), the decision's assignment, the company's owner in the queue, then per
+# candidate its day and week counters. ARGV: ttl s, company or '', the company
+# owner's ttl s, then per candidate: id, weight, available (1/0), daily cap,
+# weekly cap (0: none).
 # Fewest leads relative to weight wins, ties to roster order; a company's owner
 # wins while available; newcomers join at the current level; SDRs away are
 # levelled up so they are not flooded on return. Returns the SDR, or false when
@@ -75,12 +78,12 @@ RETIRED = 2**62
 _ASSIGN = """
 local done = redis.call('GET', KEYS[2])
 if done then return done end
-local n = (#ARGV - 2) / 5
+local n = (#ARGV - 3) / 5
 local owner = false
-if ARGV[2] ~= '' then owner = redis.call('HGET', KEYS[3], ARGV[2]) end
+if ARGV[2] ~= '' then owner = redis.call('GET', KEYS[3]) end
 local counts, level, member = {}, nil, false
 for i = 1, n do
-  local b = 2 + 5 * (i - 1)
+  local b = 3 + 5 * (i - 1)
   if ARGV[b + 1] == owner then member = true end
   local c = redis.call('HGET', KEYS[1], ARGV[b + 1])
   if c then
@@ -92,7 +95,7 @@ end
 level = level or 0
 local best, bestv, besti = false, nil, nil
 for i = 1, n do
-  local b = 2 + 5 * (i - 1)
+  local b = 3 + 5 * (i - 1)
   local id, w = ARGV[b + 1], tonumber(ARGV[b + 2])
   if counts[i] == nil then
     counts[i] = math.floor(level * w)
@@ -113,7 +116,7 @@ if not best then return false end
 redis.call('HINCRBY', KEYS[1], best, 1)
 if bestv >= 0 then
   for i = 1, n do
-    local b = 2 + 5 * (i - 1)
+    local b = 3 + 5 * (i - 1)
     local w = tonumber(ARGV[b + 2])
     if ARGV[b + 3] == '0' and counts[i] / w < bestv then
       redis.call('HSET', KEYS[1], ARGV[b + 1], math.ceil(bestv * w))
@@ -125,7 +128,8 @@ redis.call('EXPIRE', KEYS[2 + 2 * besti], 3 * 86400)
 redis.call('INCR', KEYS[3 + 2 * besti])
 redis.call('EXPIRE', KEYS[3 + 2 * besti], 15 * 86400)
 redis.call('SET', KEYS[2], best, 'EX', ARGV[1])
-if ARGV[2] ~= '' and not member then redis.call('HSET', KEYS[3], ARGV[2], best) end
+if ARGV[2] ~= '' and not member then redis.call('SET', KEYS[3], best, 'EX', ARGV[3]) end
+if ARGV[2] ~= '' and member then redis.call('EXPIRE', KEYS[3], ARGV[3]) end
 return best
 """
 
@@ -234,8 +238,11 @@ class IdentityWrites:
     identifiers, so a crash part-way leaves a state the replay completes.
     """
 
-    def __init__(self, store: RedisStore):
+    def __init__(self, store: RedisStore, redirect_ttl_s: int | None = None):
         self.store = store
+        # A redirect outlives its absorption (stray events and timers of the absorbed
+        # One-ID still find the survivor), but not the retention of people.
+        self.redirect_ttl_s = redirect_ttl_s or None
         self.commands: list[tuple[Any, ...]] = []
 
     def claim(self, one_id: str, kind: str, digest: str) -> None:
@@ -249,7 +256,7 @@ class IdentityWrites:
     ) -> None:
         """Redirect ``absorbed`` to ``survivor`` and move its identifiers and pending people."""
         s = self.store
-        self.commands.append(("set", s.redirect_key(absorbed), survivor, None))
+        self.commands.append(("set", s.redirect_key(absorbed), survivor, self.redirect_ttl_s))
         self.commands.append(("sadd", s.pending_key(survivor), absorbed, *pending))
         for k, d in sorted(ids):
             self.commands.append(("set", s.identifier_key(d), survivor, None))
@@ -451,8 +458,8 @@ class RedisStore:
         items = []
         for r in requests:
             q = self.queue_key(r.queue)
-            keys = [q, f"{q}:a:{r.decision_id}", f"{q}:co"]
-            args: list[Any] = [ASSIGNMENT_TTL_S, r.company]
+            keys = [q, f"{q}:a:{r.decision_id}", f"{q}:co:{r.company}"]
+            args: list[Any] = [ASSIGNMENT_TTL_S, r.company, COMPANY_OWNER_TTL_S]
             for c in r.candidates:
                 keys += [f"{q}:d:{c.sdr}:{c.day}", f"{q}:w:{c.sdr}:{c.week}"]
                 args += [c.sdr, c.weight, int(c.available), c.daily_cap, c.weekly_cap]
