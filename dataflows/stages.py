@@ -563,6 +563,8 @@ class _Round:
         """The people this home absorbs: at its first event, or (``live``) at their merge's."""
         merged_here = {o for item in items for o in item.merges}
         states = {o: decode_state(o, self.frozen[o]) for o in self.pending[one_id]}
+        for o, st in states.items():  # as scheduled: struck off once absorbed
+            self.timers_loaded[o] = dict(st.timers)
         # A pending person already absorbed by another pending one comes with it.
         inner = {m[0] for st in states.values() for m in st.merged_from}
         live = {o: st for o, st in states.items() if o in merged_here}
@@ -727,6 +729,8 @@ class _Round:
             ]
             removed += [(o, kind, due) for kind, due in before.items() if now_set.get(kind) != due]
             removed += [
-                (a.one_id, k, due) for a in self.absorbing[o] for k, due in a.timers.items()
+                (a.one_id, k, due)
+                for a in self.absorbing[o]
+                for k, due in self.timers_loaded[a.one_id].items()
             ]
         self.store.sync_timers(scheduled, removed)

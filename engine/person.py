@@ -118,8 +118,9 @@ class PersonState:
     rate: list[int] = field(default_factory=list)
     # Recent track submissions: [[content digest, event ms], ...] (is_duplicate_submission)
     submissions: list[list[Any]] = field(default_factory=list)
-    # Contact points seen in traits, as list members (``email:<digest>``; contact_point)
-    contacts: list[str] = field(default_factory=list)
+    # Contact points its events gave, as list members (``email:<digest>``; note_contact);
+    # None for a state stored before they were kept (the identity graph stands in).
+    contacts: list[str] | None = field(default_factory=list)
     version: int = 0  # the stored version this state was read at (compare-and-set); not stored
     is_new: bool = False  # not stored
 
@@ -260,11 +261,12 @@ def _state_doc(p: PersonState) -> dict[str, Any]:
         "cn": p.consent,
         "rl": p.rate,
         "sb": p.submissions,
-        "ct": p.contacts,
     }
     for key, value in optional.items():
         if value:
             doc[key] = value
+    if p.contacts is not None:
+        doc["ct"] = p.contacts
     return doc
 
 
@@ -302,7 +304,7 @@ def decode_state(one_id: str, raw: bytes | None, version: int = 0) -> PersonStat
         consent=d.get("cn", {}),
         rate=d.get("rl", []),
         submissions=d.get("sb", []),
-        contacts=d.get("ct", []),
+        contacts=d.get("ct"),
         version=version,
     )
 
@@ -360,6 +362,8 @@ def apply_event(
             remember(p, digest, refused, settings.limits.outbox_size)
         return refused, None
     mark_applied(p, event, digest, settings.limits.dedup_window)
+    if event.email:
+        note_contact(p, "email", event.email, settings)
 
     outputs: list[Output] = []
     if p.is_new:
@@ -492,14 +496,8 @@ def _learn(
         levels=rules.fit.levels,
         valid_phone=valid_phone,
     )
-    # Every address and number a decision may offer is checked against the suppression
-    # lists, owned as an identifier or not (a refused merge leaves a trait unowned).
-    for kind, value, known in (
-        ("email", traits.email, bool(traits.email) and not reason),
-        ("phone", traits.phone, valid_phone),
-    ):
-        if known and (point := contact_point(kind, value, rules.settings)):
-            p.contacts = [*(c for c in p.contacts if c != point), point][-MAX_CONTACTS_KEPT:]
+    if valid_phone:
+        note_contact(p, "phone", traits.phone, rules.settings)
     push = _push_token(event)
     for channel, known in (
         ("email", bool(traits.email) and not reason),
@@ -518,6 +516,18 @@ def _learn(
 
 
 MAX_CONTACTS_KEPT = 8
+
+
+def note_contact(p: PersonState, kind: str, value: str, settings: Settings) -> None:
+    """Remember a contact point the person's events gave, for the suppression lists.
+
+    Every address and number a decision may offer is checked against the lists,
+    owned as an identifier or not (a refused merge leaves a trait unowned), and
+    as the person's events gave them up to that moment, whatever the identity
+    graph learnt later in the same batch.
+    """
+    if p.contacts is not None and (point := contact_point(kind, value, settings)):
+        p.contacts = [*(c for c in p.contacts if c != point), point][-MAX_CONTACTS_KEPT:]
 
 
 def contact_point(kind: str, value: str, settings: Settings) -> str:
@@ -640,9 +650,12 @@ def absorb(
     p.transitions += other.transitions
     p.promotions += other.promotions
     p.channels += [c for c in other.channels if c not in p.channels]
-    p.contacts = [*(c for c in other.contacts if c not in p.contacts), *p.contacts][
-        -MAX_CONTACTS_KEPT:
-    ]
+    if p.contacts is not None and other.contacts is not None:
+        p.contacts = [*(c for c in other.contacts if c not in p.contacts), *p.contacts][
+            -MAX_CONTACTS_KEPT:
+        ]
+    else:
+        p.contacts = None  # a legacy state on either side: the identity graph stands in
     merge_consent(p.consent, other.consent)
     p.outbox = (outbox_of(other) + outbox_of(p))[-settings.limits.outbox_size :]
     p.merged_from += [[other.one_id, now_ms], *other.merged_from]

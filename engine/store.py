@@ -547,25 +547,31 @@ class RedisStore:
         return sorted(_texts(self._retry(lambda: self.client.smembers(self.list_key(name)))))
 
     def lists_holding(
-        self, people: Sequence[tuple[str, str, Sequence[str]]], names: Sequence[str]
+        self, people: Sequence[tuple[str, str, Sequence[str] | None]], names: Sequence[str]
     ) -> list[dict[str, bool]]:
         """For each ``(one_id, e-mail domain, contact points)``: which lists hold one of theirs.
 
-        A person's members are the e-mails and phones the identity graph gives
-        them, the contact points their traits gave (engine.person.contact_point,
-        owned or not) and their e-mail domain. Two round trips for the whole
-        batch: the people's identifiers, then every list asked at once.
+        A person's members are the contact points their events gave
+        (engine.person.note_contact) and their e-mail domain; for a state stored
+        before contact points were kept (None), the e-mails and phones the identity
+        graph gives them. One round trip for the whole batch (two with such states).
         """
         if not people:
             return []
-        nodes = self.graph([one_id for one_id, _, _ in people])
+        legacy = [one_id for one_id, _, contacts in people if contacts is None]
+        graph = dict(zip(legacy, self.graph(legacy), strict=True)) if legacy else {}
         candidates = [
             sorted(
-                {f"{kind}:{d}" for kind, d in node.identifiers if kind in ("email", "phone")}
-                | set(contacts)
+                set(contacts)
+                if contacts is not None
+                else {
+                    f"{kind}:{d}"
+                    for kind, d in graph[one_id].identifiers
+                    if kind in ("email", "phone")
+                }
             )
             + ([f"domain:{domain}"] if domain else [])
-            for node, (_, domain, contacts) in zip(nodes, people, strict=True)
+            for one_id, domain, contacts in people
         ]
 
         asked = [(i, name) for i, members in enumerate(candidates) if members for name in names]

@@ -247,3 +247,32 @@ def test_errors_a_person_can_act_on(broker: LocalBroker, redis_server: LocalRedi
     assert connected.returncode == 0, connected.stderr
     assert "redis: ok" in connected.stdout and "kafka: ok" in connected.stdout
     assert "not Leadflow's" in connected.stdout  # a shared database is said, not refused
+
+
+def test_a_stop_signal_ends_the_engine_quietly(
+    broker: LocalBroker, redis_server: LocalRedis
+) -> None:
+    """SIGTERM drains the flow: exit 0, 'stopped' logged, no Rust panic on the way out."""
+    import signal
+    import time
+
+    from tests.integration.test_nothing_stops import scored, wait_for
+
+    settings = local_settings(broker, redis_server)
+    create_topics(settings)
+    env = {**_env(broker, redis_server), "RUST_BACKTRACE": "1"}
+    proc = subprocess.Popen(
+        [*LEADFLOW, "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        send(settings, hot_lead("sig"))
+        wait_for(lambda: scored(settings, "sig"), "the engine to score the events")
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    assert "stopped" in output
+    assert "panicked" not in output and "Traceback" not in output, output[-3000:]

@@ -23,7 +23,8 @@ import orjson
 import pytest
 
 from engine.settings import Settings
-from leadflow.servers import free_port, stop_process
+from leadflow.servers import LocalBroker, LocalRedis, free_port, stop_process
+from tests.conftest import local_settings
 from tests.integration.flow import hot_lead, outputs, page, send
 
 DEPLOY = Path(__file__).parents[2] / "deploy"
@@ -264,4 +265,44 @@ def test_readiness_fails_and_says_why_when_redis_and_kafka_are_unreachable() -> 
         assert checks["dataflow"] == "not running"
         assert get(f"{base}/nowhere")[0] == 404
     finally:
+        server.shutdown()
+
+
+def test_readiness_counts_messages_and_fails_on_consumer_errors(
+    broker: LocalBroker, redis_server: LocalRedis
+) -> None:
+    """A poll that brings only consumer errors is no read: /readyz says which and why."""
+    from bytewax.connectors.kafka import KafkaError, KafkaSourceMessage
+    from confluent_kafka import KafkaError as BrokerError
+
+    from dataflows.kafka_io import INPUT_CLOCK, to_raw_messages
+    from leadflow.health import Health, serve_health
+
+    settings = local_settings(broker, redis_server)
+    health = Health(settings)
+    health.running = True
+    server = serve_health(health, free_port(), "127.0.0.1")
+    saved = (INPUT_CLOCK.partitions, dict(INPUT_CLOCK.consumer_errors))
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        INPUT_CLOCK.partitions = 1
+        # What the consumer yields when the broker refuses the topic: an error item.
+        refused = BrokerError(BrokerError.TOPIC_AUTHORIZATION_FAILED)
+        message: KafkaSourceMessage[bytes | None, bytes | None] = KafkaSourceMessage(
+            key=None, value=None, topic="leadflow.events"
+        )
+        assert to_raw_messages([KafkaError(refused, message)]) == []
+        status, body = get(f"{base}/readyz")
+        answer = orjson.loads(body)
+        assert status == 503 and "messages_read" in answer
+        assert answer["checks"]["input"].startswith("consumer error on leadflow.events:")
+        assert "TOPIC_AUTHORIZATION_FAILED" in answer["checks"]["input"]
+        # Reading messages again clears it.
+        ok: KafkaSourceMessage[bytes | None, bytes | None] = KafkaSourceMessage(
+            key=None, value=b"{}", topic="leadflow.events", offset=0
+        )
+        assert len(to_raw_messages([ok])) == 1
+        assert not INPUT_CLOCK.consumer_errors
+    finally:
+        INPUT_CLOCK.partitions, INPUT_CLOCK.consumer_errors = saved[0], saved[1]
         server.shutdown()
