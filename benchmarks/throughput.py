@@ -35,7 +35,7 @@ from leadflow.servers import LocalBroker, LocalRedis
 from leadflow.synthetic import synthetic_events
 from leadflow.topics import create_topics
 
-EPOCH_MS = 1_793_000_000_000
+EPOCH_MS = (int(time.time()) // 3600 - 1) * 3_600_000  # recent: see benchmarks.workload
 
 
 def produce(settings: Settings, people: int) -> int:

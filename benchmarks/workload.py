@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,10 @@ TRACKS = [
 ]
 COUNTRIES = ["BR", "MX", "DE", "AT", "US", "GB", "CN", "FR"]
 TITLES = ["CTO", "Head of Sales", "Director of Marketing", "Engineer", "Analyst", "CEO"]
-EPOCH_MS = 1_793_000_000_000
+# Events start an hour ago: the engine pages an SDR only for leads still
+# above the bar when it sees them (lifecycle.alert_late_promotions), so a fixed past
+# date would turn every promotion into a late one as the date ages.
+EPOCH_MS = (int(time.time()) // 3600 - 1) * 3_600_000
 ZIPF_S = 1.0
 
 

@@ -173,16 +173,19 @@ class _PositionedPartition(StatefulSourcePartition[SourceItem, int | None]):
                 self.inner.close()
                 self.inner, self.next_offset = self.rebuild(None), None
                 return []
+        expected = self.next_offset
         for i, item in enumerate(batch):
             offset = item.msg.offset if isinstance(item, KafkaError) else item.offset
             if offset is None or offset < 0:
                 continue
-            if self.next_offset is not None and offset < self.next_offset:
+            if expected is not None and offset < expected:
                 if i:  # what came before the reset is read under the old name
                     self.held = batch[i:]
+                    self.next_offset = expected
                     return batch[:i]
-                self._reset(f"read offset {offset} after {self.next_offset - 1}", offset)
-            self.next_offset = offset + 1
+                self._reset(f"read offset {offset} after {expected - 1}", offset)
+            expected = offset + 1
+        self.next_offset = expected
         INPUT_CLOCK.messages += len(batch)
         return batch
 
@@ -432,7 +435,7 @@ def to_raw_messages(items: list[SourceItem]) -> list[RawMessage]:
             log.warning("kafka consumer error on %s: %s", item.msg.topic, item.err)
             INPUT_CLOCK.consumer_errors[item.msg.topic or "?"] = str(item.err)
             continue
-        if item.topic:
+        if INPUT_CLOCK.consumer_errors and item.topic:
             INPUT_CLOCK.consumer_errors.pop(item.topic, None)  # reading again: recovered
         ts_type, ts = item.timestamp if item.timestamp else (0, 0)
         origin = Origin(item.topic or "", item.partition or 0, item.offset or 0, item.key)

@@ -383,7 +383,7 @@ class PersonStage(_LazyStore):
         """Round after round until nobody is left; a person lost races MAX_ROUNDS times: raise."""
         conflicts: dict[str, int] = {}
         while work:
-            self._unfinished = dict(work)
+            self._unfinished = work
             done_round = _Round(self, work)
             work = done_round.run(outputs)
             for one_id in done_round.conflicted:
@@ -561,6 +561,9 @@ class _Round:
 
     def _absorbable(self, one_id: str, items: list[Resolved]) -> dict[str, PersonState]:
         """The people this home absorbs: at its first event, or (``live``) at their merge's."""
+        if not self.pending[one_id]:  # nearly everyone
+            self.absorbing[one_id] = []
+            return {}
         merged_here = {o for item in items for o in item.merges}
         states = {o: decode_state(o, self.frozen[o]) for o in self.pending[one_id]}
         for o, st in states.items():  # as scheduled: struck off once absorbed

@@ -53,7 +53,7 @@ from dataflows.pipeline import PERSON_SHARDS, person_shard
 from dataflows.stages import Decoder, IdentityStage, PersonStage, RawMessage, Resolved
 from dataflows.timers import TimerPoller
 from engine.consent import LISTS, list_member, suppression_of
-from engine.events import Event, Origin, Rejection
+from engine.events import RESERVED_EVENTS, Event, Origin, Rejection
 from engine.identity import identifiers_of
 from engine.person import DECISION, DLQ, LIFECYCLE, Output, Rulebook, current_scores, decode_state
 from engine.settings import Settings, load_settings, roster_to_data
@@ -62,17 +62,8 @@ from leadflow.servers import LocalRedis
 
 PEOPLE = 4
 TRACKS = ["Demo Requested", "Webinar Attended", "Contact Form Submitted", "Whitepaper Downloaded"]
-FEEDBACK = [
-    "manual_mql",
-    "lead_accepted",
-    "lead_rejected",
-    "sql",
-    "opportunity",
-    "won",
-    "lost",
-    "recycle",
-    "disqualify",
-]
+# Every sales event (the others of engine.events.RESERVED_EVENTS have rules of their own).
+FEEDBACK = sorted(RESERVED_EVENTS - {"erase", "consent_override"})
 EXAMPLES = int(os.environ.get("LEADFLOW_MODEL_EXAMPLES", "12"))
 STEPS = int(os.environ.get("LEADFLOW_MODEL_STEPS", "30"))
 START_MS = int(datetime(2026, 11, 2, 9, tzinfo=UTC).timestamp() * 1000)

@@ -327,6 +327,26 @@ def test_kill_9_at_random_moments_loses_nothing_and_doubles_nothing(
     assert "(done in Redis), not the beginning (recovery)" in r.log.read_text()
 
 
+def test_the_same_stream_ends_the_same_produced_before_or_streamed(
+    tmp_path: Path, clean: Ending
+) -> None:
+    """Streamed while the engine runs, the workload is read in small batches; up front, in
+    large ones. Merges, promotions and assignments must not depend on the cut."""
+    with rig(tmp_path, "streamed") as r:
+        create_topics(r.settings, partitions=1)
+        proc = start_engine(r)
+        try:
+            stream(r).join()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0
+        finally:
+            stop_process(proc, sig=signal.SIGKILL)
+        finish(r)
+        got = ending(r)
+    assert got.repeated_outputs == 0  # a clean stop re-emits nothing
+    assert_same_end(got, clean)
+
+
 def test_a_redis_restart_mid_stream_is_ridden_out(tmp_path: Path, clean: Ending) -> None:
     with rig(tmp_path, "redis", appendonly=True) as r:
         create_topics(r.settings, partitions=1)
