@@ -362,8 +362,10 @@ class QueueSettings:
     fallback_queue: str = ""
     sticky: bool = True  # a company (e-mail domain) keeps the SDR who had its first lead
     webhook_url: str = ""  # decisions of this queue are also POSTed here ('' = none)
-    # Environment variable holding the HMAC-SHA256 key that signs the webhook's bodies.
+    # Environment variable holding the HMAC-SHA256 key that signs the webhook's bodies
+    # ("new,old" during a rotation: both sign). Required unless webhook_unsigned.
     webhook_secret_env: str = "LEADFLOW_WEBHOOK_SECRET"
+    webhook_unsigned: bool = False  # explicitly send this queue's alerts unsigned
 
 
 @dataclass(frozen=True)
@@ -605,6 +607,30 @@ def load_settings(
         t.done()
     check_roster(settings.roster, settings.routing, roster.file)
     return settings
+
+
+def webhook_secrets(queue: QueueSettings, env: Mapping[str, str]) -> list[bytes]:
+    """The keys that sign ``queue``'s webhook (the first is the current one)."""
+    raw = env.get(queue.webhook_secret_env, "")
+    return [part.strip().encode() for part in raw.split(",") if part.strip()]
+
+
+def check_webhook_secrets(settings: Settings, env: Mapping[str, str]) -> None:
+    """Refuse a queue that would POST alerts signed with an empty key.
+
+    A receiver can trust an alert only if it is signed with a secret they share;
+    a missing variable used to sign with an empty key, which anyone can forge.
+    A queue may opt out explicitly (``webhook_unsigned = true``).
+    """
+    for i, queue in enumerate(settings.routing.queues):
+        if queue.webhook_url and not queue.webhook_unsigned and not webhook_secrets(queue, env):
+            raise ConfigError(
+                str(Path(settings.config_dir) / "routing.toml"),
+                f"routing.queues[{i}].webhook_secret_env",
+                f"queue {queue.name!r} has a webhook but {queue.webhook_secret_env} is not set:"
+                f" set it (or {queue.webhook_secret_env}_FILE) to a long random secret the"
+                " receiver shares, or mark the queue webhook_unsigned = true",
+            )
 
 
 SHIPPED_SALT = IdentitySettings.salt
@@ -1027,6 +1053,7 @@ def _routing(t: _Table) -> RoutingSettings:
                 sticky=q.flag("sticky", True),
                 webhook_url=q.text("webhook_url", ""),
                 webhook_secret_env=q.text("webhook_secret_env", "LEADFLOW_WEBHOOK_SECRET"),
+                webhook_unsigned=q.flag("webhook_unsigned", False),
             )
         )
         q.done()

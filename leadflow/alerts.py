@@ -7,8 +7,12 @@ decision record with the headers
 
 * ``X-Leadflow-Decision``: the ``decision_id`` (receivers de-duplicate on it:
   delivery is at-least-once),
-* ``X-Leadflow-Signature``: ``sha256=<hex HMAC-SHA256 of the body>`` keyed by the
-  secret in the queue's ``webhook_secret_env`` environment variable.
+* ``X-Leadflow-Signature``: ``t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>." + body>``,
+  one ``v1`` per secret in the queue's ``webhook_secret_env`` variable (``new,old``
+  during a rotation), as the large webhook senders do: the timestamp is signed, so
+  a captured request cannot be replayed once it is older than the receiver's
+  tolerance (:func:`verify`, 5 minutes by default). A queue with a webhook and no
+  secret stops start-up, unless marked ``webhook_unsigned``.
 
 A failure (connection error, timeout, any non-2xx answer) is retried with
 exponential backoff (:data:`BACKOFF_FIRST_S` doubling up to :data:`BACKOFF_CAP_S`,
@@ -35,7 +39,12 @@ from prometheus_client import start_http_server
 
 from dataflows.kafka_io import client_options
 from dataflows.metrics import metrics
-from engine.settings import Settings, with_secret_files
+from engine.settings import (
+    Settings,
+    check_webhook_secrets,
+    webhook_secrets,
+    with_secret_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +55,34 @@ TIMEOUT_S = 5.0
 GROUP_ID = "leadflow-alerts"
 
 
-def signature(secret: bytes, body: bytes) -> str:
-    """The ``X-Leadflow-Signature`` header value for ``body``."""
-    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+TOLERANCE_S = 300
+
+
+def signature(secrets: list[bytes], body: bytes, at_s: int) -> str:
+    """The ``X-Leadflow-Signature`` header value for ``body`` sent at ``at_s``."""
+    signed = f"{at_s}.".encode() + body
+    return ",".join(
+        [f"t={at_s}", *(f"v1={hmac.new(s, signed, hashlib.sha256).hexdigest()}" for s in secrets)]
+    )
+
+
+def verify(
+    header: str, body: bytes, secrets: list[bytes], now_s: float, tolerance_s: int = TOLERANCE_S
+) -> bool:
+    """Whether ``header`` signs ``body`` with one of ``secrets``, recently enough.
+
+    What a receiver runs (README, "Receiving alerts"): any ``v1`` matching any of
+    its secrets, and a timestamp within ``tolerance_s`` of its own clock.
+    """
+    parts = [p.split("=", 1) for p in header.split(",") if "=" in p]
+    stamps = [v for k, v in parts if k == "t"]
+    if len(stamps) != 1 or not stamps[0].isdigit():
+        return False
+    if abs(now_s - int(stamps[0])) > tolerance_s:
+        return False
+    signed = f"{stamps[0]}.".encode() + body
+    expected = {hmac.new(s, signed, hashlib.sha256).hexdigest() for s in secrets}
+    return any(hmac.compare_digest(v, e) for k, v in parts if k == "v1" for e in expected)
 
 
 @dataclass
@@ -83,6 +117,7 @@ class AlertSender:
     ):
         self.settings = settings
         self.env = with_secret_files(os.environ if env is None else env)
+        check_webhook_secrets(settings, self.env)
         self.sleep = sleep
         self.stats = AlertStats()
         self.producer = Producer(client_options(settings))
@@ -96,14 +131,15 @@ class AlertSender:
         if queue is None or not queue.webhook_url:
             self.stats.skipped += 1
             return
-        secret = self.env.get(queue.webhook_secret_env, "").encode()
+        secrets = webhook_secrets(queue, self.env)
         headers = {
             "Content-Type": "application/json",
             "X-Leadflow-Decision": str(decision.get("decision_id", "")),
-            "X-Leadflow-Signature": signature(secret, value),
         }
         delay, problem = BACKOFF_FIRST_S, ""
         for attempt in range(1, MAX_ATTEMPTS + 1):
+            if secrets:  # signed at each try: a retry is not stale
+                headers["X-Leadflow-Signature"] = signature(secrets, value, int(time.time()))
             try:
                 status = post(queue.webhook_url, value, headers)
                 problem = f"HTTP {status}"

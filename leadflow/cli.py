@@ -22,9 +22,11 @@ from engine.settings import (
     ConfigError,
     Settings,
     check_private_salt,
+    check_webhook_secrets,
     load_settings,
     mask_url,
     masked,
+    with_secret_files,
 )
 from engine.store import StoreUnavailable
 from leadflow.logs import FORMATS, configure_logging
@@ -234,6 +236,7 @@ def _config(args: argparse.Namespace) -> int:
     if args.config_command == "show":
         print(json.dumps(masked(settings), indent=2))
         return 0
+    check_webhook_secrets(settings, with_secret_files(os.environ))
     print(f"configuration in {settings.config_dir} is valid")
     if args.connect:
         from leadflow.preflight import check_kafka, check_redis

@@ -276,3 +276,30 @@ def test_a_stop_signal_ends_the_engine_quietly(
     assert proc.returncode == 0, output[-3000:]
     assert "stopped" in output
     assert "panicked" not in output and "Traceback" not in output, output[-3000:]
+
+
+def test_config_check_refuses_a_webhook_without_its_secret(tmp_path: Path) -> None:
+    import shutil
+
+    config = tmp_path / "config"
+    shutil.copytree(Path(__file__).parents[2] / "config", config)
+    routing = config / "routing.toml"
+    routing.write_text(
+        routing.read_text().replace('webhook_url = ""', 'webhook_url = "https://crm.example/h"', 1)
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEADFLOW_WEBHOOK_SECRET")}
+
+    def check(**extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*LEADFLOW, "--config-dir", str(config), "config", "check"],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    missing = check()
+    assert missing.returncode == 2, missing.stderr
+    assert "routing.toml: routing.queues[0].webhook_secret_env" in missing.stderr
+    assert "LEADFLOW_WEBHOOK_SECRET is not set" in missing.stderr
+    assert check(LEADFLOW_WEBHOOK_SECRET="new,old").returncode == 0
