@@ -27,7 +27,10 @@ Invariants, checked after every step:
    belongs to a live person who holds it.
 6. Cut into batches or applied one at a time, the same events leave every
    person with the same stage, disqualification, scores, promotions, owner
-   and timers.
+   and timers. On two workers the owner is left out: each worker assigns its
+   own promotions, in event-time order, but two workers' promotions of one
+   batch race for the rotation (as they do in the dataflow, where the workers
+   run at once; README, "Delivery guarantees"); invariant 3 still holds there.
 
 ``make test`` runs a bounded number of examples; ``make fuzz MINUTES=N`` runs it
 with fresh seeds for N minutes (``LEADFLOW_MODEL_EXAMPLES`` sets examples per run).
@@ -425,6 +428,9 @@ class EngineModel(RuleBasedStateMachine):
         for i in range(PEOPLE):
             got = self.batched.person_of(f"c{i}")
             want = self.single.person_of(f"c{i}")
+            if self.workers > 1 and got and want:
+                got.pop("owner", None)
+                want.pop("owner", None)
             assert got == want, (i, got, want)
 
 
