@@ -51,7 +51,7 @@ from dataflows.metrics import observed_store
 from dataflows.stages import Clock, Decoder, IdentityStage, PersonStage, Resolved
 from dataflows.timers import TimerSource
 from engine.events import Event, Rejection
-from engine.settings import Settings, load_settings
+from engine.settings import MEMBER_ERRORS, Settings, load_settings
 from engine.store import RedisStore
 
 # Routing keys for the person stage. More shards than workers ever run, so every
@@ -112,10 +112,6 @@ def _stay_as_sent(_resume: None) -> _Pass[list[Resolved], list[Resolved]]:
 
 def _is_rejection(item: object) -> bool:
     return isinstance(item, Rejection)
-
-
-# Where a supervised member writes why it failed (leadflow.runner.run_local_cluster).
-MEMBER_ERRORS = "LEADFLOW_MEMBER_ERRORS"  # not *_FILE: that suffix names a secret file
 
 
 def report_failure(step: str, error: BaseException) -> None:

@@ -633,6 +633,9 @@ def check_webhook_secrets(settings: Settings, env: Mapping[str, str]) -> None:
             )
 
 
+# Where a supervised member of a local cluster writes why it failed (leadflow.runner);
+# not *_FILE: that suffix names a secret file (with_secret_files).
+MEMBER_ERRORS = "LEADFLOW_MEMBER_ERRORS"
 SHIPPED_SALT = IdentitySettings.salt
 # Set by the embedded demo and the tests, whose identifiers are made up.
 ALLOW_SHIPPED_SALT = "LEADFLOW_ALLOW_SHIPPED_SALT"

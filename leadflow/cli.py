@@ -19,6 +19,7 @@ import traceback
 
 from engine.consent import LISTS
 from engine.settings import (
+    MEMBER_ERRORS,
     ConfigError,
     Settings,
     check_private_salt,
@@ -165,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"leadflow: {message}", file=sys.stderr)
         if args.log_level == "DEBUG":
             traceback.print_exc()
+        # A member of a local cluster tells its supervisor why, unless a step already did.
+        if (path := os.environ.get(MEMBER_ERRORS)) and not os.path.exists(path):
+            with open(path, "w") as note:
+                note.write(message)
         return code
 
 

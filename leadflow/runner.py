@@ -31,8 +31,8 @@ from prometheus_client import start_http_server
 
 from dataflows.kafka_io import STOPPING
 from dataflows.metrics import metrics
-from dataflows.pipeline import MEMBER_ERRORS, build_flow
-from engine.settings import Settings
+from dataflows.pipeline import build_flow
+from engine.settings import MEMBER_ERRORS, Settings
 from leadflow.health import Health, serve_health
 from leadflow.servers import die_with_parent, stop_process
 
@@ -239,9 +239,11 @@ def run_local_cluster(settings: Settings, config_dir: str) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    exited: list[int] = []  # members in the order they exited
     try:
         while not stopping:
             codes = [c.poll() for c in children]
+            exited += [i for i, code in enumerate(codes) if code is not None and i not in exited]
             if all(code is not None for code in codes) or any(codes):
                 break
             time.sleep(0.2)
@@ -253,13 +255,17 @@ def run_local_cluster(settings: Settings, config_dir: str) -> int:
     finally:
         for c in children:
             stop_process(c, sig=signal.SIGINT)
-    return _cluster_exit(children, errors, stopping)
+    return _cluster_exit(children, errors, stopping, exited)
 
 
-def _cluster_exit(children: list[subprocess.Popen[bytes]], errors: Path, stopping: bool) -> int:
+def _cluster_exit(
+    children: list[subprocess.Popen[bytes]], errors: Path, stopping: bool, exited: list[int]
+) -> int:
     """The cluster's exit code, after logging which member failed first and why."""
     failed = []
-    for i, c in enumerate(children):
+    order = exited + [i for i in range(len(children)) if i not in exited]
+    for i in order:  # the first to exit first: the others mostly follow it down
+        c = children[i]
         if c.returncode:
             note = errors / f"member-{i}"
             failed.append((i, c.returncode, note.read_text() if note.exists() else ""))

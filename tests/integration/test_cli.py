@@ -190,7 +190,11 @@ def test_the_supervisor_exits_non_zero_with_the_failing_members_own_error(
     for n in range(4):  # whichever member holds them, one of them fails
         corrupt(settings, f"m-{n}")
     send(settings, [e for n in range(4) for e in hot_lead(f"m-{n}")[1:]])
-    env = {**_env(broker, redis_server), "LEADFLOW_CONFIG_DIR": str(_stopping_config(tmp_path))}
+    env = {
+        **_env(broker, redis_server),
+        "LEADFLOW_CONFIG_DIR": str(_stopping_config(tmp_path)),
+        "LEADFLOW_METRICS_PORT": "0",  # process i would take port + i, which may be taken
+    }
     result = subprocess.run(
         [*LEADFLOW, "run", "--processes", "2", "--stop-at-end"],
         env=env,
@@ -303,3 +307,29 @@ def test_config_check_refuses_a_webhook_without_its_secret(tmp_path: Path) -> No
     assert "routing.toml: routing.queues[0].webhook_secret_env" in missing.stderr
     assert "LEADFLOW_WEBHOOK_SECRET is not set" in missing.stderr
     assert check(LEADFLOW_WEBHOOK_SECRET="new,old").returncode == 0
+
+
+def test_the_supervisor_names_a_member_that_fails_before_its_flow_starts(
+    broker: LocalBroker, redis_server: LocalRedis
+) -> None:
+    """Process 1's metrics port is taken: the supervisor says so, not process 0's echo."""
+    import socket
+
+    settings = local_settings(broker, redis_server)
+    create_topics(settings)
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**_env(broker, redis_server), "LEADFLOW_METRICS_PORT": str(port - 1)}
+        result = subprocess.run(
+            [*LEADFLOW, "run", "--processes", "2", "--stop-at-end"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+    assert result.returncode == 1, result.stderr[-3000:]
+    (line,) = [x for x in result.stderr.splitlines() if "the cluster stopped" in x]
+    assert "process 1 failed" in line and "Address already in use" in line, line
