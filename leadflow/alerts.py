@@ -53,6 +53,7 @@ BACKOFF_FIRST_S = 0.2
 BACKOFF_CAP_S = 10.0
 TIMEOUT_S = 5.0
 GROUP_ID = "leadflow-alerts"
+OUTCOMES = ("delivered", "failed", "parked")  # of leadflow_webhook_deliveries_total
 
 
 TOLERANCE_S = 300
@@ -118,6 +119,10 @@ class AlertSender:
         self.settings = settings
         self.env = with_secret_files(os.environ if env is None else env)
         check_webhook_secrets(settings, self.env)
+        for queue in settings.routing.queues:
+            if queue.webhook_url:  # every series at 0 from the start: the first parking is an
+                for outcome in OUTCOMES:  # increase() the alert rule can see
+                    metrics().webhooks.labels(queue.name, outcome)
         self.sleep = sleep
         self.stats = AlertStats()
         self.producer = Producer(client_options(settings))

@@ -153,3 +153,22 @@ def test_the_readme_receiver_verifies_what_the_sender_signs() -> None:
     assert not receiver["verify"](header, body, b"other")
     stale = signature([b"new"], body, int(time.time()) - 600)
     assert not receiver["verify"](stale, body, b"new")
+
+
+def test_the_parked_series_exists_at_zero_before_the_first_parking(
+    settings: Settings, endpoint: str
+) -> None:
+    """So `increase()` in the LeadflowWebhookFailures rule sees the first parking."""
+    from prometheus_client import REGISTRY
+
+    from leadflow.alerts import AlertSender
+
+    hooked = with_webhook(settings, f"{endpoint}/down")
+    # A queue name no other test uses: its series can only come from the sender's start.
+    fresh = tuple(replace(q, name=f"fresh-{q.name}") for q in hooked.routing.queues)
+    AlertSender(
+        replace(hooked, routing=replace(hooked.routing, queues=fresh)),
+        {"LEADFLOW_WEBHOOK_SECRET": SECRET},
+    )
+    labels = {"queue": fresh[0].name, "outcome": "parked"}
+    assert REGISTRY.get_sample_value("leadflow_webhook_deliveries_total", labels) is not None
