@@ -23,7 +23,7 @@ from confluent_kafka.admin import AdminClient
 
 from dataflows.kafka_io import client_options
 from engine.settings import Settings, mask_url
-from engine.store import StoreUnavailable
+from engine.store import RedisStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +43,7 @@ class KafkaUnavailable(RuntimeError):
 def check_redis(settings: Settings) -> list[str]:
     """Reach Redis, refuse an evicting policy; return what is worth a warning."""
     url = mask_url(settings.redis.url)
-    client: Any = (
-        redis.RedisCluster.from_url(settings.redis.url, socket_connect_timeout=5)
-        if settings.redis.cluster
-        else redis.Redis.from_url(settings.redis.url, socket_connect_timeout=5, socket_timeout=5)
-    )
+    client: Any = RedisStore(settings.redis).client  # one call each: no retries wanted here
     warnings = []
     try:
         try:

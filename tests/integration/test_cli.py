@@ -165,6 +165,18 @@ def test_roster_apply_and_show_as_sales_ops_use_them(
     assert bad.returncode == 2 and "sdrs[0].queue" in bad.stderr and "nowhere" in bad.stderr
 
 
+def _run_two_processes(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``leadflow run --processes 2 --stop-at-end`` under its supervisor, output captured."""
+    return subprocess.run(
+        [*LEADFLOW, "run", "--processes", "2", "--stop-at-end"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
 def _stopping_config(tmp_path: Path) -> Path:
     """The shipped configuration with ``limits.on_processing_error = "stop"``."""
     import shutil
@@ -195,14 +207,7 @@ def test_the_supervisor_exits_non_zero_with_the_failing_members_own_error(
         "LEADFLOW_CONFIG_DIR": str(_stopping_config(tmp_path)),
         "LEADFLOW_METRICS_PORT": "0",  # process i would take port + i, which may be taken
     }
-    result = subprocess.run(
-        [*LEADFLOW, "run", "--processes", "2", "--stop-at-end"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
+    result = _run_two_processes(env)
     assert result.returncode == 1, result.stderr[-3000:]
     failed = [line for line in result.stderr.splitlines() if "the cluster stopped" in line]
     assert len(failed) == 1 and "JSONDecodeError" in failed[0], result.stderr[-3000:]
@@ -322,14 +327,7 @@ def test_the_supervisor_names_a_member_that_fails_before_its_flow_starts(
         taken.listen()
         port = taken.getsockname()[1]
         env = {**_env(broker, redis_server), "LEADFLOW_METRICS_PORT": str(port - 1)}
-        result = subprocess.run(
-            [*LEADFLOW, "run", "--processes", "2", "--stop-at-end"],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=120,
-        )
+        result = _run_two_processes(env)
     assert result.returncode == 1, result.stderr[-3000:]
     (line,) = [x for x in result.stderr.splitlines() if "the cluster stopped" in x]
     assert "process 1 failed" in line and "Address already in use" in line, line

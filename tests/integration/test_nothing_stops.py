@@ -259,3 +259,25 @@ def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60) ->
     while not condition():
         assert time.monotonic() < deadline, f"waited {timeout_s:.0f} s for {what}"
         time.sleep(0.2)
+
+
+def test_on_input_reset_stop_refuses_to_start_with_exit_5(tmp_path: Path) -> None:
+    """The broker lost its log while the engine was down, and the policy is to stop."""
+    from tests.integration.test_reliability import finish, rig, start_engine
+
+    with rig(tmp_path, "refuse") as r:
+        create_topics(r.settings, partitions=1)
+        send(r.settings, [e for n in range(5) for e in hot_lead(f"r-{n}")])
+        finish(r)  # the recovery snapshot now holds position 20
+        r.broker.restart()
+        create_topics(r.settings, partitions=1)
+        send(r.settings, hot_lead("r-9")[:1])
+        engine = Path(r.env["LEADFLOW_CONFIG_DIR"]) / "engine.toml"
+        engine.write_text(
+            engine.read_text().replace('on_input_reset = "earliest"', 'on_input_reset = "stop"')
+        )
+        proc = start_engine(r, "--stop-at-end")
+        assert proc.wait(120) == 5, r.log.read_text()[-3000:]
+    (line,) = [x for x in r.log.read_text().splitlines() if x.startswith("leadflow: ")]
+    assert "beyond the partition's end" in line and 'on_input_reset = "earliest"' in line
+    assert "Traceback" not in r.log.read_text()

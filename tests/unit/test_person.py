@@ -385,3 +385,13 @@ def test_an_absorbed_mql_brings_its_work_and_timers() -> None:
     assert survivor.stage == "mql" and survivor.owner == "sdr-ana"
     assert survivor.timers == mql.timers and set(survivor.timers) >= {"sla"}
     assert survivor.work["id"] == mql.work["id"]
+
+
+def test_duplicate_submission_hours_0_never_calls_a_submission_a_duplicate() -> None:
+    limits = replace(RULES.settings.limits, duplicate_submission_hours=0)
+    never = Rulebook(replace(RULES.settings, limits=limits))
+    p = PersonState("p1", is_new=True)
+    for n in range(2):
+        apply_event(p, event(f"m{n}", "Whitepaper Downloaded", title="Same"), never, NOW_MS)
+    assert current_scores(p, never)[""] == pytest.approx(30.0)  # both scored
+    assert p.submissions == []

@@ -8,6 +8,7 @@ import pytest
 from engine.settings import (
     DEFAULT_CONFIG_DIR,
     ConfigError,
+    check_private_salt,
     load_settings,
     mask_url,
     masked,
@@ -226,3 +227,17 @@ def test_secrets_are_masked() -> None:
     assert shown["redis"]["url"] == "redis://:***@h:1/0"
     assert shown["kafka"]["options"]["sasl.password"] == "***"
     assert shown["identity"]["salt"] == "***"
+
+
+def test_the_identity_salt_comes_from_the_environment_and_the_shipped_one_is_refused(
+    tmp_path: Path,
+) -> None:
+    secret = tmp_path / "salt"
+    secret.write_text("a-long-random-secret\n")
+    from_file = load_settings(env={"LEADFLOW_IDENTITY_SALT_FILE": str(secret)})
+    assert from_file.identity.salt == "a-long-random-secret"
+    check_private_salt(from_file, {})  # a salt of one's own: fine
+    shipped = load_settings(env={})
+    with pytest.raises(ConfigError, match=r"engine\.toml: identity\.salt: is the shipped"):
+        check_private_salt(shipped, {})
+    check_private_salt(shipped, {"LEADFLOW_ALLOW_SHIPPED_SALT": "1"})  # demo and tests
