@@ -18,7 +18,8 @@ from engine.store import RedisStore
 
 # Milliseconds-scale buckets: the promise is a decision within milliseconds.
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# Event time can be much older than ingest (offline clients, batch imports): up to an hour.
+# Event time can be much older than ingest (offline clients, batch imports), and an
+# alert may wait for retries over many minutes: up to an hour.
 EVENT_AGE_BUCKETS_S = (*LATENCY_BUCKETS_S, 30.0, 60.0, 300.0, 900.0, 3600.0)
 REDIS_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
 
@@ -43,6 +44,9 @@ class Metrics:
     redis_seconds: Histogram
     redis_errors: Counter
     webhooks: Counter
+    alert_latency: Histogram
+    alerts_pending: Gauge
+    api_requests: Counter
     timers_fired: Counter
     timers_pending: Gauge
     processing_errors: Counter
@@ -120,8 +124,28 @@ class Metrics:
             ),
             webhooks=Counter(
                 f"{prefix}_webhook_deliveries",
-                "Webhook POSTs: delivered, failed (an attempt), parked (gave up)",
+                "Webhook alerts: delivered, failed (an attempt), parked (gave up), "
+                "duplicate (delivered before: not sent again)",
                 ["queue", "outcome"],
+                registry=registry,
+            ),
+            alert_latency=Histogram(
+                f"{prefix}_alert_delivery_seconds",
+                "From the decision (decided_at) to its webhook's 2xx",
+                ["queue"],
+                buckets=EVENT_AGE_BUCKETS_S,
+                registry=registry,
+            ),
+            alerts_pending=Gauge(
+                f"{prefix}_alerts_pending",
+                "Alerts read and not yet delivered or parked (retries waiting included)",
+                ["queue"],
+                registry=registry,
+            ),
+            api_requests=Counter(
+                f"{prefix}_api_requests",
+                "HTTP API requests by route and status",
+                ["route", "status"],
                 registry=registry,
             ),
             timers_fired=Counter(

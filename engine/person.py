@@ -36,7 +36,14 @@ from engine.consent import apply_consent, consent_updates, merge_consent
 from engine.events import Event
 from engine.fit import FitFactor, FitModel
 from engine.identity import digest, normalise_email, normalise_phone
-from engine.profile import Profile, merge_profiles, merge_traits, present_fields, traits_of
+from engine.profile import (
+    Profile,
+    lead_summary,
+    merge_profiles,
+    merge_traits,
+    present_fields,
+    traits_of,
+)
 from engine.qualification import Verdict, is_mql
 from engine.routing import choose_queue
 from engine.scoring import (
@@ -590,6 +597,7 @@ def decision_record(promotion: Promotion, rules: Rulebook, now_ms: int) -> dict[
         "cause": promotion.cause,
         "queue": promotion.queue,
         "routing_rule": promotion.rule,
+        "lead": lead_summary(p.profile),
         "score": round(scores[TOTAL], 3),
         "threshold": settings.scoring.mql_threshold,
         "dimensions": {dim: round(s, 3) for dim, s in scores.items() if dim != TOTAL},

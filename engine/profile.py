@@ -86,6 +86,22 @@ class Profile:
     bant: list[str] = field(default_factory=list)
 
 
+def lead_summary(profile: Profile) -> dict[str, Any]:
+    """Who the lead is, as far as the engine knows without personal data: for the alert.
+
+    The engine keeps no names or addresses (identifiers are digests), so an SDR's
+    alert says the company (its e-mail domain, when a company address), size,
+    industry, country and seniority; the CRM link of the queue opens the rest.
+    """
+    return {
+        "company_domain": profile.email_domain if profile.email_kind == "company" else "",
+        "company_size": profile.company_size or None,
+        "industry": profile.industry,
+        "country": profile.country,
+        "seniority": profile.title_level,
+    }
+
+
 FACTS = (
     "company_name",
     "email_domain",

@@ -19,6 +19,7 @@ Environment overrides (applied after the files):
 * ``LEADFLOW_METRICS_PORT`` -> ``metrics.port``
 * ``LEADFLOW_HEALTH_PORT`` -> ``metrics.health_port``
 * ``LEADFLOW_ALERTS_METRICS_PORT`` -> ``metrics.alerts_port``
+* ``LEADFLOW_API_PORT`` / ``LEADFLOW_API_LISTEN`` -> ``api.port`` / ``api.listen``
 
 Any ``LEADFLOW_*`` variable (these, and webhook secrets such as
 ``LEADFLOW_WEBHOOK_SECRET``) may instead name a file holding the value:
@@ -366,6 +367,48 @@ class QueueSettings:
     # ("new,old" during a rotation: both sign). Required unless webhook_unsigned.
     webhook_secret_env: str = "LEADFLOW_WEBHOOK_SECRET"
     webhook_unsigned: bool = False  # explicitly send this queue's alerts unsigned
+    # What the webhook receives: the decision's JSON, a Slack message (Block Kit, for an
+    # incoming webhook) or a Microsoft Teams message (an Adaptive Card, same).
+    webhook_format: str = "json"
+    # The lead in your CRM, linked from the alert: a URL with placeholders among
+    # LEAD_URL_FIELDS, e.g. "https://crm.example.com/leads?leadflow={one_id}" ('' = no link).
+    lead_url: str = ""
+
+
+WEBHOOK_FORMATS = ("json", "slack", "teams")
+LEAD_URL_FIELDS = ("one_id", "decision_id", "queue", "sdr")
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    """How ``leadflow alerts`` delivers decisions to webhooks."""
+
+    retry_first_s: float = 1.0  # the first wait after a failed POST; doubles each try
+    retry_max_s: float = 60.0  # the longest single wait (each wait is jittered: 50-100 %)
+    give_up_after_s: float = 900.0  # still failing this long after the first try: parked
+    timeout_s: float = 5.0  # per phase of a POST (connect, write, read, pool)
+    remember_days: float = 30.0  # a delivered decision id is remembered this long (no re-send)
+
+
+API_SCOPES = ("read", "feedback", "read_pii")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A key of the HTTP API: only its digest is configured, never the key itself."""
+
+    name: str  # who holds it; the actor of the feedback it posts
+    digest: str  # "sha256:<hex>" of the key (``leadflow api key`` makes both)
+    scopes: frozenset[str]
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """``leadflow api``: feedback and look-ups over HTTP."""
+
+    port: int = 8088  # 0: off
+    listen: str = "0.0.0.0"
+    keys: tuple[ApiKey, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -462,6 +505,8 @@ class Settings:
     roster: RosterSettings = field(default_factory=RosterSettings)
     lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
     consent: ConsentSettings = field(default_factory=ConsentSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
     config_dir: str = str(DEFAULT_CONFIG_DIR)
 
 
@@ -601,6 +646,8 @@ def load_settings(
         roster=roster_from(roster),
         lifecycle=_lifecycle(routing.table("lifecycle")),
         consent=_consent(engine.table("consent")),
+        alerts=_alerts(engine.table("alerts")),
+        api=_api(engine.table("api"), env),
         config_dir=str(directory),
     )
     for t in (engine, scoring, routing, roster):
@@ -804,21 +851,23 @@ def _dataflow(t: _Table, env: Mapping[str, str]) -> DataflowSettings:
     return s
 
 
-def _metrics(t: _Table, env: Mapping[str, str]) -> MetricsSettings:
-    def port(key: str, default: int, variable: str) -> int:
-        value = t.integer(key, default, min=0, max=65535)
-        if variable in env:
-            raw = env[variable]
-            if not raw.isdigit() or int(raw) > 65535:
-                raise ConfigError("env", variable, f"expected a port 0..65535, got {raw!r}")
-            value = int(raw)
-        return value
+def _port(t: _Table, key: str, default: int, variable: str, env: Mapping[str, str]) -> int:
+    """A port from ``t``, overridden by the environment variable ``variable``."""
+    value = t.integer(key, default, min=0, max=65535)
+    if variable in env:
+        raw = env[variable]
+        if not raw.isdigit() or int(raw) > 65535:
+            raise ConfigError("env", variable, f"expected a port 0..65535, got {raw!r}")
+        value = int(raw)
+    return value
 
+
+def _metrics(t: _Table, env: Mapping[str, str]) -> MetricsSettings:
     t.used.add("listen")  # read below, or overridden by the environment
     s = MetricsSettings(
-        port=port("port", 3030, "LEADFLOW_METRICS_PORT"),
-        health_port=port("health_port", 8086, "LEADFLOW_HEALTH_PORT"),
-        alerts_port=port("alerts_port", 3099, "LEADFLOW_ALERTS_METRICS_PORT"),
+        port=_port(t, "port", 3030, "LEADFLOW_METRICS_PORT", env),
+        health_port=_port(t, "health_port", 8086, "LEADFLOW_HEALTH_PORT", env),
+        alerts_port=_port(t, "alerts_port", 3099, "LEADFLOW_ALERTS_METRICS_PORT", env),
         listen=env.get("LEADFLOW_METRICS_LISTEN") or t.text("listen", "0.0.0.0"),
     )
     t.done()
@@ -1057,6 +1106,8 @@ def _routing(t: _Table) -> RoutingSettings:
                 webhook_url=q.text("webhook_url", ""),
                 webhook_secret_env=q.text("webhook_secret_env", "LEADFLOW_WEBHOOK_SECRET"),
                 webhook_unsigned=q.flag("webhook_unsigned", False),
+                webhook_format=q.text("webhook_format", "json"),
+                lead_url=q.text("lead_url", ""),
             )
         )
         q.done()
@@ -1072,6 +1123,12 @@ def _routing(t: _Table) -> RoutingSettings:
             raise t.error(f"queues[{i}].webhook_url", "must start with http:// or https://")
         if queue.max_wait_minutes < 0:
             raise t.error(f"queues[{i}].max_wait_minutes", "must be >= 0")
+        if queue.webhook_format not in WEBHOOK_FORMATS:
+            raise t.error(
+                f"queues[{i}].webhook_format",
+                f"{queue.webhook_format!r} is not one of {', '.join(WEBHOOK_FORMATS)}",
+            )
+        _check_lead_url(t, f"queues[{i}].lead_url", queue.lead_url)
     default = t.text("default_queue", names[0])
     if default not in names:
         raise t.error("default_queue", f"{default!r} is not one of the queues {names}")
@@ -1085,6 +1142,62 @@ def _routing(t: _Table) -> RoutingSettings:
     return RoutingSettings(
         default_queue=default, queues=tuple(queues), rules=tuple(rules), regions=regions
     )
+
+
+def _check_lead_url(t: _Table, key: str, template: str) -> None:
+    if template and not template.startswith(("http://", "https://")):
+        raise t.error(key, "must start with http:// or https://")
+    for name in re.findall(r"{([^{}]*)}", template):
+        if name not in LEAD_URL_FIELDS:
+            raise t.error(
+                key,
+                f"unknown placeholder {{{name}}}; expected some of {', '.join(LEAD_URL_FIELDS)}",
+            )
+
+
+def _alerts(t: _Table) -> AlertSettings:
+    s = AlertSettings(
+        retry_first_s=t.number("retry_first_s", 1.0, positive=True),
+        retry_max_s=t.number("retry_max_s", 60.0, positive=True),
+        give_up_after_s=t.number("give_up_after_s", 900.0),
+        timeout_s=t.number("timeout_s", 5.0, positive=True),
+        remember_days=t.number("remember_days", 30.0, positive=True),
+    )
+    if s.give_up_after_s < 0:
+        raise t.error("give_up_after_s", "must be >= 0")
+    if s.retry_max_s < s.retry_first_s:
+        raise t.error("retry_max_s", f"must be >= retry_first_s ({s.retry_first_s})")
+    t.done()
+    return s
+
+
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def _api(t: _Table, env: Mapping[str, str]) -> ApiSettings:
+    keys = []
+    for k in t.tables("keys"):
+        scopes = k.strings("scopes")
+        for scope in scopes:
+            if scope not in API_SCOPES:
+                raise k.error("scopes", f"unknown scope {scope!r}; expected some of {API_SCOPES}")
+        digest = k.text("digest", "")
+        if not _DIGEST.match(digest):
+            raise k.error(
+                "digest", "expected sha256:<64 hex digits> (make one with `leadflow api key`)"
+            )
+        keys.append(ApiKey(k.text("name", "", pattern=_NAME), digest, frozenset(scopes)))
+        k.done()
+    if len({k.digest for k in keys}) != len(keys):
+        raise t.error("keys", "two keys have the same digest")
+    t.used.add("listen")
+    s = ApiSettings(
+        port=_port(t, "port", 8088, "LEADFLOW_API_PORT", env),
+        listen=env.get("LEADFLOW_API_LISTEN") or t.text("listen", "0.0.0.0"),
+        keys=tuple(keys),
+    )
+    t.done()
+    return s
 
 
 def _routing_rule(

@@ -19,6 +19,9 @@ hash tag; keys of one person share that person's tag:
 ``P input``                     per input source, the offset read up to and done
 ``P input:gen``                 per input partition, how often its log was found lost
 ``P list:<name>``               a suppression list's members (a set; engine.consent)
+``P alert:{<decision>}``        a webhook alert: the sender POSTing it, then
+                                ``delivered``; expires (``leadflow alerts``)
+``P alerts:redrives``           parked alerts sent again, per ``queue|outcome``
 ==============================  ==============================================
 
 The identity graph (``id``, ``e``, ``ids``, ``r``, ``pend``) has one writer,
@@ -63,6 +66,26 @@ RETRY_FIRST_S = 0.05
 RETRY_CAP_S = 5.0
 
 SAVED, CONFLICT, REDIRECTED = 0, 1, 2
+# What :meth:`RedisStore.claim_alert` answers besides the milliseconds another sender
+# still holds the alert.
+CLAIMED, DELIVERED = "claimed", "delivered"
+
+# Claim a webhook alert before POSTing it. KEYS: the alert. ARGV: sender, lease ms.
+# Returns "delivered", "claimed" (it is this sender's now), or the ms another
+# sender's claim has left.
+_CLAIM_ALERT = """
+local v = redis.call('GET', KEYS[1])
+if v == 'delivered' then return v end
+if v and v ~= ARGV[1] then return math.max(redis.call('PTTL', KEYS[1]), 1) end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 'claimed'
+"""
+
+# Give a claim back after a failed POST (only one's own). KEYS: the alert. ARGV: sender.
+_UNCLAIM_ALERT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
 # The done offset of an input source whose log the broker lost: above every offset.
 RETIRED = 2**62
 
@@ -310,6 +333,8 @@ class RedisStore:
             for name, body in (
                 ("advance", _ADVANCE_INPUT),
                 ("assign", _ASSIGN),
+                ("claim_alert", _CLAIM_ALERT),
+                ("unclaim_alert", _UNCLAIM_ALERT),
                 ("release", _RELEASE),
                 ("load", _LOAD),
                 ("roster", _APPLY_ROSTER),
@@ -614,6 +639,50 @@ class RedisStore:
     def advance_input(self, source: str, offset: int) -> None:
         """Record that ``source`` is done below ``offset`` (a lower offset changes nothing)."""
         self._script("advance", [([self.input_key()], [source, offset])])
+
+    # -- webhook alerts (leadflow alerts) ----------------------------------------------
+    def alert_key(self, decision_id: str) -> str:
+        """Key of a webhook alert's delivery: the sender holding it, or ``delivered``."""
+        return f"{self.prefix}alert:{{{decision_id}}}"
+
+    def claim_alert(self, decision_id: str, sender: str, lease_ms: int) -> str | int:
+        """Take ``decision_id`` for ``sender`` to POST.
+
+        Returns :data:`CLAIMED`, :data:`DELIVERED` (never POST it again), or the
+        milliseconds another sender's claim has left.
+        """
+        (answer,) = self._script(
+            "claim_alert", [([self.alert_key(decision_id)], [sender, lease_ms])]
+        )
+        return int(answer) if isinstance(answer, int) else answer.decode()
+
+    def unclaim_alert(self, decision_id: str, sender: str) -> None:
+        """Give back ``sender``'s claim after a failed POST, so a retry by anyone may send."""
+        self._script("unclaim_alert", [([self.alert_key(decision_id)], [sender])])
+
+    def alert_delivered(self, decision_id: str, remember_s: int) -> None:
+        """Record that ``decision_id`` reached its webhook: it is never POSTed again."""
+        key = self.alert_key(decision_id)
+        self._retry(lambda: self.client.set(key, DELIVERED, ex=remember_s))
+
+    def alerts_delivered(self, decision_ids: Sequence[str]) -> list[bool]:
+        """Which of ``decision_ids`` reached their webhook."""
+        values = self._mget([self.alert_key(d) for d in decision_ids])
+        return [v == DELIVERED.encode() for v in values]
+
+    def count_redrive(self, queue: str, outcome: str) -> None:
+        """Count one parked alert sent again (``leadflow_alert_redrives_total``)."""
+        key = f"{self.prefix}alerts:redrives"
+        self._retry(lambda: self.client.hincrby(key, f"{queue}|{outcome}", 1))
+
+    def redrives(self) -> dict[tuple[str, str], int]:
+        """Parked alerts sent again so far, per ``(queue, outcome)``."""
+        raw = self._retry(lambda: self.client.hgetall(f"{self.prefix}alerts:redrives"))
+        out: dict[tuple[str, str], int] = {}
+        for field_, count in raw.items():
+            queue, _, outcome = field_.decode().partition("|")
+            out[queue, outcome] = int(count)
+        return out
 
     def close(self) -> None:
         """Release the connection pool."""

@@ -7,6 +7,8 @@ Commands:
     inspect ID      everything known about the person owning an identifier
     config show     print the effective configuration, secrets masked
     config check    validate the configuration and exit 0 or 2
+    alerts          POST decisions to the queues' webhooks; ``alerts redrive`` re-sends parked ones
+    api             the HTTP API: feedback, lead and queue look-ups; ``api key`` makes a key
 """
 
 from __future__ import annotations
@@ -127,6 +129,20 @@ def _parser() -> argparse.ArgumentParser:
     alerts.add_argument(
         "--stop-at-end", action="store_true", help="exit once every decision so far is handled"
     )
+    redrive = alerts.add_subparsers(dest="alerts_command").add_parser(
+        "redrive", help="send parked alerts again, once each (those still failing stay parked)"
+    )
+    redrive.add_argument("--queue", help="only this queue's alerts")
+    redrive.add_argument(
+        "--since", help="only alerts parked since: an ISO-8601 time, or an age (30m, 2h, 7d)"
+    )
+    redrive.add_argument(
+        "--give-up-after",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="retry each alert for at most S seconds (default 10)",
+    )
 
     config = sub.add_parser("config", help="inspect configuration").add_subparsers(
         dest="config_command", required=True
@@ -226,12 +242,31 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _alerts(args: argparse.Namespace) -> int:
-    from leadflow.alerts import run_alerts
+    import time
 
-    stats = run_alerts(_settings(args), stop_at_end=args.stop_at_end)
+    from leadflow.alerts import parse_since, redrive, run_alerts
+
+    settings = _settings(args)
+    if args.alerts_command == "redrive":
+        if args.queue is not None and args.queue not in {q.name for q in settings.routing.queues}:
+            print(f"error: no queue {args.queue!r} in routing.toml", file=sys.stderr)
+            return EXIT_CONFIG
+        try:
+            since = None if args.since is None else parse_since(args.since, time.time())
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_CONFIG
+        r = redrive(settings, args.queue, since, give_up_after_s=args.give_up_after, progress=print)
+        print(
+            f"redrive: {r.selected} parked alerts selected, {r.delivered} delivered, "
+            f"{r.duplicates} delivered before (not resent), {r.no_webhook} without a webhook now, "
+            f"{len(r.failed)} still failing (still parked)"
+        )
+        return EXIT_FAILED if r.failed else 0
+    stats = run_alerts(settings, stop_at_end=args.stop_at_end)
     print(
-        f"alerts: {stats.delivered} delivered, {stats.retries} retries, "
-        f"{stats.parked} parked, {stats.skipped} without a webhook"
+        f"alerts: {stats.delivered} delivered, {stats.duplicates} delivered before (not resent), "
+        f"{stats.retries} failed tries, {stats.parked} parked, {stats.skipped} without a webhook"
     )
     return 0
 

@@ -47,5 +47,7 @@ def configure_logging(level: str, log_format: str) -> None:
         JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
     )
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    # httpx logs every request at INFO; the alert sender logs what matters itself.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(level)))
     # The processes of a local cluster log alike.
     os.environ["LEADFLOW_LOG_LEVEL"], os.environ["LEADFLOW_LOG_FORMAT"] = level, log_format
