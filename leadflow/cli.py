@@ -18,9 +18,11 @@ import json
 import os
 import sys
 import traceback
+from typing import Any
 
 from engine.consent import LISTS
 from engine.settings import (
+    API_SCOPES,
     MEMBER_ERRORS,
     ConfigError,
     Settings,
@@ -41,6 +43,40 @@ EXIT_CONFIG = 2  # the configuration is invalid: the message names file (or vari
 EXIT_UNAVAILABLE = 3  # Redis unreachable, refusing the credentials, or evicting keys
 EXIT_KAFKA = 4  # Kafka unreachable, a topic missing, or access refused
 EXIT_INPUT_RESET = 5  # the broker lost input and kafka.on_input_reset = "stop"
+
+
+def _alerts_and_api_parsers(sub: Any) -> None:
+    alerts = sub.add_parser("alerts", help="POST decisions to the queues' webhooks (own process)")
+    alerts.add_argument(
+        "--stop-at-end", action="store_true", help="exit once every decision so far is handled"
+    )
+    redrive = alerts.add_subparsers(dest="alerts_command").add_parser(
+        "redrive", help="send parked alerts again, once each (those still failing stay parked)"
+    )
+    redrive.add_argument("--queue", help="only this queue's alerts")
+    redrive.add_argument(
+        "--since", help="only alerts parked since: an ISO-8601 time, or an age (30m, 2h, 7d)"
+    )
+    redrive.add_argument(
+        "--give-up-after",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="retry each alert for at most S seconds (default 10)",
+    )
+
+    api = sub.add_parser(
+        "api", help="the HTTP API: feedback, lead and queue look-ups (own process)"
+    )
+    key = api.add_subparsers(dest="api_command").add_parser(
+        "key", help="make an API key: prints it once, and the [[api.keys]] table for engine.toml"
+    )
+    key.add_argument("--name", required=True, help="who holds it (the actor of its feedback)")
+    key.add_argument(
+        "--scopes",
+        default="read",
+        help=f"comma-separated, of {', '.join(API_SCOPES)} (default read)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -125,24 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("values", nargs="*")
     check.add_argument("--file", help="read values from this file, one per line ('-': stdin)")
 
-    alerts = sub.add_parser("alerts", help="POST decisions to the queues' webhooks (own process)")
-    alerts.add_argument(
-        "--stop-at-end", action="store_true", help="exit once every decision so far is handled"
-    )
-    redrive = alerts.add_subparsers(dest="alerts_command").add_parser(
-        "redrive", help="send parked alerts again, once each (those still failing stay parked)"
-    )
-    redrive.add_argument("--queue", help="only this queue's alerts")
-    redrive.add_argument(
-        "--since", help="only alerts parked since: an ISO-8601 time, or an age (30m, 2h, 7d)"
-    )
-    redrive.add_argument(
-        "--give-up-after",
-        type=float,
-        default=10.0,
-        metavar="S",
-        help="retry each alert for at most S seconds (default 10)",
-    )
+    _alerts_and_api_parsers(sub)
 
     config = sub.add_parser("config", help="inspect configuration").add_subparsers(
         dest="config_command", required=True
@@ -213,6 +232,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "roster": _roster,
         "inspect": _inspect,
         "alerts": _alerts,
+        "api": _api,
         "lists": _lists,
     }
     if args.command in handlers:
@@ -268,6 +288,30 @@ def _alerts(args: argparse.Namespace) -> int:
         f"alerts: {stats.delivered} delivered, {stats.duplicates} delivered before (not resent), "
         f"{stats.retries} failed tries, {stats.parked} parked, {stats.skipped} without a webhook"
     )
+    return 0
+
+
+def _api(args: argparse.Namespace) -> int:
+    from leadflow.api import key_table, new_key, serve_api
+
+    if args.api_command == "key":
+        scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+        unknown = [s for s in scopes if s not in API_SCOPES]
+        if unknown or not scopes:
+            print(
+                f"error: --scopes {args.scopes!r}: expected some of {API_SCOPES}", file=sys.stderr
+            )
+            return EXIT_CONFIG
+        key = new_key()
+        print(f"API key for {args.name} (shown once; give it to its holder):\n  {key}\n")
+        print("Add to engine.toml, then restart `leadflow api`:\n")
+        print(key_table(args.name, key, scopes))
+        return 0
+    settings = _settings(args)
+    if not settings.api.port:
+        print("error: api.port is 0 (the API is off)", file=sys.stderr)
+        return EXIT_CONFIG
+    serve_api(settings)
     return 0
 
 

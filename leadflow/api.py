@@ -1,0 +1,461 @@
+"""``leadflow api``: SDR tools talk back and look leads up over HTTP.
+
+A Starlette app served by uvicorn (its own process; the HTTP collector will join
+it). Every route but ``/openapi.json`` and ``/metrics`` needs an API key, sent as
+``Authorization: Bearer <key>``. Keys are configured as digests only
+(``[[api.keys]]`` in ``engine.toml``: name, ``sha256:<hex>`` digest, scopes), so the
+configuration holds nothing an attacker could replay; ``leadflow api key`` makes a
+key and prints its table. Scopes:
+
+* ``feedback``: ``POST /v1/feedback``, a trusted feedback event (``lead_accepted``,
+  ``lead_rejected``, ``sql``... the reserved names of README "Interfaces"). It is
+  validated by the engine's own decoder, its actor set from the key (``<key name>``,
+  or ``<key name>/<actor given>`` when the body names one: the tool that vouches for
+  it comes first), and answered ``202`` only once the broker has acknowledged it
+  (``acks=all``, idempotent producer); ``503`` with ``Retry-After`` when the broker
+  does not take it in time.
+* ``read``: ``GET /v1/leads/{identifier}`` (what ``leadflow inspect`` shows) and
+  ``GET /v1/queues/{queue}`` (roster, availability, load);
+* ``read_pii``: with ``read``, a lead's identifiers in clear (without it, only
+  their kinds and digests).
+
+Errors are JSON ``{"error": <code>, "reason": <text>}``. Requests are counted in
+``leadflow_api_requests_total{route,status}``, served at ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import signal
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+import uvicorn
+from confluent_kafka import KafkaError, Message, Producer
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from dataflows.kafka_io import client_options
+from dataflows.metrics import metrics
+from engine.events import RESERVED_EVENTS, Origin, Rejection, decode_event
+from engine.settings import ApiKey, Settings
+from leadflow.inspect import inspect_person
+from leadflow.roster import show_roster
+
+log = logging.getLogger(__name__)
+
+ACK_TIMEOUT_S = 10.0  # a feedback POST waits this long for the broker, then 503
+RETRY_AFTER_S = 5
+
+
+def key_digest(key: str) -> str:
+    """The configured form of an API key: ``sha256:<hex>`` (keys are random: no salt needed)."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    """A fresh API key: 256 random bits."""
+    return "lf_" + secrets.token_urlsafe(32)
+
+
+def key_table(name: str, key: str, scopes: list[str]) -> str:
+    """The ``[[api.keys]]`` table to paste into engine.toml for ``key``."""
+    listed = ", ".join(f'"{s}"' for s in scopes)
+    return f'[[api.keys]]\nname = "{name}"\ndigest = "{key_digest(key)}"\nscopes = [{listed}]\n'
+
+
+class ApiError(Exception):
+    """An error answered as JSON."""
+
+    def __init__(self, status: int, error: str, reason: str, headers: dict[str, str] | None = None):
+        super().__init__(reason)
+        self.status, self.error, self.reason, self.headers = status, error, reason, headers
+
+
+def _error(status: int, error: str, reason: str, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse({"error": error, "reason": reason}, status, headers=headers)
+
+
+class FeedbackProducer:
+    """A producer whose acknowledgements resolve asyncio futures (polled on its own thread)."""
+
+    def __init__(self, settings: Settings):
+        self.producer = Producer(
+            {
+                **client_options(settings),
+                "enable.idempotence": True,  # acks=all, no duplicates on its own retries
+                "message.timeout.ms": int(ACK_TIMEOUT_S * 1000),
+                "linger.ms": 1,
+            }
+        )
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._poll, name="api-producer", daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        while not self.stopping.is_set():
+            self.producer.poll(0.05)
+
+    async def send(self, topic: str, key: bytes | None, value: bytes) -> None:
+        """Produce and wait for the broker's acknowledgement; raise ApiError 503 if none."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[KafkaError | None] = loop.create_future()
+
+        def settle(error: KafkaError | None) -> None:
+            if not done.done():
+                done.set_result(error)
+
+        def acknowledged(error: KafkaError | None, _msg: Message) -> None:
+            loop.call_soon_threadsafe(settle, error)
+
+        try:
+            self.producer.produce(topic, value, key, on_delivery=acknowledged)
+        except BufferError:
+            raise ApiError(503, "unavailable", "the broker is not keeping up", _retry()) from None
+        try:
+            error = await asyncio.wait_for(done, ACK_TIMEOUT_S + 5)
+        except TimeoutError:
+            error = KafkaError(KafkaError._MSG_TIMED_OUT)
+        if error is not None:
+            log.warning("feedback not acknowledged by the broker: %s", error)
+            raise ApiError(
+                503, "unavailable", f"the broker did not acknowledge it: {error}", _retry()
+            )
+
+    def close(self) -> None:
+        """Flush what is in flight and stop polling."""
+        self.producer.flush(ACK_TIMEOUT_S)
+        self.stopping.set()
+        self.thread.join()
+
+
+def _retry() -> dict[str, str]:
+    return {"Retry-After": str(RETRY_AFTER_S)}
+
+
+class LeadflowApi:
+    """The routes, bound to the settings and a producer."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.keys: dict[str, ApiKey] = {k.digest: k for k in settings.api.keys}
+        self.producer: FeedbackProducer | None = None
+
+    def authorise(self, request: Request, scope: str) -> ApiKey:
+        """The key of ``request``, which must hold ``scope``; else ApiError 401/403."""
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "unauthorized", "send the API key as 'Authorization: Bearer <key>'")
+        key = self.keys.get(key_digest(token.strip()))
+        if key is None:
+            raise ApiError(401, "unauthorized", "unknown API key")
+        if scope not in key.scopes:
+            raise ApiError(403, "forbidden", f"key {key.name!r} lacks the {scope!r} scope")
+        return key
+
+    async def feedback(self, request: Request) -> Response:
+        """POST /v1/feedback: a trusted feedback event, acknowledged once the broker has it."""
+        key = self.authorise(request, "feedback")
+        limits = self.settings.limits
+        body = await request.body()
+        if len(body) > limits.max_event_bytes:
+            raise ApiError(413, "oversized", f"larger than {limits.max_event_bytes} bytes")
+        try:
+            event = orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            raise ApiError(400, "invalid_json", f"the body is not JSON: {e}") from None
+        if not isinstance(event, dict):
+            raise ApiError(400, "not_an_object", "the body must be a JSON object")
+        if event.get("type") != "track" or event.get("event") not in RESERVED_EVENTS:
+            raise ApiError(
+                400,
+                "not_feedback",
+                "expected a track event named one of " + ", ".join(sorted(RESERVED_EVENTS)),
+            )
+        properties = event.get("properties")
+        if properties is None:
+            properties = event["properties"] = {}
+        if not isinstance(properties, dict):
+            raise ApiError(400, "bad_field", "properties must be an object")
+        given = properties.get("actor")
+        properties["actor"] = f"{key.name}/{given}" if given else key.name
+        event.setdefault("messageId", f"api-{uuid.uuid4()}")
+        raw = orjson.dumps(event)
+        now_ms = int(time.time() * 1000)
+        decoded = decode_event(
+            raw,
+            Origin(self.settings.topics.feedback, -1, -1),
+            ingested_ms=now_ms,
+            trusted=True,
+            max_bytes=limits.max_event_bytes,
+            max_future_skew_ms=limits.max_future_skew_s * 1000,
+        )
+        if isinstance(decoded, Rejection):
+            raise ApiError(400, decoded.reason, decoded.detail)
+        person = decoded.user_id or decoded.anonymous_id or decoded.email
+        assert self.producer is not None, "started with the app"
+        await self.producer.send(self.settings.topics.feedback, person.encode() or None, raw)
+        return JSONResponse(
+            {"accepted": True, "messageId": decoded.message_id, "actor": properties["actor"]}, 202
+        )
+
+    async def lead(self, request: Request) -> Response:
+        """GET /v1/leads/{identifier}: what ``leadflow inspect`` shows, PII with read_pii."""
+        key = self.authorise(request, "read")
+        identifier = request.path_params["identifier"]
+        found = await run_in_threadpool(
+            inspect_person, self.settings, identifier, int(time.time() * 1000)
+        )
+        if found is None:
+            raise ApiError(404, "not_found", "no person holds this identifier")
+        if "read_pii" not in key.scopes:
+            found = _without_pii(found)
+        return JSONResponse(found)
+
+    async def queue(self, request: Request) -> Response:
+        """GET /v1/queues/{queue}: the queue's SDRs, their availability and load."""
+        self.authorise(request, "read")
+        name = request.path_params["queue"]
+        if name not in {q.name for q in self.settings.routing.queues}:
+            raise ApiError(404, "not_found", f"no queue {name!r}")
+        roster = await run_in_threadpool(show_roster, self.settings)
+        return JSONResponse(
+            {"queue": name, "source": roster["source"], "sdrs": roster["queues"][name]}
+        )
+
+    async def openapi(self, _request: Request) -> Response:
+        """GET /openapi.json: this API, described."""
+        return JSONResponse(OPENAPI)
+
+
+def _without_pii(person: dict[str, Any]) -> dict[str, Any]:
+    """``person`` with identifiers reduced to their kind and digest."""
+    out = dict(person)
+    if "identifier" in out:
+        out["identifier"] = str(out["identifier"]).split(":", 1)[0] + ":***"
+    if "identifiers" in out:
+        out["identifiers"] = [
+            {k: v for k, v in i.items() if k != "value"} for i in out["identifiers"]
+        ]
+    return out
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _counted(route: str, endpoint: Endpoint) -> Endpoint:
+    """``endpoint`` answering ApiError as JSON, counted by route and status."""
+
+    async def handle(request: Request) -> Response:
+        try:
+            response = await endpoint(request)
+        except ApiError as e:
+            response = _error(e.status, e.error, e.reason, e.headers)
+        except Exception:
+            log.exception("API %s failed", route)
+            response = _error(500, "internal", "an internal error; see the API's log")
+        metrics().api_requests.labels(route, str(response.status_code)).inc()
+        return response
+
+    return handle
+
+
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    metrics().api_requests.labels("unknown", str(exc.status_code)).inc()
+    return _error(exc.status_code, "not_found" if exc.status_code == 404 else "http", exc.detail)
+
+
+async def _scrape(_request: Request) -> Response:
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_app(settings: Settings) -> Starlette:
+    """The API as an ASGI app (its producer starts and stops with the app)."""
+    api = LeadflowApi(settings)
+    routes = [
+        Route("/v1/feedback", _counted("/v1/feedback", api.feedback), methods=["POST"]),
+        Route(
+            "/v1/leads/{identifier}", _counted("/v1/leads/{identifier}", api.lead), methods=["GET"]
+        ),
+        Route("/v1/queues/{queue}", _counted("/v1/queues/{queue}", api.queue), methods=["GET"]),
+        Route("/openapi.json", _counted("/openapi.json", api.openapi), methods=["GET"]),
+        Route("/metrics", _scrape, methods=["GET"]),
+    ]
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        api.producer = FeedbackProducer(settings)
+        try:
+            yield
+        finally:
+            api.producer.close()
+
+    return Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error}
+    )
+
+
+def serve_api(settings: Settings) -> None:
+    """Serve the API on ``api.listen:api.port`` until SIGTERM or Ctrl-C."""
+    if not settings.api.keys:
+        log.warning("no [[api.keys]] configured: every request but /openapi.json will be refused")
+    log.info("HTTP API on http://%s:%d (/openapi.json)", settings.api.listen, settings.api.port)
+    # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again for the
+    # handler it found; a no-op one lets the command exit 0 like the other commands.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda _sig, _frame: None)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.api.listen,
+        port=settings.api.port,
+        log_level="warning",
+        access_log=False,
+    )
+
+
+_ERROR = {
+    "description": "An error, with a reason",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    return {str(s): _ERROR for s in statuses}
+
+
+def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "Leadflow API",
+        "version": "1",
+        "description": "Sales feedback and look-ups for SDR tools. README, 'HTTP API'.",
+    },
+    "components": {
+        "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "required": ["error", "reason"],
+                "properties": {"error": {"type": "string"}, "reason": {"type": "string"}},
+            },
+            "Feedback": {
+                "type": "object",
+                "description": "A Segment track event with a reserved name; one identifier needed.",
+                "required": ["type", "event"],
+                "properties": {
+                    "type": {"const": "track"},
+                    "event": {"enum": sorted(RESERVED_EVENTS)},
+                    "messageId": {"type": "string", "maxLength": 256},
+                    "userId": {"type": "string"},
+                    "anonymousId": {"type": "string"},
+                    "timestamp": {"type": "string", "format": "date-time"},
+                    "traits": {"type": "object"},
+                    "properties": {
+                        "type": "object",
+                        "properties": {
+                            "actor": {
+                                "type": "string",
+                                "description": "appended to the key's name",
+                            },
+                            "reason": {"type": "string", "description": "lead_rejected's reason"},
+                        },
+                    },
+                },
+            },
+            "Accepted": {
+                "type": "object",
+                "required": ["accepted", "messageId", "actor"],
+                "properties": {
+                    "accepted": {"const": True},
+                    "messageId": {"type": "string"},
+                    "actor": {"type": "string"},
+                },
+            },
+        },
+    },
+    "security": [{"apiKey": []}],
+    "paths": {
+        "/v1/feedback": {
+            "post": {
+                "summary": "Send sales feedback (scope feedback); 202 once the broker has it",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Feedback"}}
+                    },
+                },
+                "responses": {
+                    "202": _json("Taken by the broker", {"$ref": "#/components/schemas/Accepted"}),
+                    **_errors(400, 401, 403, 413, 503),
+                },
+            }
+        },
+        "/v1/leads/{identifier}": {
+            "get": {
+                "summary": "A lead, as `leadflow inspect` shows it (read; read_pii: PII)",
+                "parameters": [
+                    {
+                        "name": "identifier",
+                        "in": "path",
+                        "required": True,
+                        "description": "kind:value, or an e-mail, a +phone, a user id",
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "responses": {
+                    "200": _json("The lead", {"type": "object"}),
+                    **_errors(401, 403, 404),
+                },
+            }
+        },
+        "/v1/queues/{queue}": {
+            "get": {
+                "summary": "A queue's SDRs, availability and load (scope read)",
+                "parameters": [
+                    {"name": "queue", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {
+                    "200": _json(
+                        "The queue",
+                        {
+                            "type": "object",
+                            "required": ["queue", "source", "sdrs"],
+                            "properties": {
+                                "queue": {"type": "string"},
+                                "source": {"type": "string"},
+                                "sdrs": {"type": "array", "items": {"type": "object"}},
+                            },
+                        },
+                    ),
+                    **_errors(401, 403, 404),
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "security": [],
+                "responses": {"200": _json("OpenAPI 3.1", {"type": "object"})},
+            }
+        },
+    },
+}
