@@ -20,30 +20,27 @@ from __future__ import annotations
 from typing import Any
 
 
-def _plain(max_length: int) -> dict[str, Any]:
+def _text(kind: str, max_length: int) -> dict[str, Any]:
+    """A Block Kit text object: ``plain_text`` (may say ``emoji``) or ``mrkdwn``."""
+    flag = "emoji" if kind == "plain_text" else "verbatim"
     return {
         "type": "object",
         "required": ["type", "text"],
         "additionalProperties": False,
         "properties": {
-            "type": {"const": "plain_text"},
+            "type": {"const": kind},
             "text": {"type": "string", "minLength": 1, "maxLength": max_length},
-            "emoji": {"type": "boolean"},
+            flag: {"type": "boolean"},
         },
     }
+
+
+def _plain(max_length: int) -> dict[str, Any]:
+    return _text("plain_text", max_length)
 
 
 def _mrkdwn(max_length: int) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "required": ["type", "text"],
-        "additionalProperties": False,
-        "properties": {
-            "type": {"const": "mrkdwn"},
-            "text": {"type": "string", "minLength": 1, "maxLength": max_length},
-            "verbatim": {"type": "boolean"},
-        },
-    }
+    return _text("mrkdwn", max_length)
 
 
 _BUTTON = {

@@ -55,7 +55,8 @@ class Processes:
     """`leadflow` processes started by a test, each logging to its own file."""
 
     def __init__(self, env: dict[str, str], logs: Path):
-        self.env, self.logs, self.started = env, logs, []
+        self.env, self.logs = env, logs
+        self.started: list[subprocess.Popen[bytes]] = []
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         with (self.logs / f"{name}.log").open("ab") as log:

@@ -180,6 +180,43 @@ def test_environment_overrides_connections_and_librdkafka_options() -> None:
             "consent.policies[1].countries",
             "not an ISO 3166 alpha-2 code",
         ),
+        (
+            "routing.toml",
+            'webhook_format = "json"',
+            'webhook_format = "discord"',
+            "routing.queues[0].webhook_format",
+            "'discord' is not one of json, slack, teams",
+        ),
+        (
+            "routing.toml",
+            'lead_url = ""',
+            'lead_url = "https://crm.example.com/{email}"',
+            "routing.queues[0].lead_url",
+            "unknown placeholder {email}",
+        ),
+        (
+            "engine.toml",
+            "retry_max_s = 60.0",
+            "retry_max_s = 0.5",
+            "alerts.retry_max_s",
+            "must be >= retry_first_s",
+        ),
+        (
+            "engine.toml",
+            "# [[api.keys]]\n# name = \"crm-sync\"\n# digest = \"sha256:...\"\n"
+            "# scopes = [\"read\", \"feedback\"]",
+            '[[api.keys]]\nname = "crm"\ndigest = "sha256:abc"\nscopes = ["read"]',
+            "api.keys[0].digest",
+            "expected sha256:<64 hex digits>",
+        ),
+        (
+            "engine.toml",
+            "# [[api.keys]]\n# name = \"crm-sync\"\n# digest = \"sha256:...\"\n"
+            "# scopes = [\"read\", \"feedback\"]",
+            f'[[api.keys]]\nname = "crm"\ndigest = "sha256:{"0" * 64}"\nscopes = ["write"]',
+            "api.keys[0].scopes",
+            "unknown scope 'write'",
+        ),
     ],
 )
 def test_invalid_configuration_names_file_key_and_problem(
