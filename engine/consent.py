@@ -80,21 +80,53 @@ class Suppression:
 NOT_SUPPRESSED = Suppression()
 
 
-def consent_updates(event: Event) -> list[ConsentUpdate]:
+def consent_updates(
+    event: Event, categories: Mapping[str, tuple[str, ...]] | None = None
+) -> list[ConsentUpdate]:
     """The consent statements an event makes (none if it makes none; malformed ones skipped).
 
     A statement this cannot read (an unknown channel or status) is skipped
-    rather than guessed: consent is never inferred.
+    rather than guessed: consent is never inferred. ``categories`` maps Segment
+    consent-manager categories to channels (:func:`category_statements`).
     """
     payload = event.payload
     if event.trusted and event.name == CONSENT_OVERRIDE:
         props = payload.get("properties")
         return _statements({props.get("channel"): props} if isinstance(props, dict) else {})
+    found = category_statements(payload, categories) if categories else []
     if event.type != "identify":
-        return []
+        return found
     traits = payload.get("traits")
     consent = traits.get("consent") if isinstance(traits, dict) else None
-    return _statements(consent) if isinstance(consent, dict) else []
+    return found + (_statements(consent) if isinstance(consent, dict) else [])
+
+
+CONSENT_MANAGER = "consent_manager"
+
+
+def category_statements(
+    payload: Mapping[str, Any], categories: Mapping[str, tuple[str, ...]]
+) -> list[ConsentUpdate]:
+    """Statements from Segment's ``context.consent.categoryPreferences`` (any call).
+
+    A category set to ``true`` grants its mapped channels, ``false`` denies them
+    (source ``consent_manager``: the visitor's own choice, never pre-ticked); a
+    category not in the table, or not a boolean, says nothing. When two categories
+    map one channel, a denial wins.
+    """
+    context = payload.get("context")
+    consent = context.get("consent") if isinstance(context, dict) else None
+    prefs = consent.get("categoryPreferences") if isinstance(consent, dict) else None
+    if not isinstance(prefs, dict):
+        return []
+    status: dict[str, str] = {}
+    for category, chosen in prefs.items():
+        if not isinstance(category, str) or not isinstance(chosen, bool):
+            continue
+        for channel in categories.get(category.lower(), ()):
+            if status.get(channel) != DENIED:
+                status[channel] = GRANTED if chosen else DENIED
+    return [ConsentUpdate(c, v, CONSENT_MANAGER, "consent", False) for c, v in status.items()]
 
 
 def _statements(raw: Mapping[Any, Any]) -> list[ConsentUpdate]:

@@ -33,11 +33,15 @@ RESERVED_EVENTS = frozenset(
     }
 )
 
+# Segment's call types. ``group`` ties the person to a company whose traits (name,
+# employees, industry, website) feed the profile; ``screen`` is a mobile app's ``page``.
+EVENT_TYPES = ("track", "page", "screen", "identify", "alias", "group")
+
 REASONS = (
     "oversized",  # larger than limits.max_event_bytes
     "invalid_json",  # not parseable as JSON (incl. invalid UTF-8)
     "not_an_object",  # JSON, but not an object
-    "unknown_type",  # `type` missing or not track/page/identify/alias
+    "unknown_type",  # `type` missing or not one of EVENT_TYPES
     "missing_message_id",  # `messageId` missing, empty or not a string
     "missing_event_name",  # track without a non-empty `event`
     "bad_field",  # a known field has the wrong type or an invalid value
@@ -178,7 +182,7 @@ def _decode(  # noqa: PLR0912  # one flat list of checks, in the order they appl
     if not isinstance(obj, dict):
         raise _Invalid("not_an_object", f"top-level JSON is {type(obj).__name__}")
     etype = obj.get("type")
-    if etype not in ("track", "page", "identify", "alias"):
+    if etype not in EVENT_TYPES:
         raise _Invalid("unknown_type", f"type={_short(etype)}")
     message_id = obj.get("messageId")
     if not isinstance(message_id, str) or not message_id.strip():
@@ -203,7 +207,7 @@ def _decode(  # noqa: PLR0912  # one flat list of checks, in the order they appl
             raise _Invalid("missing_event_name", f"event={_short(name)}")
         if name in RESERVED_EVENTS and not trusted:
             raise _Invalid("untrusted_source", f"reserved event {name!r} on the events topic")
-    elif etype == "page":
+    elif etype in ("page", "screen"):
         page_name = obj.get("name")
         name = page_name if isinstance(page_name, str) else ""
     return Event(
@@ -212,7 +216,10 @@ def _decode(  # noqa: PLR0912  # one flat list of checks, in the order they appl
         event_ms=_event_time(obj.get("timestamp"), ingested_ms, skew_ms),
         ingested_ms=ingested_ms,
         name=name,
-        path=_page_path(obj) if etype == "page" else "",
+        # A screen (a mobile app's page) scores like a page: its path, else its name.
+        path=(_page_path(obj) or (name if etype == "screen" else ""))
+        if etype in ("page", "screen")
+        else "",
         user_id=user_id,
         anonymous_id=anonymous_id,
         email=email,

@@ -377,7 +377,11 @@ def apply_event(
         outputs.append(transition(p, lifecycle.LEAD, "first_event", event, rules, now_ms))
         p.is_new = False
     changed = _learn(p, event, rules, outputs, now_ms)
-    apply_consent(p.consent, consent_updates(event), event.event_ms)
+    apply_consent(
+        p.consent,
+        consent_updates(event, rules.settings.consent.categories),
+        event.event_ms,
+    )
     _touch(p, event)
 
     duplicate_submission = event.type == "track" and is_duplicate_submission(

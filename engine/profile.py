@@ -22,9 +22,14 @@ Recognised keys:
 ``employees``      company size (``employee_count``, ``company.employee_count``)
 ``country``        ISO 3166 alpha-2 (``address.country`` too)
 ``industry``       free text, compared lower-cased (``company.industry`` too)
+``website``        the company's website: its domain is kept (``company.website`` too)
 ``bant_budget``... BANT answers: true/"yes"/1 (or an object ``bant: {budget: ...}``)
 ``name``           full name (``firstName``/``lastName``), only for cleansing
 =================  ==========================================================
+
+A ``group`` call's ``traits`` describe the person's company (Segment's ``name``,
+``employees``, ``industry``, ``website``), read as ``company.*`` above; its
+``context.traits`` are the person's (:func:`company_traits`).
 
 Newer facts win: a fact from an event older than the profile's last update only
 fills a gap, so replays and late events cannot roll a profile back.
@@ -55,6 +60,7 @@ _TRAIT_KEYS = frozenset(
         "address",
         "country",
         "industry",
+        "website",
         "name",
         "firstName",
         "first_name",
@@ -83,6 +89,7 @@ class Profile:
     company_size: int = 0
     country: str = ""
     industry: str = ""
+    website: str = ""  # the company's domain (a group call's website), for the alert
     bant: list[str] = field(default_factory=list)
 
 
@@ -94,7 +101,9 @@ def lead_summary(profile: Profile) -> dict[str, Any]:
     industry, country and seniority; the CRM link of the queue opens the rest.
     """
     return {
-        "company_domain": profile.email_domain if profile.email_kind == "company" else "",
+        "company_domain": profile.email_domain
+        if profile.email_kind == "company"
+        else profile.website,
         "company_size": profile.company_size or None,
         "industry": profile.industry,
         "country": profile.country,
@@ -111,6 +120,7 @@ FACTS = (
     "company_size",
     "country",
     "industry",
+    "website",
 )
 
 
@@ -126,14 +136,32 @@ class Traits:
     company_size: int = 0
     country: str = ""
     industry: str = ""
+    website: str = ""  # the company's domain, from its website
     bant: tuple[str, ...] = ()
+
+
+def company_traits(group_traits: Any) -> dict[str, Any] | None:
+    """A ``group`` call's traits (they describe the company) in the shape of a person's.
+
+    Segment's group traits: ``name``, ``employees``, ``industry``, ``website``. The
+    person's own traits, if any, come in ``context.traits``.
+    """
+    if not isinstance(group_traits, dict):
+        return None
+    company = {
+        "name": group_traits.get("name"),
+        "employee_count": group_traits.get("employees"),
+        "industry": group_traits.get("industry"),
+    }
+    return {"company": company, "website": group_traits.get("website")}
 
 
 def traits_of(event: Event) -> Traits | None:
     """Read the traits an event carries; None when it carries none (most events)."""
     p = event.payload
     context = p.get("context")
-    candidates = [p.get("traits"), context.get("traits") if isinstance(context, dict) else None]
+    own = company_traits(p.get("traits")) if event.type == "group" else p.get("traits")
+    candidates = [own, context.get("traits") if isinstance(context, dict) else None]
     sources = [s for s in candidates if isinstance(s, dict) and not _TRAIT_KEYS.isdisjoint(s)]
     if not sources:
         return Traits(email=event.email) if event.email else None
@@ -169,6 +197,7 @@ def traits_of(event: Event) -> Traits | None:
         company_size=_count(first("company.employee_count", "employees", "employee_count")),
         country=_text(first("address.country", "country")).upper(),
         industry=_text(first("company.industry", "industry")).lower(),
+        website=website_domain(first("website", "company.website")),
         bant=bant,
     )
 
@@ -195,6 +224,15 @@ def _count(value: Any) -> int:
     if isinstance(value, int | float) and 0 < value <= MAX_EMPLOYEES:
         return int(value)
     return 0
+
+
+def website_domain(value: Any) -> str:
+    """The lower-cased host of a website ("https://www.acme.com/x" -> "acme.com"), or ''."""
+    if not isinstance(value, str) or not value.strip():
+        return ""
+    host = value.strip().lower().split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
+    host = host.removeprefix("www.")
+    return host[:200] if "." in host else ""
 
 
 def email_domain(email: str) -> str:
@@ -241,6 +279,7 @@ def merge_traits(
         "company_size": traits.company_size or None,
         "country": traits.country or None,
         "industry": traits.industry or None,
+        "website": traits.website or None,
     }
     changed = False
     for name, value in facts.items():

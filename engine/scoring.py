@@ -96,7 +96,7 @@ class ScoringModel:
         """The rules that award points for ``event``."""
         if event.type == "track":
             candidates = self._track.get(event.name, [])
-        elif event.type == "page":
+        elif event.type in ("page", "screen"):
             candidates = self._page_rules(event.path)
         else:
             return []

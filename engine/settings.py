@@ -42,7 +42,6 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 CONFIG_FILES = ("engine.toml", "scoring.toml", "routing.toml", "roster.toml")
-EVENT_TYPES = ("track", "page", "identify", "alias")
 MASK = "***"
 # librdkafka option names that carry secrets; their values are never printed.
 _SECRET_OPTION = re.compile(r"password|secret|sasl\.oauthbearer\.config|ssl\.key\.pem", re.I)
@@ -171,6 +170,10 @@ class ConsentSettings:
         ConsentPolicy("pipl", ("CN",), CHANNELS),
     )
     default: ConsentPolicy = ConsentPolicy("default", (), ("sms", "push"))
+    # Segment consent-manager categories (context.consent.categoryPreferences, lower-cased)
+    # -> the channels a true grants and a false denies. None by default: consent is never
+    # guessed from a category nobody mapped.
+    categories: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def policy_for(self, country: str) -> ConsentPolicy:
         """The policy of an ISO 3166 alpha-2 country ('' or unknown: the default)."""
@@ -823,10 +826,16 @@ def _consent(t: _Table) -> ConsentSettings:
             claimed[c] = name
         policies.append(ConsentPolicy(name, countries, channels(pt, "opt_in", CHANNELS)))
         pt.done()
+    categories_t = t.table("categories")
+    categories = {
+        name.lower(): channels(categories_t, name, ()) for name in categories_t.data
+    }
+    categories_t.done()
     d = ConsentSettings()
     s = ConsentSettings(
         policies=tuple(policies) if "policies" in t.data else d.policies,
         default=ConsentPolicy("default", (), channels(t, "default_opt_in", d.default.opt_in)),
+        categories=categories,
     )
     t.done()
     return s

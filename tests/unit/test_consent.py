@@ -183,3 +183,24 @@ def test_a_flood_from_one_cookie_is_capped_and_disqualified() -> None:
     later = Event("track", "d", NOW_MS, NOW_MS + 60_000, name="Demo Requested", anonymous_id="bot")
     assert apply_event(p, later, RULES, NOW_MS)[1] is None
     assert current_scores(p, RULES)[""] == 10 + 30 + 50  # one page view each, capped, and the demo
+
+
+def test_segment_consent_categories_map_to_channels_and_unmapped_ones_say_nothing() -> None:
+    def page(prefs: dict[str, Any]) -> Event:
+        return Event(
+            type="page",
+            message_id="p",
+            event_ms=1,
+            ingested_ms=1,
+            anonymous_id="a",
+            payload={"context": {"consent": {"categoryPreferences": prefs}}},
+        )
+
+    table = {"marketing": ("email", "sms"), "advertising": ("sms",)}
+    updates = consent_updates(page({"Marketing": True, "Advertising": False, "C0004": True}), table)
+    assert {(u.channel, u.status, u.source, u.pre_ticked) for u in updates} == {
+        ("email", "granted", "consent_manager", False),
+        ("sms", "denied", "consent_manager", False),  # a denial wins over a grant
+    }
+    assert consent_updates(page({"Marketing": True})) == []  # no table: never guessed
+    assert consent_updates(page({"Marketing": "yes"}), table) == []  # not a boolean

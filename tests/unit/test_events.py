@@ -88,7 +88,7 @@ def test_reserved_events_are_accepted_from_the_feedback_topic() -> None:
         (b"[1,2]", "not_an_object"),
         (b'"text"', "not_an_object"),
         ({"messageId": "m", "anonymousId": "a"}, "unknown_type"),
-        ({"type": "screen", "messageId": "m", "anonymousId": "a"}, "unknown_type"),
+        ({"type": "video", "messageId": "m", "anonymousId": "a"}, "unknown_type"),
         ({"type": "track", "event": "x", "anonymousId": "a"}, "missing_message_id"),
         (
             {"type": "track", "event": "x", "messageId": "  ", "anonymousId": "a"},
@@ -135,3 +135,34 @@ def test_events_and_rejections_survive_pickling_between_processes() -> None:
     rejection = decode(b"{not json")
     for item in (event, rejection, ORIGIN):
         assert pickle.loads(pickle.dumps(item)) == item
+
+
+def test_a_screen_is_a_page_of_an_app_and_a_group_names_the_company() -> None:
+    screen = decode(
+        orjson.dumps({"type": "screen", "messageId": "s", "anonymousId": "a", "name": "Pricing"})
+    )
+    assert isinstance(screen, Event) and (screen.type, screen.path) == ("screen", "Pricing")
+    with_path = decode(
+        orjson.dumps(
+            {
+                "type": "screen",
+                "messageId": "s",
+                "anonymousId": "a",
+                "name": "Pricing",
+                "properties": {"path": "/pricing"},
+            }
+        )
+    )
+    assert isinstance(with_path, Event) and with_path.path == "/pricing"
+    group = decode(
+        orjson.dumps(
+            {
+                "type": "group",
+                "messageId": "g",
+                "userId": "u1",
+                "groupId": "acme",
+                "traits": {"name": "Acme"},
+            }
+        )
+    )
+    assert isinstance(group, Event) and group.type == "group"

@@ -395,3 +395,37 @@ def test_duplicate_submission_hours_0_never_calls_a_submission_a_duplicate() -> 
         apply_event(p, event(f"m{n}", "Whitepaper Downloaded", title="Same"), never, NOW_MS)
     assert current_scores(p, never)[""] == pytest.approx(30.0)  # both scored
     assert p.submissions == []
+
+
+def test_a_group_call_gives_the_profile_its_company_and_a_screen_scores_like_a_page() -> None:
+    from engine.profile import lead_summary
+
+    p = PersonState("p1", is_new=True)
+    group = event(
+        "g",
+        type_="group",
+        traits={
+            "name": "Acme",
+            "employees": "250",
+            "industry": "Software",
+            "website": "https://www.acme.example/about",
+        },
+    )
+    apply_event(p, group, RULES, NOW_MS)
+    assert (p.profile.company_name, p.profile.company_size, p.profile.industry) == (
+        True,
+        250,
+        "software",
+    )
+    assert p.profile.title_level == ""  # the company's "name" is not the person's
+    assert lead_summary(p.profile)["company_domain"] == "acme.example"
+    fit_before = RULES.fit.score(PersonState("x").profile)[0]
+    assert RULES.fit.score(p.profile)[0] > fit_before
+
+    screen = replace(event("s1", "Pricing", type_="screen"), path="/pricing")
+    page = replace(event("p1", type_="page"), path="/pricing")
+    assert (
+        [r.name for r in RULES.scoring.matching_rules(screen)]
+        == [r.name for r in RULES.scoring.matching_rules(page)]
+        != []
+    )
