@@ -15,10 +15,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[local,dev]'
 	touch $(STAMP)
 
+# The example page's analytics.js (@segment/analytics-next, pinned in examples/package-lock.json),
+# which the browser test loads in headless Chromium.
+EXAMPLES := examples/node_modules/.installed
+$(EXAMPLES): examples/package.json examples/package-lock.json
+	cd examples && npm ci --no-audit --no-fund --loglevel=error
+	touch $(EXAMPLES)
+
 demo: $(STAMP)  ## broker + Redis + engine + synthetic stream, live alerts and a summary
 	$(BIN)/leadflow demo
 
-test: lint typecheck $(STAMP)  ## ruff, mypy, then every test except slow ones
+test: lint typecheck $(STAMP) $(EXAMPLES)  ## ruff, mypy, then every test except slow ones
 	$(BIN)/pytest
 
 lint: $(STAMP)

@@ -170,15 +170,34 @@ def decode_event(
         return Rejection(e.reason, e.detail, data, origin)
 
 
-def _decode(  # noqa: PLR0912  # one flat list of checks, in the order they apply
-    raw: bytes, ingested_ms: int, trusted: bool, max_bytes: int, skew_ms: int
-) -> Event:
+def event_problem(
+    obj: Any, *, ingested_ms: int, trusted: bool, max_future_skew_ms: int
+) -> tuple[str, str] | None:
+    """Why an already parsed event would be rejected, as ``(reason, detail)``; None if valid.
+
+    What the HTTP collector asks before it produces an event, so that a client hears
+    at once what the engine would send to the DLQ (size is the caller's to check).
+    """
+    try:
+        _check(obj, ingested_ms, trusted, max_future_skew_ms)
+    except _Invalid as e:
+        return e.reason, e.detail
+    return None
+
+
+def _decode(raw: bytes, ingested_ms: int, trusted: bool, max_bytes: int, skew_ms: int) -> Event:
     if len(raw) > max_bytes:
         raise _Invalid("oversized", f"{len(raw)} bytes > limit {max_bytes}")
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
         raise _Invalid("invalid_json", str(e)[:200]) from None
+    return _check(obj, ingested_ms, trusted, skew_ms)
+
+
+def _check(  # one flat list of checks, in the order they apply
+    obj: Any, ingested_ms: int, trusted: bool, skew_ms: int
+) -> Event:
     if not isinstance(obj, dict):
         raise _Invalid("not_an_object", f"top-level JSON is {type(obj).__name__}")
     etype = obj.get("type")

@@ -20,6 +20,7 @@ Environment overrides (applied after the files):
 * ``LEADFLOW_HEALTH_PORT`` -> ``metrics.health_port``
 * ``LEADFLOW_ALERTS_METRICS_PORT`` -> ``metrics.alerts_port``
 * ``LEADFLOW_API_PORT`` / ``LEADFLOW_API_LISTEN`` -> ``api.port`` / ``api.listen``
+* ``LEADFLOW_COLLECTOR_PORT`` / ``LEADFLOW_COLLECTOR_LISTEN`` -> ``collector.port`` / ``.listen``
 
 Any ``LEADFLOW_*`` variable (these, and webhook secrets such as
 ``LEADFLOW_WEBHOOK_SECRET``) may instead name a file holding the value:
@@ -415,6 +416,33 @@ class ApiSettings:
 
 
 @dataclass(frozen=True)
+class WriteKey:
+    """A source's write key for ``leadflow collect``: configured as a digest only."""
+
+    name: str  # the source ("website", "crm-sync"); stamped on its events
+    digest: str  # "sha256:<hex>" of the key (``leadflow collect key`` makes both)
+    topic: str = "events"  # "events" (untrusted: browsers) or "feedback" (trusted servers)
+    # Events per second the key may send (a token bucket of one second's worth): 429 beyond.
+    rate_per_s: float = 1000.0
+
+
+@dataclass(frozen=True)
+class CollectorSettings:
+    """``leadflow collect``: Segment's HTTP Tracking API."""
+
+    port: int = 8080  # 0: off
+    listen: str = "0.0.0.0"
+    keys: tuple[WriteKey, ...] = ()
+    # Record the client's address as context.ip when the event has none (Segment does).
+    record_ip: bool = True
+    # Browser origins allowed to post (CORS); ["*"] for any site.
+    cors_origins: tuple[str, ...] = ("*",)
+    max_batch_bytes: int = 512_000  # a batch body, after gunzip (an event: limits.max_event_bytes)
+    # Trust X-Forwarded-For from a proxy in front (its first address is the client's).
+    trust_forwarded_for: bool = False
+
+
+@dataclass(frozen=True)
 class RoutingRule:
     """Leads matching every non-empty condition go to ``queue``; the first rule matching wins."""
 
@@ -510,6 +538,7 @@ class Settings:
     consent: ConsentSettings = field(default_factory=ConsentSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
+    collector: CollectorSettings = field(default_factory=CollectorSettings)
     config_dir: str = str(DEFAULT_CONFIG_DIR)
 
 
@@ -651,6 +680,7 @@ def load_settings(
         consent=_consent(engine.table("consent")),
         alerts=_alerts(engine.table("alerts")),
         api=_api(engine.table("api"), env),
+        collector=_collector(engine.table("collector"), env),
         config_dir=str(directory),
     )
     for t in (engine, scoring, routing, roster):
@@ -1190,11 +1220,7 @@ def _api(t: _Table, env: Mapping[str, str]) -> ApiSettings:
         for scope in scopes:
             if scope not in API_SCOPES:
                 raise k.error("scopes", f"unknown scope {scope!r}; expected some of {API_SCOPES}")
-        digest = k.text("digest", "")
-        if not _DIGEST.match(digest):
-            raise k.error(
-                "digest", "expected sha256:<64 hex digits> (make one with `leadflow api key`)"
-            )
+        digest = _digest(k, "leadflow api key")
         keys.append(ApiKey(k.text("name", "", pattern=_NAME), digest, frozenset(scopes)))
         k.done()
     if len({k.digest for k in keys}) != len(keys):
@@ -1204,6 +1230,49 @@ def _api(t: _Table, env: Mapping[str, str]) -> ApiSettings:
         port=_port(t, "port", 8088, "LEADFLOW_API_PORT", env),
         listen=env.get("LEADFLOW_API_LISTEN") or t.text("listen", "0.0.0.0"),
         keys=tuple(keys),
+    )
+    t.done()
+    return s
+
+
+def _digest(t: _Table, maker: str) -> str:
+    digest = t.text("digest", "")
+    if not _DIGEST.match(digest):
+        raise t.error("digest", f"expected sha256:<64 hex digits> (make one with `{maker}`)")
+    return digest
+
+
+def _collector(t: _Table, env: Mapping[str, str]) -> CollectorSettings:
+    keys = []
+    for k in t.tables("keys"):
+        key = WriteKey(
+            name=k.text("name", "", pattern=_NAME),
+            digest=_digest(k, "leadflow collect key"),
+            topic=k.text("topic", "events"),
+            rate_per_s=k.number("rate_per_s", 1000.0, positive=True),
+        )
+        if key.topic not in ("events", "feedback"):
+            raise k.error("topic", f"expected 'events' or 'feedback', got {key.topic!r}")
+        if key.topic == "feedback" and not k.flag("trusted", False):
+            raise k.error(
+                "trusted",
+                "a key writing to the feedback topic must say trusted = true (a server-side"
+                " source: never give it to a browser)",
+            )
+        k.used.add("trusted")
+        keys.append(key)
+        k.done()
+    if len({k.digest for k in keys}) != len(keys):
+        raise t.error("keys", "two keys have the same digest")
+    t.used.add("listen")
+    s = CollectorSettings(
+        port=_port(t, "port", 8080, "LEADFLOW_COLLECTOR_PORT", env),
+        listen=env.get("LEADFLOW_COLLECTOR_LISTEN") or t.text("listen", "0.0.0.0"),
+        keys=tuple(keys),
+        record_ip=t.flag("record_ip", True),
+        cors_origins=tuple(t.strings("cors_origins") if "cors_origins" in t.data else ["*"]),
+        max_batch_bytes=t.integer("max_batch_bytes", 512_000, min=1024),
+        trust_forwarded_for=t.flag("trust_forwarded_for", False),
     )
     t.done()
     return s

@@ -1,8 +1,8 @@
-"""``leadflow api``: SDR tools talk back and look leads up over HTTP.
+"""The HTTP API: SDR tools talk back and look leads up over HTTP.
 
-A Starlette app served by uvicorn (its own process; the HTTP collector will join
-it). Every route but ``/openapi.json`` and ``/metrics`` needs an API key, sent as
-``Authorization: Bearer <key>``. Keys are configured as digests only
+Served by ``leadflow api`` on its own, and by ``leadflow collect`` beside the
+collector (leadflow.web). Every route but ``/openapi.json`` and ``/metrics`` needs
+an API key, sent as ``Authorization: Bearer <key>``. Keys are configured as digests only
 (``[[api.keys]]`` in ``engine.toml``: name, ``sha256:<hex>`` digest, scopes), so the
 configuration holds nothing an attacker could replay; ``leadflow api key`` makes a
 key and prints its table. Scopes:
@@ -25,50 +25,23 @@ Errors are JSON ``{"error": <code>, "reason": <text>}``. Requests are counted in
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import logging
-import secrets
-import signal
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
 import orjson
-import uvicorn
-from confluent_kafka import KafkaError, Message, Producer
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from dataflows.kafka_io import client_options
-from dataflows.metrics import metrics
 from engine.events import RESERVED_EVENTS, Origin, Rejection, decode_event
 from engine.settings import ApiKey, Settings
+from leadflow.acked_producer import AckedProducer, BrokerUnavailable
+from leadflow.endpoints import RETRY_AFTER_S, ApiError, counted, key_digest
 from leadflow.inspect import inspect_person
 from leadflow.roster import show_roster
-
-log = logging.getLogger(__name__)
-
-ACK_TIMEOUT_S = 10.0  # a feedback POST waits this long for the broker, then 503
-RETRY_AFTER_S = 5
-
-
-def key_digest(key: str) -> str:
-    """The configured form of an API key: ``sha256:<hex>`` (keys are random: no salt needed)."""
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
-
-
-def new_key() -> str:
-    """A fresh API key: 256 random bits."""
-    return "lf_" + secrets.token_urlsafe(32)
 
 
 def key_table(name: str, key: str, scopes: list[str]) -> str:
@@ -77,82 +50,13 @@ def key_table(name: str, key: str, scopes: list[str]) -> str:
     return f'[[api.keys]]\nname = "{name}"\ndigest = "{key_digest(key)}"\nscopes = [{listed}]\n'
 
 
-class ApiError(Exception):
-    """An error answered as JSON."""
-
-    def __init__(self, status: int, error: str, reason: str, headers: dict[str, str] | None = None):
-        super().__init__(reason)
-        self.status, self.error, self.reason, self.headers = status, error, reason, headers
-
-
-def _error(status: int, error: str, reason: str, headers: dict[str, str] | None = None) -> Response:
-    return JSONResponse({"error": error, "reason": reason}, status, headers=headers)
-
-
-class FeedbackProducer:
-    """A producer whose acknowledgements resolve asyncio futures (polled on its own thread)."""
-
-    def __init__(self, settings: Settings):
-        self.producer = Producer(
-            {
-                **client_options(settings),
-                "enable.idempotence": True,  # acks=all, no duplicates on its own retries
-                "message.timeout.ms": int(ACK_TIMEOUT_S * 1000),
-                "linger.ms": 1,
-            }
-        )
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._poll, name="api-producer", daemon=True)
-        self.thread.start()
-
-    def _poll(self) -> None:
-        while not self.stopping.is_set():
-            self.producer.poll(0.05)
-
-    async def send(self, topic: str, key: bytes | None, value: bytes) -> None:
-        """Produce and wait for the broker's acknowledgement; raise ApiError 503 if none."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[KafkaError | None] = loop.create_future()
-
-        def settle(error: KafkaError | None) -> None:
-            if not done.done():
-                done.set_result(error)
-
-        def acknowledged(error: KafkaError | None, _msg: Message) -> None:
-            loop.call_soon_threadsafe(settle, error)
-
-        try:
-            self.producer.produce(topic, value, key, on_delivery=acknowledged)
-        except BufferError:
-            raise ApiError(503, "unavailable", "the broker is not keeping up", _retry()) from None
-        try:
-            error = await asyncio.wait_for(done, ACK_TIMEOUT_S + 5)
-        except TimeoutError:
-            error = KafkaError(KafkaError._MSG_TIMED_OUT)
-        if error is not None:
-            log.warning("feedback not acknowledged by the broker: %s", error)
-            raise ApiError(
-                503, "unavailable", f"the broker did not acknowledge it: {error}", _retry()
-            )
-
-    def close(self) -> None:
-        """Flush what is in flight and stop polling."""
-        self.producer.flush(ACK_TIMEOUT_S)
-        self.stopping.set()
-        self.thread.join()
-
-
-def _retry() -> dict[str, str]:
-    return {"Retry-After": str(RETRY_AFTER_S)}
-
-
 class LeadflowApi:
     """The routes, bound to the settings and a producer."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, producer: Callable[[], AckedProducer]):
         self.settings = settings
         self.keys: dict[str, ApiKey] = {k.digest: k for k in settings.api.keys}
-        self.producer: FeedbackProducer | None = None
+        self.producer = producer
 
     def authorise(self, request: Request, scope: str) -> ApiKey:
         """The key of ``request``, which must hold ``scope``; else ApiError 401/403."""
@@ -207,8 +111,11 @@ class LeadflowApi:
         if isinstance(decoded, Rejection):
             raise ApiError(400, decoded.reason, decoded.detail)
         person = decoded.user_id or decoded.anonymous_id or decoded.email
-        assert self.producer is not None, "started with the app"
-        await self.producer.send(self.settings.topics.feedback, person.encode() or None, raw)
+        record = (self.settings.topics.feedback, person.encode() or None, raw)
+        try:
+            await self.producer().send([record])
+        except BrokerUnavailable as e:
+            raise ApiError(503, "unavailable", str(e), RETRY_AFTER_S) from None
         return JSONResponse(
             {"accepted": True, "messageId": decoded.message_id, "actor": properties["actor"]}, 202
         )
@@ -254,78 +161,17 @@ def _without_pii(person: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-Endpoint = Callable[[Request], Awaitable[Response]]
-
-
-def _counted(route: str, endpoint: Endpoint) -> Endpoint:
-    """``endpoint`` answering ApiError as JSON, counted by route and status."""
-
-    async def handle(request: Request) -> Response:
-        try:
-            response = await endpoint(request)
-        except ApiError as e:
-            response = _error(e.status, e.error, e.reason, e.headers)
-        except Exception:
-            log.exception("API %s failed", route)
-            response = _error(500, "internal", "an internal error; see the API's log")
-        metrics().api_requests.labels(route, str(response.status_code)).inc()
-        return response
-
-    return handle
-
-
-async def _http_error(_request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    metrics().api_requests.labels("unknown", str(exc.status_code)).inc()
-    return _error(exc.status_code, "not_found" if exc.status_code == 404 else "http", exc.detail)
-
-
-async def _scrape(_request: Request) -> Response:
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
-
-
-def create_app(settings: Settings) -> Starlette:
-    """The API as an ASGI app (its producer starts and stops with the app)."""
-    api = LeadflowApi(settings)
-    routes = [
-        Route("/v1/feedback", _counted("/v1/feedback", api.feedback), methods=["POST"]),
+def api_routes(settings: Settings, producer: Callable[[], AckedProducer]) -> list[Route]:
+    """The API's routes (errors as JSON, counted)."""
+    api = LeadflowApi(settings, producer)
+    return [
+        Route("/v1/feedback", counted("/v1/feedback", api.feedback), methods=["POST"]),
         Route(
-            "/v1/leads/{identifier}", _counted("/v1/leads/{identifier}", api.lead), methods=["GET"]
+            "/v1/leads/{identifier}", counted("/v1/leads/{identifier}", api.lead), methods=["GET"]
         ),
-        Route("/v1/queues/{queue}", _counted("/v1/queues/{queue}", api.queue), methods=["GET"]),
-        Route("/openapi.json", _counted("/openapi.json", api.openapi), methods=["GET"]),
-        Route("/metrics", _scrape, methods=["GET"]),
+        Route("/v1/queues/{queue}", counted("/v1/queues/{queue}", api.queue), methods=["GET"]),
+        Route("/openapi.json", counted("/openapi.json", api.openapi), methods=["GET"]),
     ]
-
-    @asynccontextmanager
-    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        api.producer = FeedbackProducer(settings)
-        try:
-            yield
-        finally:
-            api.producer.close()
-
-    return Starlette(
-        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error}
-    )
-
-
-def serve_api(settings: Settings) -> None:
-    """Serve the API on ``api.listen:api.port`` until SIGTERM or Ctrl-C."""
-    if not settings.api.keys:
-        log.warning("no [[api.keys]] configured: every request but /openapi.json will be refused")
-    log.info("HTTP API on http://%s:%d (/openapi.json)", settings.api.listen, settings.api.port)
-    # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again for the
-    # handler it found; a no-op one lets the command exit 0 like the other commands.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda _sig, _frame: None)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.api.listen,
-        port=settings.api.port,
-        log_level="warning",
-        access_log=False,
-    )
 
 
 _ERROR = {

@@ -8,6 +8,7 @@ Commands:
     config show     print the effective configuration, secrets masked
     config check    validate the configuration and exit 0 or 2
     alerts          POST decisions to the queues' webhooks; ``alerts redrive`` re-sends parked ones
+    collect         Segment's HTTP Tracking API and the HTTP API; ``collect key`` makes a write key
     api             the HTTP API: feedback, lead and queue look-ups; ``api key`` makes a key
 """
 
@@ -63,6 +64,23 @@ def _alerts_and_api_parsers(sub: Any) -> None:
         default=10.0,
         metavar="S",
         help="retry each alert for at most S seconds (default 10)",
+    )
+
+    collect = sub.add_parser(
+        "collect", help="Segment's HTTP Tracking API (trackers post here) and the HTTP API"
+    )
+    write_key = collect.add_subparsers(dest="collect_command").add_parser(
+        "key", help="make a write key: prints it once, and the [[collector.keys]] table"
+    )
+    write_key.add_argument("--name", required=True, help="the source (website, crm-sync...)")
+    write_key.add_argument(
+        "--topic",
+        choices=["events", "feedback"],
+        default="events",
+        help="events (browsers, untrusted; default) or feedback (a trusted server-side tool)",
+    )
+    write_key.add_argument(
+        "--rate", type=float, default=1000.0, help="events per second allowed (default 1000)"
     )
 
     api = sub.add_parser(
@@ -233,6 +251,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "inspect": _inspect,
         "alerts": _alerts,
         "api": _api,
+        "collect": _collect,
         "lists": _lists,
     }
     if args.command in handlers:
@@ -291,8 +310,30 @@ def _alerts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _collect(args: argparse.Namespace) -> int:
+    from leadflow.collector import write_key_table
+    from leadflow.endpoints import new_key
+    from leadflow.web import serve
+
+    if args.collect_command == "key":
+        key = new_key()
+        print(f"write key for {args.name} (shown once; put it in the tracker's settings):\n")
+        print(f"  {key}\n")
+        print("Add to engine.toml, then restart `leadflow collect`:\n")
+        print(write_key_table(args.name, key, args.topic, args.rate))
+        return 0
+    settings = _settings(args)
+    if not settings.collector.port:
+        print("error: collector.port is 0 (the collector is off)", file=sys.stderr)
+        return EXIT_CONFIG
+    serve(settings, collector=True)
+    return 0
+
+
 def _api(args: argparse.Namespace) -> int:
-    from leadflow.api import key_table, new_key, serve_api
+    from leadflow.api import key_table
+    from leadflow.endpoints import new_key
+    from leadflow.web import serve
 
     if args.api_command == "key":
         scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
@@ -311,7 +352,7 @@ def _api(args: argparse.Namespace) -> int:
     if not settings.api.port:
         print("error: api.port is 0 (the API is off)", file=sys.stderr)
         return EXIT_CONFIG
-    serve_api(settings)
+    serve(settings)
     return 0
 
 

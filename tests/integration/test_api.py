@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +11,13 @@ import orjson
 import pytest
 from openapi_spec_validator import validate
 
-from engine.settings import DEFAULT_CONFIG_DIR, Settings
-from leadflow.api import OPENAPI, create_app, key_table, new_key
-from leadflow.servers import LocalBroker, LocalRedis, free_port, stop_process
+from engine.settings import Settings
+from leadflow.api import OPENAPI, key_table
+from leadflow.endpoints import new_key
+from leadflow.servers import LocalBroker, LocalRedis
+from leadflow.web import create_app
 from tests.integration.flow import hot_lead, run_flow, send
+from tests.integration.http_rig import http_server
 from tests.integration.test_alerts import read_topic
 
 KEYS = {"reader": ["read"], "pii": ["read", "read_pii"], "tool": ["feedback"]}
@@ -30,8 +27,6 @@ KEYS = {"reader": ["read"], "pii": ["read", "read_pii"], "tool": ["feedback"]}
 class Api:
     url: str
     keys: dict[str, str]  # holder -> key
-    proc: subprocess.Popen[bytes]
-    log: Path
 
     def get(self, path: str, holder: str | None = None) -> httpx.Response:
         return httpx.get(self.url + path, headers=self.auth(holder), timeout=30)
@@ -48,43 +43,10 @@ class Api:
 def api(
     settings: Settings, broker: LocalBroker, redis_server: LocalRedis, tmp_path: Path
 ) -> Iterator[Api]:
-    config = tmp_path / "config"
-    shutil.copytree(DEFAULT_CONFIG_DIR, config)
     keys = {holder: new_key() for holder in KEYS}
-    with (config / "engine.toml").open("a") as f:
-        for holder, scopes in KEYS.items():
-            f.write("\n" + key_table(holder, keys[holder], scopes))
-    port = free_port()
-    log = tmp_path / "api.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "leadflow.cli", "api"],
-            env={
-                **os.environ,
-                "LEADFLOW_CONFIG_DIR": str(config),
-                "LEADFLOW_KAFKA_BOOTSTRAP": broker.bootstrap,
-                "LEADFLOW_REDIS_URL": redis_server.url,
-                "LEADFLOW_API_PORT": str(port),
-                "LEADFLOW_API_LISTEN": "127.0.0.1",
-            },
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            httpx.get(url + "/openapi.json", timeout=1)
-            break
-        except httpx.TransportError:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-    yield Api(url, keys, proc, log)
-    proc.send_signal(signal.SIGTERM)
-    try:
-        assert proc.wait(20) == 0, log.read_text()
-    finally:
-        stop_process(proc, sig=signal.SIGKILL)
+    tables = [key_table(holder, keys[holder], scopes) for holder, scopes in KEYS.items()]
+    with http_server("api", tmp_path, broker.bootstrap, redis_server, tables) as server:
+        yield Api(server.url, keys)
 
 
 def test_the_openapi_document_is_valid_and_lists_every_route(api: Api, settings: Settings) -> None:
