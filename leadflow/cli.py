@@ -3,6 +3,7 @@
 Commands:
     run             the production entry point (external Kafka and Redis from config/env)
     demo            everything local: broker, Redis, engine, a synthetic stream, live alerts
+    up              everything local until Ctrl-C, with the collector: try a real tracker
     topics create   create the topics with a chosen partition count
     inspect ID      everything known about the person owning an identifier
     config show     print the effective configuration, secrets masked
@@ -65,6 +66,12 @@ def _alerts_and_api_parsers(sub: Any) -> None:
         metavar="S",
         help="retry each alert for at most S seconds (default 10)",
     )
+
+    up = sub.add_parser(
+        "up", help="everything local until Ctrl-C: broker, Redis, engine, collector, alerts"
+    )
+    up.add_argument("--home", default="var/up", help="where its data lives (default var/up)")
+    up.add_argument("--port", type=int, default=8080, help="the collector's port (default 8080)")
 
     collect = sub.add_parser(
         "collect", help="Segment's HTTP Tracking API (trackers post here) and the HTTP API"
@@ -263,6 +270,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         created = create_topics(settings, args.partitions, args.replication)
         print(f"created: {', '.join(created) or 'nothing (all topics exist)'}")
         return 0
+    if args.command == "up":
+        from pathlib import Path
+
+        from leadflow.up import UpOptions, run_up
+
+        return run_up(UpOptions(Path(args.home), args.config_dir, args.port))
     if args.command == "demo":
         from leadflow.demo import DemoOptions, run_demo
 
