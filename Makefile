@@ -52,7 +52,8 @@ $(QUIX_STAMP):
 	.venv-quix/bin/python -m pip install --quiet quixstreams==3.28.1 numpy==2.4.6 orjson==3.13.0
 	touch $(QUIX_STAMP)
 
-bench: $(STAMP) $(QUIX_STAMP)  ## the benchmark suite: limits, throughput, memory, peers, latency
+bench: $(STAMP) $(QUIX_STAMP)  ## the benchmark suite: limits, throughput, memory, peers, latency, collector
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m benchmarks.suite
 
 soak: $(STAMP)  ## 30 minutes at a steady rate; engine RSS and Redis memory sampled (MINUTES=N to shorten)

@@ -14,7 +14,9 @@ merges, three queues):
    same domain functions;
 5. latency, event produced -> record consumed by a separate probe process, at a
    fixed offered load, for the engine, a pass-through Bytewax flow and a direct
-   producer -> consumer hop.
+   producer -> consumer hop;
+6. the HTTP collector (:mod:`benchmarks.collector`): events/s in batch mode and the
+   acknowledgement latency at 1,000 requests/s.
 
 Usage: ``python -m benchmarks.suite [--people N] [--events N] [--out FILE]``.
 """
@@ -41,6 +43,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from benchmarks import collector as collector_bench
 from benchmarks import workload
 from engine.identity import identifiers_of
 from engine.person import PersonState, Rulebook, apply_event, decode_state, encode_state
@@ -433,6 +436,22 @@ def table(results: dict[str, Any]) -> str:
                 f"{quix:,.0f} events/s (Leadflow: {best / quix:.2f}x)",
             )
         )
+    col = results["collector"]
+    single = col["single_at_1000"]
+    rows.append(
+        (
+            "collector, batch mode (1 process)",
+            f"{col['events_per_s']:,.0f} events/s (librdkafka produce in this run: "
+            f"{lim['kafka_produce_per_s']:,.0f} /s)",
+        )
+    )
+    rows.append(
+        (
+            "collector ack @ 1,000 requests/s",
+            f"p50 {single['p50_ms']:.1f} / p99 {single['p99_ms']:.1f} / "
+            f"max {single['max_ms']:.1f} ms",
+        )
+    )
     rows.append(("Redis per person (after the run)", f"{mem['per_person_run']:,.0f} B"))
     rows.append(("Redis per person at 1,000,000", f"{mem['per_person_1m']:,.0f} B"))
     for key, figures in lat.items():
@@ -549,6 +568,8 @@ def main() -> None:
         results["loop_peer_events_per_s"] = loop_peer(
             settings, settings.topics.events, args.peer_events
         )
+        log("collector: batch throughput and acknowledgement latency at 1,000 requests/s")
+        results["collector"] = collector_bench.collector(broker.bootstrap, server.url)
         results["latency"] = measure_latency(
             {"bootstrap": broker.bootstrap, "env": env, "config_for": config_factory(config)},
             messages,

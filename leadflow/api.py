@@ -25,21 +25,19 @@ Errors are JSON ``{"error": <code>, "reason": <text>}``. Requests are counted in
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 import orjson
-from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from aiohttp import web
 
 from engine.events import RESERVED_EVENTS, Origin, Rejection, decode_event
 from engine.settings import ApiKey, Settings
 from leadflow.acked_producer import AckedProducer, BrokerUnavailable
-from leadflow.endpoints import RETRY_AFTER_S, ApiError, counted, key_digest
+from leadflow.endpoints import RETRY_AFTER_S, ApiError, counted, json_response, key_digest
 from leadflow.inspect import inspect_person
 from leadflow.roster import show_roster
 
@@ -58,7 +56,7 @@ class LeadflowApi:
         self.keys: dict[str, ApiKey] = {k.digest: k for k in settings.api.keys}
         self.producer = producer
 
-    def authorise(self, request: Request, scope: str) -> ApiKey:
+    def authorise(self, request: web.Request, scope: str) -> ApiKey:
         """The key of ``request``, which must hold ``scope``; else ApiError 401/403."""
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
@@ -71,11 +69,11 @@ class LeadflowApi:
             raise ApiError(403, "forbidden", f"key {key.name!r} lacks the {scope!r} scope")
         return key
 
-    async def feedback(self, request: Request) -> Response:
+    async def feedback(self, request: web.Request) -> web.Response:
         """POST /v1/feedback: a trusted feedback event, acknowledged once the broker has it."""
         key = self.authorise(request, "feedback")
         limits = self.settings.limits
-        body = await request.body()
+        body = await request.read()
         if len(body) > limits.max_event_bytes:
             raise ApiError(413, "oversized", f"larger than {limits.max_event_bytes} bytes")
         try:
@@ -116,37 +114,37 @@ class LeadflowApi:
             await self.producer().send([record])
         except BrokerUnavailable as e:
             raise ApiError(503, "unavailable", str(e), RETRY_AFTER_S) from None
-        return JSONResponse(
+        return json_response(
             {"accepted": True, "messageId": decoded.message_id, "actor": properties["actor"]}, 202
         )
 
-    async def lead(self, request: Request) -> Response:
+    async def lead(self, request: web.Request) -> web.Response:
         """GET /v1/leads/{identifier}: what ``leadflow inspect`` shows, PII with read_pii."""
         key = self.authorise(request, "read")
-        identifier = request.path_params["identifier"]
-        found = await run_in_threadpool(
+        identifier = request.match_info["identifier"]
+        found = await asyncio.to_thread(
             inspect_person, self.settings, identifier, int(time.time() * 1000)
         )
         if found is None:
             raise ApiError(404, "not_found", "no person holds this identifier")
         if "read_pii" not in key.scopes:
             found = _without_pii(found)
-        return JSONResponse(found)
+        return json_response(found)
 
-    async def queue(self, request: Request) -> Response:
+    async def queue(self, request: web.Request) -> web.Response:
         """GET /v1/queues/{queue}: the queue's SDRs, their availability and load."""
         self.authorise(request, "read")
-        name = request.path_params["queue"]
+        name = request.match_info["queue"]
         if name not in {q.name for q in self.settings.routing.queues}:
             raise ApiError(404, "not_found", f"no queue {name!r}")
-        roster = await run_in_threadpool(show_roster, self.settings)
-        return JSONResponse(
+        roster = await asyncio.to_thread(show_roster, self.settings)
+        return json_response(
             {"queue": name, "source": roster["source"], "sdrs": roster["queues"][name]}
         )
 
-    async def openapi(self, _request: Request) -> Response:
+    async def openapi(self, _request: web.Request) -> web.Response:
         """GET /openapi.json: this API, described."""
-        return JSONResponse(OPENAPI)
+        return json_response(OPENAPI)
 
 
 def _without_pii(person: dict[str, Any]) -> dict[str, Any]:
@@ -161,17 +159,15 @@ def _without_pii(person: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def api_routes(settings: Settings, producer: Callable[[], AckedProducer]) -> list[Route]:
-    """The API's routes (errors as JSON, counted)."""
+def add_api_routes(
+    app: web.Application, settings: Settings, producer: Callable[[], AckedProducer]
+) -> None:
+    """Add the API's routes to ``app`` (errors as JSON, counted)."""
     api = LeadflowApi(settings, producer)
-    return [
-        Route("/v1/feedback", counted("/v1/feedback", api.feedback), methods=["POST"]),
-        Route(
-            "/v1/leads/{identifier}", counted("/v1/leads/{identifier}", api.lead), methods=["GET"]
-        ),
-        Route("/v1/queues/{queue}", counted("/v1/queues/{queue}", api.queue), methods=["GET"]),
-        Route("/openapi.json", counted("/openapi.json", api.openapi), methods=["GET"]),
-    ]
+    app.router.add_post("/v1/feedback", counted("/v1/feedback", api.feedback))
+    app.router.add_get("/v1/leads/{identifier}", counted("/v1/leads/{identifier}", api.lead))
+    app.router.add_get("/v1/queues/{queue}", counted("/v1/queues/{queue}", api.queue))
+    app.router.add_get("/openapi.json", counted("/openapi.json", api.openapi))
 
 
 _ERROR = {

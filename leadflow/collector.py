@@ -41,14 +41,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from aiohttp import web
 
 from engine.events import event_problem
 from engine.settings import Settings, WriteKey
 from leadflow.acked_producer import AckedProducer, BrokerUnavailable
-from leadflow.endpoints import ApiError, Endpoint, counted, key_digest
+from leadflow.endpoints import ApiError, Handler, counted, json_response, key_digest
 
 # Path -> event type, for single events (Segment's long names and analytics.js' letters).
 SINGLE = {
@@ -152,7 +150,7 @@ class Collector:
         self.keys: dict[str, WriteKey] = {k.digest: k for k in settings.collector.keys}
         self.buckets: dict[str, TokenBucket] = {}
 
-    def key_of(self, request: Request, body_key: Any) -> WriteKey:
+    def key_of(self, request: web.Request, body_key: Any) -> WriteKey:
         """The write key of a request: Basic auth's user name, else ``writeKey`` in the body."""
         header = request.headers.get("authorization", "")
         scheme, _, credentials = header.partition(" ")
@@ -173,9 +171,9 @@ class Collector:
             raise ApiError(401, "unauthorized", "unknown write key")
         return key
 
-    async def body(self, request: Request, limit: int) -> Any:
+    async def body(self, request: web.Request, limit: int) -> Any:
         """The request's JSON (gunzipped if so encoded), refusing more than ``limit`` bytes."""
-        raw = await request.body()
+        raw = await request.read()
         encoding = request.headers.get("content-encoding", "").lower()
         if encoding == "gzip":
             inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
@@ -192,14 +190,14 @@ class Collector:
         except orjson.JSONDecodeError as e:
             raise ApiError(400, "invalid_json", f"the body is not JSON: {e}") from None
 
-    def client_ip(self, request: Request) -> str:
+    def client_ip(self, request: web.Request) -> str:
         """The client's address, for ``context.ip`` ('' when not recorded)."""
         if not self.settings.collector.record_ip:
             return ""
         forwarded = request.headers.get("x-forwarded-for", "")
         if self.settings.collector.trust_forwarded_for and forwarded:
             return forwarded.split(",")[0].strip()
-        return request.client.host if request.client else ""
+        return request.remote or ""
 
     def admit(self, key: WriteKey, n: int) -> None:
         """Charge ``n`` events to ``key``'s allowance; Refused 429 beyond it."""
@@ -217,9 +215,9 @@ class Collector:
                 after,
             )
 
-    async def single(self, request: Request) -> Response:
+    async def single(self, request: web.Request) -> web.Response:
         """One event, its type named by the path."""
-        etype = SINGLE[request.path_params["kind"]]
+        etype = SINGLE[request.match_info["kind"]]
         limits = self.settings.limits
         event = await self.body(request, limits.max_event_bytes)
         if not isinstance(event, dict):
@@ -232,9 +230,9 @@ class Collector:
             raise ApiError(400, problem["error"], problem["reason"])
         self.admit(key, 1)
         await self.produce(records)
-        return JSONResponse({"success": True})
+        return json_response({"success": True})
 
-    async def batch(self, request: Request) -> Response:
+    async def batch(self, request: web.Request) -> web.Response:
         """A batch: each event checked on its own; the valid ones produced."""
         body = await self.body(request, self.settings.collector.max_batch_bytes)
         if not isinstance(body, dict) or not isinstance(body.get("batch"), list):
@@ -243,7 +241,7 @@ class Collector:
         events = body["batch"]
         records, rejected = self.prepare(key, events, request, body.get("sentAt"))
         if not records and rejected:
-            return JSONResponse(
+            return json_response(
                 {
                     "success": False,
                     "error": "all_rejected",
@@ -254,10 +252,10 @@ class Collector:
             )
         self.admit(key, len(records))
         await self.produce(records)
-        return JSONResponse({"success": True, "accepted": len(records), "rejected": rejected})
+        return json_response({"success": True, "accepted": len(records), "rejected": rejected})
 
     def prepare(
-        self, key: WriteKey, events: list[Any], request: Request, sent_at: Any
+        self, key: WriteKey, events: list[Any], request: web.Request, sent_at: Any
     ) -> tuple[list[tuple[str, bytes | None, bytes]], list[dict[str, Any]]]:
         """The records to produce and, by index, the events refused with their reasons."""
         limits = self.settings.limits
@@ -311,19 +309,19 @@ class Collector:
         except BrokerUnavailable as e:
             raise ApiError(503, "unavailable", f"{e}; nothing was lost: send again", 5) from None
 
-    async def cdn_settings(self, request: Request) -> Response:
+    async def cdn_settings(self, request: web.Request) -> web.Response:
         """What analytics.js loads first: post every event here, nothing to Segment."""
-        key = self.keys.get(key_digest(request.path_params["write_key"]))
+        key = self.keys.get(key_digest(request.match_info["write_key"]))
         if key is None or key.topic != "events":
             raise ApiError(404, "not_found", "no browser source has this write key")
         host = request.headers.get("host", f"127.0.0.1:{self.settings.collector.port}")
-        return JSONResponse(
+        return json_response(
             {
                 "integrations": {
                     "Segment.io": {
-                        "apiKey": request.path_params["write_key"],
+                        "apiKey": request.match_info["write_key"],
                         "apiHost": f"{host}/v1",
-                        "protocol": request.url.scheme,
+                        "protocol": request.scheme,
                         "unbundledIntegrations": [],
                         "addBundledMetadata": True,
                     }
@@ -340,32 +338,31 @@ class Collector:
         )
 
 
-def collector_routes(settings: Settings, producer: Callable[[], AckedProducer]) -> list[Route]:
-    """The collector's routes (errors as JSON, counted)."""
+def add_collector_routes(
+    app: web.Application, settings: Settings, producer: Callable[[], AckedProducer]
+) -> None:
+    """Add the collector's routes to ``app`` (errors as JSON, counted)."""
     c = Collector(settings, producer)
-    return [
-        Route("/v1/{kind:str}", _dispatch(c), methods=["POST"]),
-        Route(
-            "/v1/projects/{write_key}/settings",
-            counted("/v1/projects/{writeKey}/settings", c.cdn_settings),
-            methods=["GET"],
-        ),
-    ]
+    app.router.add_post("/v1/{kind}", _dispatch(c))
+    app.router.add_get(
+        "/v1/projects/{write_key}/settings",
+        counted("/v1/projects/{writeKey}/settings", c.cdn_settings),
+    )
 
 
-def _dispatch(c: Collector) -> Endpoint:
+def _dispatch(c: Collector) -> Handler:
     """``/v1/{kind}``: a single event's route, a batch's, or a 404 naming the known ones."""
     single = counted("/v1/{type}", c.single)
     batch = counted("/v1/batch", c.batch)
     known = ", ".join(f"/v1/{k}" for k in (*SINGLE, *BATCH))
 
-    async def unknown(request: Request) -> Response:
-        raise ApiError(404, "not_found", f"no route {request.url.path}; expected one of {known}")
+    async def unknown(request: web.Request) -> web.Response:
+        raise ApiError(404, "not_found", f"no route {request.path}; expected one of {known}")
 
     other = counted("unknown", unknown)
 
-    async def route(request: Request) -> Response:
-        kind = request.path_params["kind"]
+    async def route(request: web.Request) -> web.StreamResponse:
+        kind = request.match_info["kind"]
         return await (single if kind in SINGLE else batch if kind in BATCH else other)(request)
 
     return route

@@ -6,9 +6,10 @@ import hashlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
+from typing import Any
 
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+import orjson
+from aiohttp import web
 
 from dataflows.metrics import metrics
 
@@ -16,7 +17,7 @@ log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 5  # what a 503 tells a client to wait
 
-Endpoint = Callable[[Request], Awaitable[Response]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def key_digest(key: str) -> str:
@@ -34,32 +35,40 @@ class ApiError(Exception):
 
     def __init__(self, status: int, error: str, reason: str, retry_after_s: int = 0):
         super().__init__(reason)
-        self.status, self.error, self.reason, self.retry_after_s = (
-            status,
-            error,
-            reason,
-            retry_after_s,
-        )
+        self.status, self.error, self.reason = status, error, reason
+        self.retry_after_s = retry_after_s
 
 
-def error_response(status: int, error: str, reason: str, retry_after_s: int = 0) -> Response:
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """``data`` as JSON (orjson)."""
+    return web.Response(
+        body=orjson.dumps(data), status=status, headers=headers, content_type="application/json"
+    )
+
+
+def error_response(status: int, error: str, reason: str, retry_after_s: int = 0) -> web.Response:
     """The JSON answer of an error (with ``Retry-After`` when the client should try again)."""
     headers = {"Retry-After": str(retry_after_s)} if retry_after_s else None
-    return JSONResponse({"error": error, "reason": reason}, status, headers=headers)
+    return json_response({"error": error, "reason": reason}, status, headers)
 
 
-def counted(route: str, endpoint: Endpoint) -> Endpoint:
-    """``endpoint`` answering ApiError as JSON, counted by route and status."""
+def counted(route: str, handler: Handler) -> Handler:
+    """``handler`` answering ApiError as JSON, counted by route and status."""
 
-    async def handle(request: Request) -> Response:
+    async def handle(request: web.Request) -> web.StreamResponse:
         try:
-            response = await endpoint(request)
+            response = await handler(request)
         except ApiError as e:
             response = error_response(e.status, e.error, e.reason, e.retry_after_s)
+        except web.HTTPException as e:  # aiohttp's own: a body over the server's limit
+            error = "oversized" if e.status == 413 else "http"
+            response = error_response(e.status, error, f"{e.reason} ({e.text})")
         except Exception:
             log.exception("%s failed", route)
             response = error_response(500, "internal", "an internal error; see the server's log")
-        metrics().api_requests.labels(route, str(response.status_code)).inc()
+        metrics().api_requests.labels(route, str(response.status)).inc()
         return response
 
     return handle

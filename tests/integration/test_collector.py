@@ -214,7 +214,7 @@ def test_gzip_cors_settings_and_rate_limits(collect: Collect, settings: Settings
         },
         timeout=10,
     )
-    assert preflight.status_code == 200
+    assert preflight.status_code == 204
     assert preflight.headers["access-control-allow-origin"] in ("*", "https://www.acme.example")
 
     cdn = httpx.get(f"{collect.url}/v1/projects/{KEYS['website']}/settings", timeout=10).json()
