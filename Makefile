@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit integration bench soak profile fuzz clean
+.PHONY: demo up test lint typecheck unit integration bench soak profile fuzz clean
 
 # Create the virtual environment and install the project with the embedded
 # broker/Redis binaries and the dev tools; re-run when pyproject.toml changes.
@@ -21,6 +21,9 @@ EXAMPLES := examples/node_modules/.installed
 $(EXAMPLES): examples/package.json examples/package-lock.json
 	cd examples && npm ci --no-audit --no-fund --loglevel=error
 	touch $(EXAMPLES)
+
+up: $(STAMP) $(EXAMPLES)  ## broker + Redis (kept in var/up) + engine + collector + alerts, until Ctrl-C
+	$(BIN)/leadflow up
 
 demo: $(STAMP)  ## broker + Redis + engine + synthetic stream, live alerts and a summary
 	$(BIN)/leadflow demo
