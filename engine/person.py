@@ -181,6 +181,17 @@ def iso(ms: int) -> str:
     )
 
 
+def epoch_ms(value: object) -> float | None:
+    """Epoch milliseconds of an ISO-8601 time (UTC when it names no zone); None if not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp() * 1000
+
+
 # The outbox is kept deflated after the state's JSON, behind a NUL byte (which JSON
 # text never contains) and a format byte, and inflated only when a replay or a merge
 # reads it: most events produce no records, so most loads and saves pass it through

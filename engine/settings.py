@@ -857,9 +857,7 @@ def _consent(t: _Table) -> ConsentSettings:
         policies.append(ConsentPolicy(name, countries, channels(pt, "opt_in", CHANNELS)))
         pt.done()
     categories_t = t.table("categories")
-    categories = {
-        name.lower(): channels(categories_t, name, ()) for name in categories_t.data
-    }
+    categories = {name.lower(): channels(categories_t, name, ()) for name in categories_t.data}
     categories_t.done()
     d = ConsentSettings()
     s = ConsentSettings(
@@ -1223,16 +1221,25 @@ def _api(t: _Table, env: Mapping[str, str]) -> ApiSettings:
         digest = _digest(k, "leadflow api key")
         keys.append(ApiKey(k.text("name", "", pattern=_NAME), digest, frozenset(scopes)))
         k.done()
-    if len({k.digest for k in keys}) != len(keys):
-        raise t.error("keys", "two keys have the same digest")
-    t.used.add("listen")
-    s = ApiSettings(
-        port=_port(t, "port", 8088, "LEADFLOW_API_PORT", env),
-        listen=env.get("LEADFLOW_API_LISTEN") or t.text("listen", "0.0.0.0"),
-        keys=tuple(keys),
-    )
+    _unique_digests(t, [k.digest for k in keys])
+    port, listen = _address(t, 8088, "LEADFLOW_API", env)
+    s = ApiSettings(port=port, listen=listen, keys=tuple(keys))
     t.done()
     return s
+
+
+def _address(t: _Table, port: int, env_prefix: str, env: Mapping[str, str]) -> tuple[int, str]:
+    """A server's ``port`` and ``listen``, overridden by ``<env_prefix>_PORT`` / ``_LISTEN``."""
+    t.used.add("listen")
+    return (
+        _port(t, "port", port, f"{env_prefix}_PORT", env),
+        env.get(f"{env_prefix}_LISTEN") or t.text("listen", "0.0.0.0"),
+    )
+
+
+def _unique_digests(t: _Table, digests: list[str]) -> None:
+    if len(set(digests)) != len(digests):
+        raise t.error("keys", "two keys have the same digest")
 
 
 def _digest(t: _Table, maker: str) -> str:
@@ -1262,12 +1269,11 @@ def _collector(t: _Table, env: Mapping[str, str]) -> CollectorSettings:
         k.used.add("trusted")
         keys.append(key)
         k.done()
-    if len({k.digest for k in keys}) != len(keys):
-        raise t.error("keys", "two keys have the same digest")
-    t.used.add("listen")
+    _unique_digests(t, [k.digest for k in keys])
+    port, listen = _address(t, 8080, "LEADFLOW_COLLECTOR", env)
     s = CollectorSettings(
-        port=_port(t, "port", 8080, "LEADFLOW_COLLECTOR_PORT", env),
-        listen=env.get("LEADFLOW_COLLECTOR_LISTEN") or t.text("listen", "0.0.0.0"),
+        port=port,
+        listen=listen,
         keys=tuple(keys),
         record_ip=t.flag("record_ip", True),
         cors_origins=tuple(t.strings("cors_origins") if "cors_origins" in t.data else ["*"]),

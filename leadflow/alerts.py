@@ -48,7 +48,6 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from types import FrameType
 
 import httpx
@@ -68,6 +67,7 @@ from prometheus_client.registry import Collector
 
 from dataflows.kafka_io import client_options
 from dataflows.metrics import metrics, observed_store
+from engine.person import epoch_ms
 from engine.settings import (
     AlertSettings,
     QueueSettings,
@@ -235,7 +235,7 @@ class AlertSender:
             value=value,
             partition=partition,
             offset=offset,
-            decided_s=_epoch_s(decision.get("decided_at")),
+            decided_s=_seconds(epoch_ms(decision.get("decided_at"))),
         )
 
     def attempt(self, alert: Alert, give_up_after_s: float | None = None) -> str:
@@ -711,18 +711,11 @@ def parse_since(text: str, now_s: float) -> int:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
     if text[:-1].isdigit() and text[-1:] in units:
         return int((now_s - int(text[:-1]) * units[text[-1]]) * 1000)
-    moment = _epoch_s(text)
+    moment = epoch_ms(text)
     if moment is None:
         raise ValueError(f"--since {text!r}: expected an ISO-8601 time or an age like 30m, 2h, 7d")
-    return int(moment * 1000)
+    return int(moment)
 
 
-def _epoch_s(iso: object) -> float | None:
-    """Epoch seconds of an ISO-8601 time (UTC when it names no zone), or None."""
-    if not isinstance(iso, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(iso.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+def _seconds(ms: float | None) -> float | None:
+    return None if ms is None else ms / 1000

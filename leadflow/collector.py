@@ -37,13 +37,13 @@ import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from engine.events import event_problem
+from engine.person import epoch_ms, iso
 from engine.settings import Settings, WriteKey
 from leadflow.acked_producer import AckedProducer, BrokerUnavailable
 from leadflow.endpoints import ApiError, Handler, counted, json_response, key_digest
@@ -98,23 +98,6 @@ def write_key_table(name: str, key: str, topic: str = "events", rate_per_s: floa
     )
 
 
-def iso_ms(ms: float) -> str:
-    """``2026-11-30T12:00:00.000Z`` for epoch milliseconds."""
-    moment = datetime.fromtimestamp(ms / 1000, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(ms % 1000):03d}Z"
-
-
-def parse_iso_ms(value: Any) -> float | None:
-    """Epoch milliseconds of an ISO-8601 string (UTC when it names no zone), or None."""
-    if not isinstance(value, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp() * 1000
-
-
 def normalise(event: dict[str, Any], received_ms: float, sent_at: Any, ip: str) -> None:
     """Segment's server-side enrichment of one event (mutated in place).
 
@@ -125,14 +108,14 @@ def normalise(event: dict[str, Any], received_ms: float, sent_at: Any, ip: str) 
     event.pop("writeKey", None)
     if not event.get("messageId"):
         event["messageId"] = f"lf-{uuid.uuid4()}"
-    event["receivedAt"] = iso_ms(received_ms)
-    sent_ms = parse_iso_ms(event.pop("sentAt", None) or sent_at)
+    event["receivedAt"] = iso(int(received_ms))
+    sent_ms = epoch_ms(event.pop("sentAt", None) or sent_at)
     original = event.get("timestamp") or event.get("originalTimestamp")
-    original_ms = parse_iso_ms(original)
+    original_ms = epoch_ms(original)
     if original_ms is not None:
         event["originalTimestamp"] = original
         skew = received_ms - sent_ms if sent_ms is not None else 0.0
-        event["timestamp"] = iso_ms(original_ms + skew)
+        event["timestamp"] = iso(int(original_ms + skew))
     if ip:
         context = event.get("context")
         if context is None:

@@ -11,13 +11,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import orjson
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from dataflows.kafka_io import client_options
+from engine.person import epoch_ms
 from engine.settings import Settings
 
 
@@ -44,11 +44,6 @@ class Observed:
 
 def _text(value: str | bytes | None) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value or ""
-
-
-def parse_iso_ms(text: str) -> float:
-    """ISO-8601 UTC (``...Z``) to epoch milliseconds."""
-    return datetime.fromisoformat(text).timestamp() * 1000
 
 
 class OutputWatcher:
@@ -164,7 +159,7 @@ class OutputWatcher:
                 o.duplicates += 1
                 return
             o.decisions[record["decision_id"]] = record
-            latency = now_ms - parse_iso_ms(record["trigger"]["ingested_at"])
+            latency = now_ms - (epoch_ms(record["trigger"]["ingested_at"]) or now_ms)
             o.latencies_ms.append(latency)
         if self.on_decision is not None:
             self.on_decision(record, latency)

@@ -78,4 +78,3 @@ def http_server(
         assert proc.wait(30) == 0, log.read_text()
     finally:
         stop_process(proc, sig=signal.SIGKILL)
-

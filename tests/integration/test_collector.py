@@ -179,7 +179,9 @@ def test_bad_requests_get_a_clear_4xx_and_produce_nothing(
         (collect.post("/v1/video", good), 404, "not_found"),
     ]
     for response, status, error in cases:
-        assert (response.status_code, response.json().get("error")) == (status, error), response.text
+        assert (response.status_code, response.json().get("error")) == (status, error), (
+            response.text
+        )
         assert response.json()["reason"]
     assert "not a trusted server-side key" in cases[10][0].json()["reason"]
     assert events(settings) == []

@@ -203,16 +203,16 @@ def test_environment_overrides_connections_and_librdkafka_options() -> None:
         ),
         (
             "engine.toml",
-            "# [[api.keys]]\n# name = \"crm-sync\"\n# digest = \"sha256:...\"\n"
-            "# scopes = [\"read\", \"feedback\"]",
+            '# [[api.keys]]\n# name = "crm-sync"\n# digest = "sha256:..."\n'
+            '# scopes = ["read", "feedback"]',
             '[[api.keys]]\nname = "crm"\ndigest = "sha256:abc"\nscopes = ["read"]',
             "api.keys[0].digest",
             "expected sha256:<64 hex digits>",
         ),
         (
             "engine.toml",
-            "# [[api.keys]]\n# name = \"crm-sync\"\n# digest = \"sha256:...\"\n"
-            "# scopes = [\"read\", \"feedback\"]",
+            '# [[api.keys]]\n# name = "crm-sync"\n# digest = "sha256:..."\n'
+            '# scopes = ["read", "feedback"]',
             f'[[api.keys]]\nname = "crm"\ndigest = "sha256:{"0" * 64}"\nscopes = ["write"]',
             "api.keys[0].scopes",
             "unknown scope 'write'",
