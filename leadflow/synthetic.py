@@ -182,7 +182,7 @@ MALFORMED: tuple[tuple[str, bytes], ...] = (
         "missing_message_id",
         orjson.dumps({"type": "track", "event": "Demo Requested", "anonymousId": "x"}),
     ),
-    ("unknown_type", orjson.dumps({"type": "screen", "messageId": "bad-1", "anonymousId": "x"})),
+    ("unknown_type", orjson.dumps({"type": "video", "messageId": "bad-1", "anonymousId": "x"})),
     (
         "untrusted_source",
         orjson.dumps({"type": "track", "event": "manual_mql", "messageId": "bad-2", "userId": "u"}),
