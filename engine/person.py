@@ -35,6 +35,7 @@ from engine.cleansing import Cleanser
 from engine.consent import apply_consent, consent_updates, merge_consent
 from engine.events import Event
 from engine.fit import FitFactor, FitModel
+from engine.grade import lead_grade
 from engine.identity import digest, normalise_email, normalise_phone
 from engine.profile import (
     Profile,
@@ -604,6 +605,7 @@ def decision_record(promotion: Promotion, rules: Rulebook, now_ms: int) -> dict[
     settings = rules.settings
     p, event = promotion.person, promotion.event
     scores = promotion.scores
+    grade = lead_grade(promotion.fit, scores[TOTAL], settings.grade)
     return {
         "decision_id": promotion.decision_id,
         "one_id": p.one_id,
@@ -615,6 +617,8 @@ def decision_record(promotion: Promotion, rules: Rulebook, now_ms: int) -> dict[
         "lead": lead_summary(p.profile),
         "score": round(scores[TOTAL], 3),
         "threshold": settings.scoring.mql_threshold,
+        "grade": grade.code,
+        "grade_reasons": grade.explained(promotion.fit, scores[TOTAL]),
         "dimensions": {dim: round(s, 3) for dim, s in scores.items() if dim != TOTAL},
         "qualified_on": list(promotion.verdict.on),
         "fit": round(promotion.fit, 3),

@@ -329,6 +329,23 @@ class FitSettings:
 
 
 @dataclass(frozen=True)
+class GradeSettings:
+    """The lead grade: a fit band (a letter) and an engagement band (a digit), e.g. "A1".
+
+    Each band is ``(name, minimum)``, best first: a lead takes the first band whose
+    minimum its score reaches (the last band's minimum is 0: everyone has one).
+    """
+
+    fit_bands: tuple[tuple[str, float], ...] = (("A", 70.0), ("B", 45.0), ("C", 25.0), ("D", 0.0))
+    engagement_bands: tuple[tuple[str, float], ...] = (
+        ("1", 150.0),
+        ("2", 100.0),
+        ("3", 50.0),
+        ("4", 0.0),
+    )
+
+
+@dataclass(frozen=True)
 class CleansingSettings:
     """What disqualifies a lead before anything counts."""
 
@@ -530,6 +547,7 @@ class Settings:
     identity: IdentitySettings = field(default_factory=IdentitySettings)
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
     fit: FitSettings = field(default_factory=FitSettings)
+    grade: GradeSettings = field(default_factory=GradeSettings)
     cleansing: CleansingSettings = field(default_factory=CleansingSettings)
     qualification: QualificationSettings = field(default_factory=QualificationSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
@@ -672,6 +690,7 @@ def load_settings(
         identity=_identity(engine.table("identity"), env),
         scoring=_scoring(scoring.table("scoring")),
         fit=_fit(scoring.table("fit")),
+        grade=_grade(scoring.table("grade")),
         cleansing=_cleansing(scoring.table("cleansing"), directory),
         qualification=_qualification(scoring.table("qualification")),
         routing=_routing(routing.table("routing")),
@@ -1113,6 +1132,35 @@ def _cleansing(t: _Table, directory: Path) -> CleansingSettings:
     for key in ("test_email_patterns", "test_name_patterns", "fake_phone_patterns"):
         for i, pattern in enumerate(getattr(s, key)):
             _compile(t, f"{key}[{i}]", pattern)
+    t.done()
+    return s
+
+
+def _grade(t: _Table) -> GradeSettings:
+    d = GradeSettings()
+
+    def bands(key: str, default: tuple[tuple[str, float], ...]) -> tuple[tuple[str, float], ...]:
+        if key not in t.data:
+            t.used.add(key)
+            return default
+        table = t.table(key)
+        out = tuple(
+            sorted(
+                ((name, table.number(name, 0.0)) for name in table.data),
+                key=lambda band: -band[1],
+            )
+        )
+        table.done()
+        if not out or out[-1][1] != 0:
+            raise t.error(key, "the lowest band needs a minimum of 0, so every lead has a band")
+        if any(not name or len(name) > 3 for name, _ in out):
+            raise t.error(key, "band names are short: a letter or a digit, e.g. A or 1")
+        return out
+
+    s = GradeSettings(
+        fit_bands=bands("fit_bands", d.fit_bands),
+        engagement_bands=bands("engagement_bands", d.engagement_bands),
+    )
     t.done()
     return s
 

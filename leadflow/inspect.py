@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from engine.consent import LISTS, channel_permissions, contact_points, suppression_of
+from engine.grade import lead_grade
 from engine.identity import digest, normalise_email, normalise_phone
 from engine.person import PersonState, Rulebook, current_scores, decode_state, iso
 from engine.scoring import TOTAL, effective_score, top_contributions
@@ -85,6 +86,8 @@ def _describe(
         return {"one_id": p.one_id, "identifier": asked, "erased_at": iso(p.erased_ms)}
     model = rules.scoring
     fit, factors = rules.fit.score(p.profile)
+    total_now = effective_score(p.score, now_ms, model, TOTAL)
+    grade = lead_grade(fit, total_now, rules.settings.grade)
     return {
         "one_id": p.one_id,
         "redirects": path[:-1],
@@ -119,6 +122,8 @@ def _describe(
             "score": fit,
             "factors": [{"factor": f.factor, "points": f.points} for f in factors],
         },
+        "grade_now": grade.code,
+        "grade_reasons": grade.explained(fit, total_now),
         "channels": p.channels,
         "first_touch": _touch(p.first_touch),
         "last_touch": _touch(p.last_touch),

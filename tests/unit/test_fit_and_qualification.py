@@ -173,3 +173,18 @@ def test_event_properties_are_never_read_as_person_traits(settings: Settings) ->
     apply_event(p, webinar, rules, 1)
     assert p.stage == "lead" and p.profile.title_level == ""
     assert traits_of(webinar) is None
+
+
+def test_a_grade_is_a_fit_band_and_an_engagement_band_with_its_reasons() -> None:
+    from engine.grade import lead_grade
+    from engine.settings import GradeSettings
+
+    bands = GradeSettings()
+    assert lead_grade(85, 160, bands).code == "A1"
+    assert lead_grade(70, 149.9, bands).code == "A2"  # a minimum is reached at equality
+    assert lead_grade(44.9, 50, bands).code == "C3"
+    assert lead_grade(0, -20, bands).code == "D4"  # penalties below 0: still the lowest band
+    assert lead_grade(50, 120, bands).explained(50, 120) == {
+        "fit": {"score": 50, "band": "B", "minimum": 45.0},
+        "engagement": {"score": 120, "band": "2", "minimum": 100.0},
+    }

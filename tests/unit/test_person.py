@@ -135,6 +135,12 @@ def test_promotion_needs_behaviour_and_fit_and_builds_one_decision_with_reasons(
         "webinar_attended",
     ]
     assert decision["fit"] == 70.0 and decision["fit_minimum"] == 25.0  # 25+15+10+4x5
+    assert decision["grade"] == "A2"  # fit 70 (A from 70), score 105 (2 from 100)
+    assert decision["grade_reasons"]["engagement"] == {
+        "score": 105.0,
+        "band": "2",
+        "minimum": 100.0,
+    }
     assert decision["fit_reasons"][0] == {"factor": "title:c_level", "points": 25.0}
     assert decision["channels"] == ["email"]
     assert p.stage == "mql" and p.owner == "sdr-bruno"

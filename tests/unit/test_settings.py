@@ -278,3 +278,10 @@ def test_the_identity_salt_comes_from_the_environment_and_the_shipped_one_is_ref
     with pytest.raises(ConfigError, match=r"engine\.toml: identity\.salt: is the shipped"):
         check_private_salt(shipped, {})
     check_private_salt(shipped, {"LEADFLOW_ALLOW_SHIPPED_SALT": "1"})  # demo and tests
+
+
+def test_grade_bands_need_a_floor(config: Path) -> None:
+    edit(config / "scoring.toml", "D = 0.0", "D = 10.0")
+    with pytest.raises(ConfigError) as e:
+        load_settings(config, env={})
+    assert e.value.key == "grade.fit_bands" and "minimum of 0" in e.value.problem
