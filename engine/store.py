@@ -44,9 +44,12 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, TypeVar, cast
+from urllib.parse import unquote, urlsplit
 
 import redis
+from redis.cluster import ClusterNode
 from redis.commands.core import Script
 
 from engine.identity import Identifier
@@ -308,6 +311,28 @@ def hash_slot(key: str) -> int:
     return binascii.crc_hqx(key.encode(), 0) % 16384
 
 
+def cluster_client(url: str) -> redis.RedisCluster:
+    """A Redis Cluster client from ``redis[s]://[user:password@]host:port[,host:port...]``.
+
+    Every node listed is a seed: the client starts from the first that answers, so a
+    restart does not depend on one node being up.
+    """
+    parts = urlsplit(url)
+    seeds = parts.netloc.rpartition("@")[2].split(",")
+    nodes = []
+    for seed in seeds:
+        host, _, port = seed.strip().rpartition(":")
+        nodes.append(ClusterNode(host or seed.strip(), int(port) if host else 6379))
+    return redis.RedisCluster(
+        startup_nodes=nodes,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        ssl=parts.scheme == "rediss",
+        socket_timeout=10,
+        socket_connect_timeout=5,
+    )
+
+
 class RedisStore:
     """Per-person state, identifier ownership and routing counters in Redis."""
 
@@ -317,9 +342,7 @@ class RedisStore:
         if client is not None:
             self.client = client
         elif settings.cluster:
-            self.client = redis.RedisCluster.from_url(
-                settings.url, socket_timeout=10, socket_connect_timeout=5
-            )
+            self.client = cluster_client(settings.url)
         else:
             self.client = redis.Redis.from_url(
                 settings.url, socket_timeout=10, socket_connect_timeout=5
@@ -713,6 +736,7 @@ class RedisStore:
 
         One call for the batch on a standalone server; one call per hash slot in a cluster
         (and one per item for scripts whose items share keys, such as a queue's counts).
+        A standalone server gets them in one pipeline: one round trip.
         """
         if not items:
             return []
@@ -727,16 +751,25 @@ class RedisStore:
         else:
             groups = [list(range(len(items)))]
 
+        def call(group: list[int], client: Any) -> Any:
+            keys = [k for i in group for k in items[i][0]]
+            args = [a for i in group for a in items[i][1]]
+            return script(keys=keys, args=args, client=client)
+
         def run() -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
             for group in groups:
-                keys = [k for i in group for k in items[i][0]]
-                args = [a for i in group for a in items[i][1]]
-                script(keys=keys, args=args, client=pipe)
+                call(group, pipe)
             return cast(list[Any], pipe.execute())
 
+        if self.cluster:
+            # A cluster pipeline refuses EVALSHA: one direct call per slot group (the
+            # client sends each to the slot's master), each retried on its own.
+            replies = [self._retry(partial(call, group, self.client), name) for group in groups]
+        else:
+            replies = self._retry(run, name)
         results: list[Any] = [None] * len(items)
-        for group, reply in zip(groups, self._retry(run, name), strict=True):
+        for group, reply in zip(groups, replies, strict=True):
             replies = reply if isinstance(reply, list) and not one_call_each else [reply]
             for i, value in zip(group, replies, strict=True):
                 results[i] = value

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
@@ -42,6 +43,24 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def free_cluster_port() -> int:
+    """A free port P on 127.0.0.1 with P + 10000 free too (a cluster node's bus port).
+
+    Redis Cluster refuses ports above 55535 for that reason, and ephemeral ports
+    (``free_port``) are often above it.
+    """
+    for _ in range(200):
+        port = random.randint(20_000, 55_535)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10_000))
+        except OSError:
+            continue
+        return port
+    raise ServerError("no free pair of ports for a cluster node")
 
 
 def die_with_parent() -> None:
@@ -208,11 +227,15 @@ class LocalRedis(LocalServer):
         password: str = "",
         appendonly: bool = False,
         workdir: str | None = None,
+        cluster: bool = False,
     ):
         super().__init__(workdir)
         self.binary = redis_server_binary(flavor)
         self.password = password
         self.appendonly = appendonly
+        self.cluster = cluster
+        if cluster:
+            self.port = free_cluster_port()
 
     @property
     def url(self) -> str:
@@ -232,5 +255,83 @@ class LocalRedis(LocalServer):
             "--appendfsync", "everysec",
         ]  # fmt: skip
         if self.password:
-            cmd += ["--requirepass", self.password]
+            cmd += ["--requirepass", self.password, "--masterauth", self.password]
+        if self.cluster:
+            cmd += [
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", f"nodes-{self.port}.conf",
+                "--cluster-node-timeout", "2000",
+            ]  # fmt: skip
         return cmd
+
+
+class LocalRedisCluster:
+    """A Redis Cluster of ``masters`` masters with a replica each, on free loopback ports.
+
+    Started from the same binaries as :class:`LocalRedis` and created with their
+    ``redis-cli --cluster create``; usable as a context manager.
+    """
+
+    def __init__(self, flavor: str = "", masters: int = 3, password: str = ""):
+        self.nodes = [
+            LocalRedis(flavor, password, appendonly=True, cluster=True) for _ in range(2 * masters)
+        ]
+        self.masters = masters
+        self.password = password
+
+    @property
+    def url(self) -> str:
+        """``redis://`` URL listing every node as a seed."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes) + "/0"
+
+    def cli(self) -> str:
+        """The cluster's ``redis-cli`` (``valkey-cli`` beside a Valkey server)."""
+        folder = Path(self.nodes[0].binary).parent
+        for name in ("redis-cli", "valkey-cli"):
+            if (folder / name).exists():
+                return str(folder / name)
+        found = shutil.which("redis-cli")
+        if found is None:
+            raise ServerError(f"no redis-cli beside {self.nodes[0].binary} or on PATH")
+        return found
+
+    def start(self) -> LocalRedisCluster:
+        """Start the nodes, create the cluster and wait until every slot is served."""
+        for node in self.nodes:
+            node.start()
+        auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
+        created = subprocess.run(
+            [self.cli(), *auth, "--cluster", "create",
+             *(f"127.0.0.1:{n.port}" for n in self.nodes),
+             "--cluster-replicas", "1", "--cluster-yes"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        if created.returncode != 0:
+            self.stop()
+            raise ServerError(f"redis-cli --cluster create failed: {created.stdout[-2000:]}")
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        for node in self.nodes:
+            while True:
+                info = subprocess.run(
+                    [self.cli(), *auth, "-p", str(node.port), "cluster", "info"],
+                    capture_output=True, text=True, timeout=10, check=False,
+                ).stdout  # fmt: skip
+                if "cluster_state:ok" in info:
+                    break
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise ServerError(f"cluster node {node.port} not ready: {info[:300]}")
+                time.sleep(0.1)
+        return self
+
+    def stop(self) -> None:
+        """Stop every node."""
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> LocalRedisCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object | TracebackType) -> None:
+        self.stop()

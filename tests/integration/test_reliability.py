@@ -39,7 +39,14 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from benchmarks import workload
 from engine.person import decode_state
 from engine.settings import Settings, load_settings
-from leadflow.servers import LocalBroker, LocalRedis, free_port, stop_process
+from engine.store import cluster_client
+from leadflow.servers import (
+    LocalBroker,
+    LocalRedis,
+    LocalRedisCluster,
+    free_port,
+    stop_process,
+)
 from leadflow.topics import create_topics
 
 PEOPLE, EVENTS = 2_000, 20_000
@@ -72,7 +79,7 @@ class Rig:
     """Servers, configuration and environment of one engine."""
 
     broker: LocalBroker
-    redis: LocalRedis
+    redis: LocalRedis | LocalRedisCluster
     bootstrap: str
     settings: Settings
     env: dict[str, str]
@@ -80,8 +87,12 @@ class Rig:
 
 
 @contextmanager
-def rig(tmp: Path, name: str, appendonly: bool = False, advertised_port: int = 0) -> Iterator[Rig]:
+def rig(
+    tmp: Path, name: str, appendonly: bool = False, advertised_port: int = 0, cluster: bool = False
+) -> Iterator[Rig]:
     """A broker and a Redis of its own, 1-partition topics, recovery every second.
+
+    ``cluster``: a Redis Cluster (3 masters, 3 replicas) and ``redis.cluster = true``.
 
     Default limits otherwise: the workload's busiest cookie sends ~300 events/s,
     far more than the ``dedup_window`` (64) between two snapshots, so a replay
@@ -90,14 +101,17 @@ def rig(tmp: Path, name: str, appendonly: bool = False, advertised_port: int = 0
     """
     config = workload.bench_config(tmp / name / "config")
     engine_toml = config / "engine.toml"
-    engine_toml.write_text(
-        engine_toml.read_text().replace("snapshot_interval_s = 10.0", "snapshot_interval_s = 1.0")
+    text = engine_toml.read_text().replace(
+        "snapshot_interval_s = 10.0", "snapshot_interval_s = 1.0"
     )
-    with (
-        LocalBroker(advertised_port=advertised_port) as broker,
-        LocalRedis("redis", appendonly=appendonly) as server,
-    ):
-        assert isinstance(broker, LocalBroker) and isinstance(server, LocalRedis)
+    if cluster:
+        text = text.replace("cluster = false", "cluster = true")
+    engine_toml.write_text(text)
+    server: LocalRedis | LocalRedisCluster = (
+        LocalRedisCluster("redis") if cluster else LocalRedis("redis", appendonly=appendonly)
+    )
+    with LocalBroker(advertised_port=advertised_port) as broker, server:
+        assert isinstance(broker, LocalBroker)
         bootstrap = f"127.0.0.1:{advertised_port or broker.port}"
         env = {
             **os.environ,
@@ -133,8 +147,10 @@ def finish(r: Rig, timeout_s: float = 180) -> None:
     assert code == 0, f"engine exited with {code}; log: {r.log.read_text()[-3000:]}"
 
 
-def produce(r: Rig, batch: list[tuple[bytes | None, bytes]], rate: float = 0) -> None:
-    """Produce ``batch`` to the events topic, at ``rate`` per second (0: at once)."""
+def produce(
+    r: Rig, batch: list[tuple[bytes | None, bytes]], rate: float = 0, topic: str = ""
+) -> None:
+    """Produce ``batch`` to ``topic`` (the events topic), at ``rate`` per second (0: at once)."""
     producer = Producer({"bootstrap.servers": r.bootstrap, "linger.ms": 5})
     start = time.monotonic()
     for n, (key, value) in enumerate(batch):
@@ -142,7 +158,7 @@ def produce(r: Rig, batch: list[tuple[bytes | None, bytes]], rate: float = 0) ->
             time.sleep(ahead)
         while True:
             try:
-                producer.produce(r.settings.topics.events, value, key)
+                producer.produce(topic or r.settings.topics.events, value, key)
                 break
             except BufferError:
                 producer.poll(0.1)
@@ -201,7 +217,7 @@ def _person_view(one_id: str, raw: bytes) -> dict[str, Any]:
 def ending(r: Rig) -> Ending:
     """Read Redis and every output topic to its end."""
     end = Ending()
-    client = redis.Redis.from_url(r.redis.url, decode_responses=False)
+    client = redis_client(r)
     for key in client.scan_iter("lf:r:*", count=5_000):
         end.redirects[key.decode()[len("lf:r:{") : -1]] = cast(bytes, client.get(key)).decode()
     for key in client.scan_iter("lf:p:*", count=5_000):
@@ -223,16 +239,20 @@ def ending(r: Rig) -> Ending:
             "fetch.wait.max.ms": 10,
         }
     )
-    parts = [TopicPartition(t, 0, 0) for t in (topics.decisions, topics.lifecycle, topics.dlq)]
+    parts = [
+        TopicPartition(t, p, 0)
+        for t in (topics.decisions, topics.lifecycle, topics.dlq)
+        for p in consumer.list_topics(t, timeout=10).topics[t].partitions
+    ]
     consumer.assign(parts)
-    at_end: set[str] = set()
+    at_end: set[tuple[str, int]] = set()
     deadline = time.monotonic() + 60
     while len(at_end) < len(parts) and time.monotonic() < deadline:
         for msg in consumer.consume(1_000, 0.2):
             err = msg.error()
             if err is not None:
                 assert err.code() == KafkaError._PARTITION_EOF, err
-                at_end.add(str(msg.topic()))
+                at_end.add((str(msg.topic()), msg.partition() or 0))
                 continue
             value = msg.value() or b""
             if msg.topic() == topics.dlq:
@@ -282,9 +302,16 @@ def assert_same_end(got: Ending, clean: Ending) -> None:
     assert got.dlq == clean.dlq
 
 
+def redis_client(r: Rig) -> Any:
+    """A client of the rig's Redis (a cluster client for a cluster)."""
+    if isinstance(r.redis, LocalRedisCluster):
+        return cluster_client(r.redis.url)
+    return redis.Redis.from_url(r.redis.url, decode_responses=False)
+
+
 def done_offset(r: Rig) -> int:
     """The input's done offset in Redis (-1 before there is one); one partition."""
-    client = redis.Redis.from_url(r.redis.url)
+    client = redis_client(r)
     values = cast(dict[bytes, bytes], client.hgetall("lf:input")).values()
     client.close()
     return max((int(v) for v in values), default=-1)
@@ -353,6 +380,7 @@ def test_a_redis_restart_mid_stream_is_ridden_out(tmp_path: Path, clean: Ending)
         proc = start_engine(r)
         feeder = stream(r)
         time.sleep(3.0)
+        assert isinstance(r.redis, LocalRedis)
         r.redis.restart(down_s=2.0)  # graceful: AOF written out; see README for kill -9
         feeder.join()
         assert proc.poll() is None, "the engine died while Redis was down"
@@ -448,6 +476,7 @@ PAUSE_S = 20
 
 def test_a_paused_redis_slows_reading_instead_of_filling_memory(tmp_path: Path) -> None:
     with rig(tmp_path, "pause") as r:
+        assert isinstance(r.redis, LocalRedis)
         create_topics(r.settings, partitions=1)
         proc = start_engine(r)
         try:

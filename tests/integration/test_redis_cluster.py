@@ -1,0 +1,105 @@
+"""Leadflow on a real Redis Cluster (3 masters, 3 replicas, created with redis-cli)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+from leadflow.servers import stop_process
+from leadflow.topics import create_topics
+from tests.integration.test_reliability import (
+    WORKLOAD,
+    Ending,
+    assert_same_end,
+    clean,
+    ending,
+    produce,
+    rig,
+    start_engine,
+)
+
+__all__ = ["clean"]  # the reference run, as a fixture of this module too
+
+
+def run_on_cluster(tmp_path: Path, processes: int) -> Ending:
+    """The workload through ``leadflow run --stop-at-end`` on a Redis Cluster."""
+    with rig(tmp_path, f"cluster-{processes}", cluster=True) as r:
+        create_topics(r.settings, partitions=processes)
+        produce(r, WORKLOAD)
+        proc = start_engine(r, "--stop-at-end", "--processes", str(processes))
+        try:
+            code = proc.wait(240)
+        finally:
+            stop_process(proc, sig=signal.SIGKILL)
+        assert code == 0, r.log.read_text()[-3000:]
+        return ending(r)
+
+
+def test_a_redis_cluster_ends_exactly_like_a_standalone_redis(
+    tmp_path: Path, clean: Ending
+) -> None:
+    """The same 20,000 events (merges across slots, three queues, round robin, the DLQ)."""
+    assert_same_end(run_on_cluster(tmp_path, 1), clean)
+
+
+def test_two_processes_on_a_cluster_lose_nothing_and_double_nothing(
+    tmp_path: Path, clean: Ending
+) -> None:
+    """Two processes on two partitions: which One-ID survives a merge, and which SDR gets
+    a lead, depend on how the partitions interleave (as on a standalone Redis), so the
+    comparison is of what must not depend on it."""
+    got = run_on_cluster(tmp_path, 2)
+    assert got.repeated_outputs == 0
+    assert not {d: s for d, s in got.decisions.items() if len(s) > 1}
+    assert len(got.people) == len(clean.people)
+    assert len(got.decisions) == len(clean.decisions)
+    assert sum(map(sum, (q.values() for q in got.queue_counts.values()))) == len(got.decisions)
+    assert got.dlq == clean.dlq
+
+
+def test_the_cli_commands_and_an_erasure_work_on_a_cluster(tmp_path: Path) -> None:
+    """Roster apply and show, suppression lists, inspect, and an erasure through the flow."""
+    with rig(tmp_path, "cli", cluster=True) as r:
+        create_topics(r.settings, partitions=1)
+        produce(r, WORKLOAD[:2_000])
+        anonymous_id = next(
+            orjson.loads(v)["anonymousId"] for k, v in WORKLOAD[:2_000] if k is not None
+        )
+
+        def leadflow(*args: str) -> str:
+            done = subprocess.run(
+                [sys.executable, "-m", "leadflow.cli", *args],
+                env=r.env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            assert done.returncode == 0, done.stdout + done.stderr + r.log.read_text()[-2000:]
+            return done.stdout
+
+        leadflow("run", "--stop-at-end")
+        roster = Path(r.settings.config_dir) / "roster.toml"
+        assert "applied as version 1" in leadflow("roster", "apply", str(roster))
+        assert "redis, version 1" in leadflow("roster", "show")
+        leadflow("lists", "add", "dnc", "+14155550100")
+        assert "dnc" in leadflow("lists", "check", "+14155550100")
+        person = json.loads(leadflow("inspect", f"anon:{anonymous_id}"))
+        assert person["one_id"] and person["stage"]
+
+        erase = {
+            "type": "track",
+            "event": "erase",
+            "anonymousId": anonymous_id,
+            "messageId": "erase-1",
+            "properties": {"actor": "dpo"},
+        }
+        produce(r, [(None, orjson.dumps(erase))], topic=r.settings.topics.feedback)
+        leadflow("run", "--stop-at-end")
+        erased = json.loads(leadflow("inspect", f"anon:{anonymous_id}"))
+        assert erased.get("erased_at"), erased
