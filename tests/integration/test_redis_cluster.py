@@ -103,3 +103,18 @@ def test_the_cli_commands_and_an_erasure_work_on_a_cluster(tmp_path: Path) -> No
         leadflow("run", "--stop-at-end")
         erased = json.loads(leadflow("inspect", f"anon:{anonymous_id}"))
         assert erased.get("erased_at"), erased
+
+
+def test_a_dead_seed_node_does_not_stop_start_up() -> None:
+    from engine.settings import RedisSettings
+    from engine.store import RedisStore
+    from leadflow.servers import LocalRedisCluster, free_cluster_port
+
+    with LocalRedisCluster("redis") as cluster:
+        dead = f"127.0.0.1:{free_cluster_port()}"
+        url = cluster.url.replace("redis://", f"redis://{dead},", 1)
+        store = RedisStore(RedisSettings(url=url, cluster=True))
+        try:
+            assert store.apply_roster(b'{"sdrs": []}') == 1
+        finally:
+            store.close()
