@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import binascii
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -795,6 +796,9 @@ class RedisStore:
                 raise StoreUnavailable(f"Redis refused the credentials: {e}") from None
             except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as e:
                 self._observe(what, started, True)
+                if (problem := certificate_problem(e)) is not None:
+                    # Retrying a certificate the client does not trust only hides the cause.
+                    raise StoreUnavailable(problem) from None
                 if attempt == self.settings.retries:
                     raise StoreUnavailable(
                         f"Redis unavailable after {attempt + 1} attempts: {e}"
@@ -812,6 +816,18 @@ class RedisStore:
     def _observe(self, what: str, started: float, failed: bool) -> None:
         if self.observer is not None:
             self.observer(what, time.perf_counter() - started, failed)
+
+
+def certificate_problem(e: redis.RedisError) -> str | None:
+    """What to say when a TLS handshake failed on Redis's certificate (CA or host name)."""
+    if "CERTIFICATE_VERIFY_FAILED" not in str(e) and not isinstance(
+        e.__cause__ or e.__context__, ssl.SSLCertVerificationError
+    ):
+        return None
+    return (
+        f"Redis's TLS certificate is not trusted: {e} (redis.url: "
+        "rediss://...?ssl_ca_certs=<the CA that signed it>)"
+    )
 
 
 def _refused_credentials(e: redis.RedisError) -> bool:

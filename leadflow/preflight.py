@@ -15,15 +15,16 @@ database is allowed, but it should be a choice.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import redis
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from dataflows.kafka_io import client_options
 from engine.settings import Settings, mask_url
-from engine.store import RedisStore, StoreUnavailable
+from engine.store import RedisStore, StoreUnavailable, certificate_problem
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ def check_redis(settings: Settings) -> list[str]:
                 "in redis.url / LEADFLOW_REDIS_URL (or LEADFLOW_REDIS_URL_FILE)"
             ) from e
         except redis.RedisError as e:
+            if (problem := certificate_problem(e)) is not None:
+                raise StoreUnavailable(f"Redis at {url}: {problem}") from e
             raise StoreUnavailable(
                 f"Redis at {url} is unreachable ({type(e).__name__}: {e}): start it, or point "
                 "redis.url / LEADFLOW_REDIS_URL at it"
@@ -89,15 +92,38 @@ def check_redis(settings: Settings) -> list[str]:
 
 
 def check_kafka(settings: Settings) -> int:
-    """Reach Kafka and find every topic the engine uses; return how many there are."""
+    """Reach Kafka and find every topic the engine uses; return how many there are.
+
+    A TLS or SASL failure (an untrusted certificate, wrong credentials) is reported at
+    once with librdkafka's own words, instead of as a timeout.
+    """
     bootstrap = settings.kafka.bootstrap
-    try:
-        found = AdminClient(client_options(settings)).list_topics(timeout=KAFKA_TIMEOUT_S)
-    except KafkaException as e:
-        raise KafkaUnavailable(
-            f"Kafka at {bootstrap} did not answer in {KAFKA_TIMEOUT_S:.0f} s ({e.args[0]}): "
-            "start it, or fix kafka.bootstrap / LEADFLOW_KAFKA_BOOTSTRAP and kafka.options"
-        ) from e
+    refused: list[str] = []
+
+    def on_error(error: KafkaError) -> None:
+        if error.code() in (KafkaError._SSL, KafkaError._AUTHENTICATION):
+            refused.append(error.str())
+
+    options: dict[str, Any] = {**client_options(settings), "error_cb": on_error}
+    admin = AdminClient(options)
+    deadline = time.monotonic() + KAFKA_TIMEOUT_S
+    while True:
+        try:
+            found = admin.list_topics(timeout=1.0)
+            break
+        except KafkaException as e:
+            admin.poll(0)
+            if refused:
+                raise KafkaUnavailable(
+                    f"Kafka at {bootstrap} refused the connection: {refused[0]}: check "
+                    "kafka.options (ssl.ca.location, sasl.username / LEADFLOW_KAFKA_OPT_...)"
+                ) from e
+            if time.monotonic() > deadline:
+                raise KafkaUnavailable(
+                    f"Kafka at {bootstrap} did not answer in {KAFKA_TIMEOUT_S:.0f} s "
+                    f"({e.args[0]}): start it, or fix kafka.bootstrap / "
+                    "LEADFLOW_KAFKA_BOOTSTRAP and kafka.options"
+                ) from e
     topics = settings.topics.all()
     for name in topics:
         topic = found.topics.get(name)
