@@ -386,7 +386,12 @@ def apply_event(
 
     outputs: list[Output] = []
     if p.is_new:
-        outputs.append(transition(p, lifecycle.LEAD, "first_event", event, rules, now_ms))
+        outputs.append(
+            transition(
+                p, lifecycle.LEAD, "first_event", event, rules, now_ms,
+                attribution=attribution(event),
+            )
+        )  # fmt: skip
         p.is_new = False
     changed = _learn(p, event, rules, outputs, now_ms)
     apply_consent(
@@ -722,6 +727,29 @@ def _revive(p: PersonState) -> None:
     fresh = PersonState(p.one_id, is_new=True, version=p.version)
     for f in fields(PersonState):
         setattr(p, f.name, getattr(fresh, f.name))
+
+
+def attribution(event: Event) -> dict[str, str]:
+    """Where a new lead came from, for the funnel report.
+
+    Campaign, source and medium (Segment's ``context.campaign``) and the landing page
+    (the URL path of its first event); '' where the event does not say.
+    """
+    context = event.payload.get("context")
+    campaign = context.get("campaign") if isinstance(context, dict) else None
+    campaign = campaign if isinstance(campaign, dict) else {}
+    return {
+        "campaign": str(campaign.get("name") or "")[:100],
+        "source": str(campaign.get("source") or "")[:100],
+        "medium": str(campaign.get("medium") or "")[:100],
+        "landing_page": (event.path or _context_path(context))[:200],
+    }
+
+
+def _context_path(context: Any) -> str:
+    page = context.get("page") if isinstance(context, dict) else None
+    path = page.get("path") if isinstance(page, dict) else None
+    return path if isinstance(path, str) else ""
 
 
 def _touch(p: PersonState, event: Event) -> None:

@@ -4,6 +4,7 @@ Commands:
     run             the production entry point (external Kafka and Redis from config/env)
     demo            everything local: broker, Redis, engine, a synthetic stream, live alerts
     up              everything local until Ctrl-C, with the collector: try a real tracker
+    report          the funnel per campaign, source and landing page; SDR performance
     topics create   create the topics with a chosen partition count
     inspect ID      everything known about the person owning an identifier
     config show     print the effective configuration, secrets masked
@@ -66,6 +67,15 @@ def _alerts_and_api_parsers(sub: Any) -> None:
         metavar="S",
         help="retry each alert for at most S seconds (default 10)",
     )
+
+    report = sub.add_parser(
+        "report", help="the funnel per campaign, source and landing page; SDR performance"
+    )
+    report.add_argument(
+        "--lifecycle", help="a JSON-lines file of lifecycle records (else the topic)"
+    )
+    report.add_argument("--decisions", help="a JSON-lines file of decisions (with --lifecycle)")
+    report.add_argument("--json", action="store_true", help="print the whole report as JSON")
 
     up = sub.add_parser(
         "up", help="everything local until Ctrl-C: broker, Redis, engine, collector, alerts"
@@ -269,6 +279,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         settings = _settings(args)
         created = create_topics(settings, args.partitions, args.replication)
         print(f"created: {', '.join(created) or 'nothing (all topics exist)'}")
+        return 0
+    if args.command == "report":
+        from pathlib import Path
+
+        from leadflow.report import build_report, render
+
+        lifecycle = Path(args.lifecycle) if args.lifecycle else None
+        decisions = Path(args.decisions) if args.decisions else None
+        built = build_report(_settings(args), lifecycle, decisions)
+        print(json.dumps(built, indent=2) if args.json else render(built))
         return 0
     if args.command == "up":
         from pathlib import Path
