@@ -22,7 +22,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from aiohttp import web
 
 from engine.settings import DEFAULT_CONFIG_DIR, load_settings
 from leadflow.collector import write_key_table
-from leadflow.servers import LocalBroker, LocalRedis, free_port, stop_process
+from leadflow.servers import LocalBroker, LocalRedis, free_port, stop_process, wait_listening
 from leadflow.topics import create_topics
 
 KEY = "lf_bench_write_key"
@@ -168,18 +167,6 @@ def _requests(mode: str, port: int) -> tuple[list[bytes], str]:
     return [request("/v1/t", orjson.dumps(event(n)), port) for n in range(500)], "single"
 
 
-def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server on {port} did not start") from None
-            time.sleep(0.1)
-
-
 # -- the two frameworks, the same handler --------------------------------------------
 
 
@@ -229,7 +216,7 @@ def frameworks(seconds: float = 10.0) -> dict[str, dict[str, Any]]:
             [sys.executable, "-m", "benchmarks.collector", "_serve", name, str(port)]
         )
         try:
-            _wait_listening(port, proc)
+            wait_listening(port, proc)
             batch = _load("batch", port, seconds)
             results[name] = {
                 "batch_requests_per_s": batch["requests_per_s"],
@@ -262,7 +249,7 @@ def collector(bootstrap: str, redis_url: str, seconds: float = 10.0) -> dict[str
     }
     proc = subprocess.Popen([sys.executable, "-m", "leadflow.cli", "collect"], env=env)
     try:
-        _wait_listening(port, proc)
+        wait_listening(port, proc)
         batch = _load("batch", port, seconds)
         return {
             "events_per_s": batch["requests_per_s"] * BATCH,

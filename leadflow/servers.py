@@ -45,6 +45,22 @@ def free_port() -> int:
         return port
 
 
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    """Until something accepts connections on 127.0.0.1:``port``.
+
+    Raises ServerError if ``proc`` exits first or ``timeout_s`` passes.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise ServerError(f"nothing listens on port {port}") from None
+            time.sleep(0.05)
+
+
 def free_cluster_port() -> int:
     """A free port P on 127.0.0.1 with P + 10000 free too (a cluster node's bus port).
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from engine.settings import Settings, load_settings
-from leadflow.servers import LocalBroker, LocalRedis, free_port, stop_process
+from leadflow.servers import LocalBroker, LocalRedis, free_port, stop_process, wait_listening
 from leadflow.topics import create_topics
 from tests.integration.flow import hot_lead, outputs, person_of, run_flow, send
 
@@ -108,14 +107,7 @@ def tls_broker(certificates: Certificates, tmp_path: Path) -> Iterator[TlsBroker
         proc = subprocess.Popen([stunnel, str(conf)], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)  # fmt: skip
         try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                        break
-                except OSError:
-                    assert time.monotonic() < deadline, "stunnel did not listen"
-                    time.sleep(0.05)
+            wait_listening(port, proc, timeout_s=10)
             yield TlsBroker(broker, port)
         finally:
             stop_process(proc)
