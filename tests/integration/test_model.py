@@ -149,6 +149,8 @@ class Engine:
             "promotions": p.promotions,
             "owner": p.owner,
             "timers": dict(p.timers),
+            "profile": p.profile,
+            "consent": {c: record[0] for c, record in p.consent.items()},
         }
 
 
@@ -171,6 +173,9 @@ class EngineModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         base = load_settings(env={"LEADFLOW_REDIS_URL": self.redis_url})
+        # A consent manager's "Marketing" category grants or denies e-mail and SMS.
+        categories = {"marketing": ("email", "sms")}
+        base = replace(base, consent=replace(base.consent, categories=categories))
         # No rate limit on the cookies of this test except in the flood rule's own minute.
         self.clock = [START_MS]
         n = next(_prefixes)
@@ -200,9 +205,35 @@ class EngineModel(RuleBasedStateMachine):
         event.setdefault("timestamp", iso(self.clock[0] + len(self.sent) + len(self.pending)))
         self.pending.append((event, trusted))
 
-    @rule(i=st.integers(0, PEOPLE - 1), path=st.sampled_from(["/", "/pricing", "/blog"]))
-    def page(self, i: int, path: str) -> None:
-        self.add({"type": "page", "anonymousId": f"c{i}", "properties": {"path": path}})
+    @rule(
+        i=st.integers(0, PEOPLE - 1),
+        path=st.sampled_from(["/", "/pricing", "/blog"]),
+        marketing=st.sampled_from([None, True, False]),
+    )
+    def page(self, i: int, path: str, marketing: bool | None) -> None:
+        """A page view; with a consent manager's choice when ``marketing`` is not None."""
+        event: dict[str, Any] = {"type": "page", "anonymousId": f"c{i}"}
+        event["properties"] = {"path": path}
+        if marketing is not None:
+            prefs = {"Marketing": marketing}
+            event["context"] = {"consent": {"categoryPreferences": prefs}}
+        self.add(event)
+
+    @rule(i=st.integers(0, PEOPLE - 1), name=st.sampled_from(["Pricing", "Home"]))
+    def screen(self, i: int, name: str) -> None:
+        """An app's screen: scores like a page (page rules match its name)."""
+        self.add({"type": "screen", "anonymousId": f"c{i}", "name": f"/{name.lower()}"})
+
+    @rule(
+        i=st.integers(0, PEOPLE - 1),
+        employees=st.sampled_from([5, 400, 5000]),
+        industry=st.sampled_from(["software", "retail"]),
+    )
+    def group(self, i: int, employees: int, industry: str) -> None:
+        """Cookie i's company: its traits feed the profile fit reads."""
+        traits = {"name": f"Co{i}", "employees": employees, "industry": industry,
+                  "website": f"https://www.co{i}.example"}  # fmt: skip
+        self.add({"type": "group", "anonymousId": f"c{i}", "groupId": f"g{i}", "traits": traits})
 
     @rule(i=st.integers(0, PEOPLE - 1), name=st.sampled_from(TRACKS), v=st.integers(0, 1))
     def track(self, i: int, name: str, v: int) -> None:
