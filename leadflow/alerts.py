@@ -86,6 +86,8 @@ GROUP_ID = "leadflow-alerts"
 OUTCOMES = ("delivered", "failed", "parked", "duplicate")
 TOLERANCE_S = 300
 COMMIT_EVERY_S = 0.5
+SESSION_TIMEOUT_MS = 6_000  # the least Kafka allows by default: a dead sender's partitions move
+CLOSE_TIMEOUT_S = 10.0
 
 
 def signature(secrets: list[bytes], body: bytes, at_s: int) -> str:
@@ -479,8 +481,9 @@ class DecisionReader:
                 "enable.partition.eof": True,
                 "fetch.wait.max.ms": settings.kafka.fetch_wait_max_ms,
                 "partition.assignment.strategy": "cooperative-sticky",
+                "on_commit": _commit_failed,
                 # A replica that dies hands its partitions over within this.
-                "session.timeout.ms": 6_000,  # the least Kafka allows by default
+                "session.timeout.ms": SESSION_TIMEOUT_MS,
                 "heartbeat.interval.ms": 1_000,
             }
         )
@@ -554,14 +557,20 @@ class DecisionReader:
         )
 
     def commit(self, partitions: Sequence[int]) -> None:
-        """Commit, per partition, the offset below which every decision is done."""
+        """Commit, per partition, the offset below which every decision is done.
+
+        Asynchronously: a synchronous commit can block for as long as the group is
+        rebalancing (seen as a sender that never stopped), and a commit lost to a
+        rebalance only makes the next owner read those decisions again, which the
+        delivered set answers without a POST.
+        """
         positions = self.offsets.committable()
         marks = [TopicPartition(self.topic, p, positions[p]) for p in partitions if p in positions]
         if marks:
             try:
-                self.consumer.commit(offsets=marks, asynchronous=False)
-            except KafkaException as e:  # lost to a rebalance: re-read by the next owner
-                log.info("offset commit not taken (%s): the next owner re-reads, not resends", e)
+                self.consumer.commit(offsets=marks, asynchronous=True)
+            except KafkaException as e:
+                _commit_failed(e.args[0], marks)
 
     def close(self, join_s: float) -> None:
         """Stop the threads after the POSTs in flight, commit, leave the group."""
@@ -570,7 +579,25 @@ class DecisionReader:
         for w in self.workers.values():
             w.join(join_s)
         self.commit(sorted(self.owned))
-        self.consumer.close()
+        # Leaving the group can hang in librdkafka when the other members are rebalancing
+        # at the same moment (seen with two senders stopped together). The commit above
+        # goes out before the close; a close that takes too long is left behind: the
+        # group drops this member when its session expires.
+        closing = threading.Thread(target=self.consumer.close, name="alerts-close", daemon=True)
+        closing.start()
+        closing.join(CLOSE_TIMEOUT_S)
+        if closing.is_alive():
+            log.warning(
+                "did not leave the consumer group within %.0f s: the other senders take its "
+                "partitions when its %d s session expires",
+                CLOSE_TIMEOUT_S,
+                SESSION_TIMEOUT_MS // 1000,
+            )
+
+
+def _commit_failed(error: KafkaError | None, _partitions: list[TopicPartition]) -> None:
+    if error is not None:  # lost to a rebalance: re-read by the next owner, not resent
+        log.info("offset commit not taken (%s): the next owner re-reads, not resends", error)
 
 
 def run_alerts(
