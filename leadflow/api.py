@@ -34,10 +34,17 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from engine.events import RESERVED_EVENTS, Origin, Rejection, decode_event
+from engine.events import RESERVED_EVENTS
 from engine.settings import ApiKey, Settings
 from leadflow.acked_producer import AckedProducer, BrokerUnavailable
-from leadflow.endpoints import RETRY_AFTER_S, ApiError, counted, json_response, key_digest
+from leadflow.endpoints import (
+    RETRY_AFTER_S,
+    ApiError,
+    counted,
+    event_record,
+    json_response,
+    key_digest,
+)
 from leadflow.inspect import inspect_person
 from leadflow.roster import show_roster
 
@@ -96,26 +103,14 @@ class LeadflowApi:
         given = properties.get("actor")
         properties["actor"] = f"{key.name}/{given}" if given else key.name
         event.setdefault("messageId", f"api-{uuid.uuid4()}")
-        raw = orjson.dumps(event)
-        now_ms = int(time.time() * 1000)
-        decoded = decode_event(
-            raw,
-            Origin(self.settings.topics.feedback, -1, -1),
-            ingested_ms=now_ms,
-            trusted=True,
-            max_bytes=limits.max_event_bytes,
-            max_future_skew_ms=limits.max_future_skew_s * 1000,
-        )
-        if isinstance(decoded, Rejection):
-            raise ApiError(400, decoded.reason, decoded.detail)
-        person = decoded.user_id or decoded.anonymous_id or decoded.email
-        record = (self.settings.topics.feedback, person.encode() or None, raw)
+        topic = self.settings.topics.feedback
+        record = event_record(event, topic, trusted=True, limits=limits)
         try:
             await self.producer().send([record])
         except BrokerUnavailable as e:
             raise ApiError(503, "unavailable", str(e), RETRY_AFTER_S) from None
         return json_response(
-            {"accepted": True, "messageId": decoded.message_id, "actor": properties["actor"]}, 202
+            {"accepted": True, "messageId": event["messageId"], "actor": properties["actor"]}, 202
         )
 
     async def lead(self, request: web.Request) -> web.Response:

@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from engine.consent import LISTS
@@ -345,28 +346,17 @@ def _alerts(args: argparse.Namespace) -> int:
 
 def _collect(args: argparse.Namespace) -> int:
     from leadflow.collector import write_key_table
-    from leadflow.endpoints import new_key
-    from leadflow.web import serve
 
     if args.collect_command == "key":
-        key = new_key()
-        print(f"write key for {args.name} (shown once; put it in the tracker's settings):\n")
-        print(f"  {key}\n")
-        print("Add to engine.toml, then restart `leadflow collect`:\n")
-        print(write_key_table(args.name, key, args.topic, args.rate))
-        return 0
-    settings = _settings(args)
-    if not settings.collector.port:
-        print("error: collector.port is 0 (the collector is off)", file=sys.stderr)
-        return EXIT_CONFIG
-    serve(settings, collector=True)
-    return 0
+        return _new_key(
+            "write key", args.name, "collect",
+            lambda key: write_key_table(args.name, key, args.topic, args.rate),
+        )  # fmt: skip
+    return _serve(args, collector=True)
 
 
 def _api(args: argparse.Namespace) -> int:
     from leadflow.api import key_table
-    from leadflow.endpoints import new_key
-    from leadflow.web import serve
 
     if args.api_command == "key":
         scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
@@ -376,16 +366,35 @@ def _api(args: argparse.Namespace) -> int:
                 f"error: --scopes {args.scopes!r}: expected some of {API_SCOPES}", file=sys.stderr
             )
             return EXIT_CONFIG
-        key = new_key()
-        print(f"API key for {args.name} (shown once; give it to its holder):\n  {key}\n")
-        print("Add to engine.toml, then restart `leadflow api`:\n")
-        print(key_table(args.name, key, scopes))
-        return 0
+        return _new_key("API key", args.name, "api", lambda key: key_table(args.name, key, scopes))
+    return _serve(args, collector=False)
+
+
+def _new_key(kind: str, holder: str, command: str, table: Callable[[str], str]) -> int:
+    """Print a fresh key once, and the table (its digest) to add to engine.toml."""
+    from leadflow.endpoints import new_key
+
+    key = new_key()
+    print(f"{kind} for {holder} (shown once; give it to its holder):\n  {key}\n")
+    print(f"Add to engine.toml, then restart `leadflow {command}`:\n")
+    print(table(key))
+    return 0
+
+
+def _serve(args: argparse.Namespace, collector: bool) -> int:
+    """``leadflow collect`` / ``leadflow api``: serve until stopped, unless its port is 0."""
+    from leadflow.web import serve
+
     settings = _settings(args)
-    if not settings.api.port:
-        print("error: api.port is 0 (the API is off)", file=sys.stderr)
+    port, key = (
+        (settings.collector.port, "collector.port")
+        if collector
+        else (settings.api.port, "api.port")
+    )
+    if not port:
+        print(f"error: {key} is 0 (the server is off)", file=sys.stderr)
         return EXIT_CONFIG
-    serve(settings)
+    serve(settings, collector=collector)
     return 0
 
 

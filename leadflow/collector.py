@@ -42,11 +42,18 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from engine.events import event_problem
 from engine.person import epoch_ms, iso
 from engine.settings import Settings, WriteKey
 from leadflow.acked_producer import AckedProducer, BrokerUnavailable
-from leadflow.endpoints import ApiError, Handler, counted, json_response, key_digest
+from leadflow.endpoints import (
+    ApiError,
+    Handler,
+    Record,
+    counted,
+    event_record,
+    json_response,
+    key_digest,
+)
 
 # Path -> event type, for single events (Segment's long names and analytics.js' letters).
 SINGLE = {
@@ -239,7 +246,7 @@ class Collector:
 
     def prepare(
         self, key: WriteKey, events: list[Any], request: web.Request, sent_at: Any
-    ) -> tuple[list[tuple[str, bytes | None, bytes]], list[dict[str, Any]]]:
+    ) -> tuple[list[Record], list[dict[str, Any]]]:
         """The records to produce and, by index, the events refused with their reasons."""
         limits = self.settings.limits
         topics = self.settings.topics
@@ -259,33 +266,16 @@ class Collector:
                 )
                 continue
             normalise(event, now_ms, sent_at, ip)
-            problem = event_problem(
-                event,
-                ingested_ms=int(now_ms),
-                trusted=trusted,
-                max_future_skew_ms=limits.max_future_skew_s * 1000,
-            )
-            if problem is not None:
-                reason, detail = problem
-                if reason == "untrusted_source":
-                    detail += f" (write key {key.name!r} is not a trusted server-side key)"
-                rejected.append({"index": index, "error": reason, "reason": detail})
-                continue
-            value = orjson.dumps(event)
-            if len(value) > limits.max_event_bytes:
-                rejected.append(
-                    {
-                        "index": index,
-                        "error": "oversized",
-                        "reason": f"{len(value)} bytes > limit {limits.max_event_bytes}",
-                    }
-                )
-                continue
-            person = event.get("anonymousId") or event.get("userId") or event.get("previousId")
-            records.append((topic, str(person).encode() if person else None, value))
+            try:
+                records.append(event_record(event, topic, trusted=trusted, limits=limits))
+            except ApiError as e:
+                reason = e.reason
+                if e.error == "untrusted_source":
+                    reason += f" (write key {key.name!r} is not a trusted server-side key)"
+                rejected.append({"index": index, "error": e.error, "reason": reason})
         return records, rejected
 
-    async def produce(self, records: list[tuple[str, bytes | None, bytes]]) -> None:
+    async def produce(self, records: list[Record]) -> None:
         """Produce and wait for the broker; Refused 503 when it does not take them."""
         try:
             await self.producer().send(records)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -12,6 +13,8 @@ import orjson
 from aiohttp import web
 
 from dataflows.metrics import metrics
+from engine.events import event_problem
+from engine.settings import LimitSettings
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,30 @@ def json_response(
     return web.Response(
         body=orjson.dumps(data), status=status, headers=headers, content_type="application/json"
     )
+
+
+Record = tuple[str, bytes | None, bytes]  # (topic, key, value) for the broker
+
+
+def event_record(event: Any, topic: str, *, trusted: bool, limits: LimitSettings) -> Record:
+    """The broker record of one event, checked as the engine will check it.
+
+    Raises ApiError 400 (the DLQ's reason code and detail: what the engine would
+    refuse) or 413 (larger than ``limits.max_event_bytes`` once serialised).
+    """
+    problem = event_problem(
+        event,
+        ingested_ms=int(time.time() * 1000),
+        trusted=trusted,
+        max_future_skew_ms=limits.max_future_skew_s * 1000,
+    )
+    if problem is not None:
+        raise ApiError(400, *problem)
+    value = orjson.dumps(event)
+    if len(value) > limits.max_event_bytes:
+        raise ApiError(413, "oversized", f"{len(value)} bytes > limit {limits.max_event_bytes}")
+    person = event.get("anonymousId") or event.get("userId") or event.get("previousId")
+    return topic, str(person).encode() if person else None, value
 
 
 def error_response(status: int, error: str, reason: str, retry_after_s: int = 0) -> web.Response:

@@ -41,7 +41,7 @@ def _openssl(*args: str) -> None:
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
     if shutil.which("openssl") is None:
-        pytest.skip("openssl not on PATH")
+        pytest.skip("openssl not on PATH: apt-get install openssl (.ci/run does)")
     d = tmp_path_factory.mktemp("tls")
     for name in ("ca", "other-ca"):
         _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
@@ -78,7 +78,7 @@ class TlsRedis(LocalRedis):
 @pytest.fixture
 def tls_redis(certificates: Certificates) -> Iterator[TlsRedis]:
     if not os.access(SYSTEM_REDIS, os.X_OK):
-        pytest.skip(f"{SYSTEM_REDIS} (Debian's, built with TLS) not installed")
+        pytest.skip(f"{SYSTEM_REDIS} not installed: apt-get install redis-server (.ci/run does)")
     with TlsRedis(certificates) as server:
         assert isinstance(server, TlsRedis)
         yield server
