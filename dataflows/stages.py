@@ -35,7 +35,6 @@ from engine.person import (
     decode_state,
     encode_state,
     erase,
-    iso,
     message_digest,
     refusal,
     refuse_merge,
@@ -314,6 +313,10 @@ class PersonStage(_LazyStore):
         super().__init__(settings, store)
         self.rules = Rulebook(settings)
         self.clock = clock
+        # Event time (dataflow.clock = "event", replays and the backtest): each event is
+        # applied "at" its own time, so decisions, stamps and SDR availability are the
+        # history's, and the same input gives the same records however it is batched.
+        self.event_time = settings.dataflow.clock == "event"
         self._roster = settings.roster
         self._done: dict[str, int] = {}
         self._done_read_at = -INPUTS_DONE_REFRESH_S
@@ -423,14 +426,16 @@ class PersonStage(_LazyStore):
 
 
 def count_record(
-    record: Output, person: PersonState, triggers: dict[str, Event], now_iso: str, now_ms: int
+    record: Output, person: PersonState, triggers: dict[str, Event], now_ms: int
 ) -> None:
     """Count a record in the metrics (a decision is logged too), unless it is a replay.
 
     A new decision is one assigned in this round (its id is among the round's
-    routings); a new lifecycle record is stamped with this round's time.
+    routings); a record re-emitted from the outbox says so (``Output.replayed``).
     """
     m, value = metrics(), record.value
+    if record.replayed:
+        return
     if record.kind == DLQ:
         m.rejected.labels(value["reason"]).inc()
     elif record.kind == DECISION:
@@ -448,7 +453,7 @@ def count_record(
             person.owner,
             extra={"one_id": person.one_id},
         )
-    elif value.get("recorded_at") == now_iso:
+    else:
         cause = value["cause"]
         if value["from"] != value["to"]:
             m.transitions.labels(value["from"] or "none", value["to"]).inc()
@@ -473,7 +478,8 @@ class _Round:
     def __init__(self, stage: PersonStage, work: dict[str, list[Resolved]]):
         self.stage = stage
         self.settings, self.store, self.rules = stage.settings, stage.store, stage.rules
-        self.now_ms = int(stage.clock() * 1000)
+        self.wall_ms = int(stage.clock() * 1000)  # for the latency metrics
+        self.now_ms = self.wall_ms  # or each event's time: see at()
         self.work = work
         self.retry: dict[str, list[Resolved]] = {}
         self.later: dict[str, list[Resolved]] = {}  # events after a routing: next round
@@ -500,6 +506,11 @@ class _Round:
         self._apply()
         self._save(outputs)
         return self.retry
+
+    def at(self, event: Event) -> None:
+        """Under event time, make ``event``'s time the round's now (else keep the wall clock's)."""
+        if self.stage.event_time:
+            self.now_ms = event.event_ms
 
     def _again(self, one_id: str, items: list[Resolved]) -> None:
         self.retry.setdefault(one_id, []).extend(items)
@@ -541,6 +552,7 @@ class _Round:
         live = self._absorbable(one_id, items)
         out = self.produced[one_id] = []
         for n, item in enumerate(items):
+            self.at(item.event)
             target = live.get(item.one_id, person)
             self._merge_and_note(one_id, n, item, target, live, out)
             event = item.event
@@ -643,6 +655,7 @@ class _Round:
         for (home, r), on_lists in zip(
             routings, self.store.lists_holding(people, tuple(LISTS)), strict=True
         ):
+            self.at(r.event)
             r.suppression = suppression_of(on_lists)
             if r.suppression.blacklisted:
                 self.produced[home].extend(withhold_from_sales(r, self.rules, self.now_ms))
@@ -651,12 +664,14 @@ class _Round:
         if not routed:
             return
         roster = self.stage.roster()
-        requests = [
-            Assignment(
-                r.queue, r.key, r.company, candidates(roster, r.queue, self.now_ms, r.exclude)
+        requests = []
+        for _, r in routed:
+            self.at(r.event)
+            requests.append(
+                Assignment(
+                    r.queue, r.key, r.company, candidates(roster, r.queue, self.now_ms, r.exclude)
+                )
             )
-            for _, r in routed
-        ]
         sdrs = {s.id: s for s in roster.sdrs}
         answers = self.store.assign(requests)
         for (home, routing), request, sdr_id in zip(routed, requests, answers, strict=True):
@@ -664,6 +679,7 @@ class _Round:
             if sdr_id:
                 self.assigned.setdefault(home, []).append((request, sdr_id))
             self.triggers[routing.key] = routing.event
+            self.at(routing.event)
             self.produced[home].extend(
                 complete_routing(routing, sdr, roster, self.rules, self.now_ms)
             )
@@ -701,13 +717,12 @@ class _Round:
     def _emit(self, done: list[str], outputs: list[Output]) -> None:
         """Emit the records of the people saved; bring Redis' side records up to date."""
         triggers = self.triggers
-        now_iso = iso(self.now_ms)
         m = metrics()
         for one_id in done:
             person = self.people[one_id]
             outputs.extend(self.produced[one_id])
             for record in self.produced[one_id]:
-                count_record(record, person, triggers, now_iso, self.now_ms)
+                count_record(record, person, triggers, self.wall_ms)
             if one_id in self.erased:
                 self.store.drop_people(self.erased[one_id])
                 m.erasures.inc()

@@ -43,9 +43,8 @@ def journeys(lifecycle: Iterable[Mapping[str, Any]]) -> dict[str, Journey]:
     absorbed: dict[str, str] = {}
     for r in lifecycle:
         one_id = str(r.get("one_id"))
-        if r.get("cause") == "merge":
-            for other in r.get("merged_from") or []:
-                absorbed[str(other)] = one_id
+        for other in _absorbed_by(r):
+            absorbed[other] = one_id
         at = epoch_ms(r.get("event_time"))
         to = r.get("to")
         journey = people[one_id]
@@ -53,10 +52,7 @@ def journeys(lifecycle: Iterable[Mapping[str, Any]]) -> dict[str, Journey]:
             journey.reached[to] = min(journey.reached.get(to, at), at)
         if r.get("cause") == "first_event" and isinstance(r.get("attribution"), dict):
             journey.attribution = {k: str(v) for k, v in r["attribution"].items()}
-    for gone, into in absorbed.items():
-        survivor, hops = into, 0
-        while survivor in absorbed and hops < len(absorbed):  # a chain of merges
-            survivor, hops = absorbed[survivor], hops + 1
+    for gone, survivor in survivors(absorbed).items():
         if gone in people and survivor != gone:
             merged = people.pop(gone)
             keeper = people[survivor]
@@ -64,6 +60,30 @@ def journeys(lifecycle: Iterable[Mapping[str, Any]]) -> dict[str, Journey]:
                 keeper.reached[stage] = min(keeper.reached.get(stage, at), at)
             keeper.attribution = keeper.attribution or merged.attribution
     return dict(people)
+
+
+def survivors(absorbed: Mapping[str, str]) -> dict[str, str]:
+    """Each absorbed person's survivor, following chains of merges (cycles cut)."""
+    out = {}
+    for gone, into in absorbed.items():
+        survivor, hops = into, 0
+        while survivor in absorbed and hops < len(absorbed):
+            survivor, hops = absorbed[survivor], hops + 1
+        out[gone] = survivor
+    return out
+
+
+def merges(lifecycle: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """Who absorbed whom, from the ``merge`` lifecycle records: absorbed -> absorber."""
+    return {other: str(r.get("one_id")) for r in lifecycle for other in _absorbed_by(r)}
+
+
+def _absorbed_by(record: Mapping[str, Any]) -> list[str]:
+    """Whom a ``merge`` record absorbed: the engine names one (a string); a list is read too."""
+    if record.get("cause") != "merge":
+        return []
+    merged = record.get("merged_from")
+    return [merged] if isinstance(merged, str) else [str(m) for m in merged or []]
 
 
 def _stage_figures(group: list[Journey]) -> dict[str, Any]:

@@ -87,6 +87,7 @@ class Output:
     kind: str  # DECISION, LIFECYCLE or DLQ
     one_id: str
     value: dict[str, Any]
+    replayed: bool = False  # re-emitted from the outbox: emitted before, not new
 
 
 @dataclass(slots=True)
@@ -331,7 +332,7 @@ def decode_state(one_id: str, raw: bytes | None, version: int = 0) -> PersonStat
 def replayed_outputs(p: PersonState, digest: str) -> list[Output]:
     """Records an already-applied event produced, in order, for re-emission."""
     return [
-        Output(kind, p.one_id, value)
+        Output(kind, p.one_id, value, replayed=True)
         for entry_digest, records in outbox_of(p)
         if entry_digest == digest
         for kind, value in records

@@ -184,6 +184,9 @@ class ConsentSettings:
         return self.default
 
 
+CLOCKS = ("wall", "event")
+
+
 @dataclass(frozen=True)
 class DataflowSettings:
     """How the Bytewax dataflow runs."""
@@ -197,6 +200,9 @@ class DataflowSettings:
     snapshot_interval_s: float = 10.0
     # Stop at the end of the input instead of waiting for more (replays, tests).
     stop_at_end: bool = False
+    # "wall": records are stamped and SDRs picked by the clock (live). "event": by each
+    # event's own time (a replay of history; needs stop_at_end: no timer fires).
+    clock: str = "wall"
 
 
 @dataclass(frozen=True)
@@ -902,7 +908,10 @@ def _dataflow(t: _Table, env: Mapping[str, str]) -> DataflowSettings:
         recovery_dir=env.get("LEADFLOW_RECOVERY_DIR", t.text("recovery_dir", "var/recovery")),
         snapshot_interval_s=t.number("snapshot_interval_s", 10.0, positive=True),
         stop_at_end=t.flag("stop_at_end", False),
+        clock=t.text("clock", "wall"),
     )
+    if s.clock not in CLOCKS:
+        raise t.error("clock", f"expected one of {', '.join(CLOCKS)}, got {s.clock!r}")
     t.done()
     return s
 

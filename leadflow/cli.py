@@ -5,6 +5,8 @@ Commands:
     demo            everything local: broker, Redis, engine, a synthetic stream, live alerts
     up              everything local until Ctrl-C, with the collector: try a real tracker
     report          the funnel per campaign, source and landing page; SDR performance
+    backtest FILE   replay a history through the engine: promotions, AUC, threshold sweep
+    tune FILE       propose rule points and a threshold from history with outcomes
     topics create   create the topics with a chosen partition count
     inspect ID      everything known about the person owning an identifier
     config show     print the effective configuration, secrets masked
@@ -22,11 +24,13 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from engine.consent import LISTS
 from engine.settings import (
     API_SCOPES,
+    CLOCKS,
     MEMBER_ERRORS,
     ConfigError,
     Settings,
@@ -77,6 +81,51 @@ def _alerts_and_api_parsers(sub: Any) -> None:
     )
     report.add_argument("--decisions", help="a JSON-lines file of decisions (with --lifecycle)")
     report.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    report.add_argument(
+        "--html", metavar="FILE", help="also write a self-contained HTML page (PNGs beside it)"
+    )
+
+    backtest = sub.add_parser(
+        "backtest", help="replay a history through the engine: what this model would have done"
+    )
+    backtest.add_argument("events", help="history: Segment JSON lines (events and feedback)")
+    backtest.add_argument(
+        "--config", metavar="DIR", help="the configuration to test (default: --config-dir)"
+    )
+    backtest.add_argument(
+        "--outcomes", metavar="FILE", help="CSV or JSON lines: identifier,outcome (won/lost/...)"
+    )
+    backtest.add_argument(
+        "--against", metavar="DIR", help="a second configuration, compared on the same history"
+    )
+    backtest.add_argument(
+        "--out", default="var/backtest", help="output directory (default var/backtest)"
+    )
+    backtest.add_argument(
+        "--sweep",
+        default=",".join(f"{f:g}" for f in (0.25, 0.5, 0.75, 1, 1.25, 1.5, 2)),
+        help="threshold factors to sweep, comma-separated (each one run; default %(default)s)",
+    )
+    backtest.add_argument(
+        "--batch", type=int, default=500, help="lines per engine batch (default 500)"
+    )
+    backtest.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    tune = sub.add_parser(
+        "tune", help="propose rule points and a threshold from history with outcomes"
+    )
+    tune.add_argument("events", help="history: Segment JSON lines")
+    tune.add_argument("--outcomes", metavar="FILE", help="CSV or JSON lines: identifier,outcome")
+    tune.add_argument(
+        "--config", metavar="DIR", help="the configuration to start from (default: --config-dir)"
+    )
+    tune.add_argument(
+        "--mqls-per-week", type=float, help="target MQL volume (default: today's model's)"
+    )
+    tune.add_argument(
+        "--out", default="var/tune", help="where the proposal goes (default var/tune)"
+    )
+    tune.add_argument("--quiet", action="store_true", help="no progress bar")
 
     up = sub.add_parser(
         "up", help="everything local until Ctrl-C: broker, Redis, engine, collector, alerts"
@@ -147,6 +196,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--stop-at-end", action="store_true", help="stop when the input is drained (replays)"
+    )
+    run.add_argument(
+        "--clock",
+        choices=CLOCKS,
+        help="wall (live) or event: apply history at its own times (with --stop-at-end)",
     )
 
     demo = sub.add_parser("demo", help="run everything locally on a synthetic stream")
@@ -271,6 +325,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         "api": _api,
         "collect": _collect,
         "lists": _lists,
+        "backtest": _backtest,
+        "tune": _tune,
     }
     if args.command in handlers:
         return handlers[args.command](args)
@@ -282,18 +338,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"created: {', '.join(created) or 'nothing (all topics exist)'}")
         return 0
     if args.command == "report":
-        from pathlib import Path
-
         from leadflow.report import build_report, render
 
         lifecycle = Path(args.lifecycle) if args.lifecycle else None
         decisions = Path(args.decisions) if args.decisions else None
         built = build_report(_settings(args), lifecycle, decisions)
         print(json.dumps(built, indent=2) if args.json else render(built))
+        if args.html:
+            from leadflow.report import write_html
+
+            print(f"wrote {write_html(built, Path(args.html))}", file=sys.stderr)
         return 0
     if args.command == "up":
-        from pathlib import Path
-
         from leadflow.up import UpOptions, run_up
 
         return run_up(UpOptions(Path(args.home), args.config_dir, args.port))
@@ -312,6 +368,72 @@ def _dispatch(args: argparse.Namespace) -> int:
             )
         )
     return _run(args)
+
+
+def _sweep_factors(text: str) -> tuple[float, ...]:
+    try:
+        factors = tuple(float(f) for f in text.split(",") if f.strip())
+    except ValueError:
+        factors = ()
+    if not factors or any(f <= 0 for f in factors):
+        raise ConfigError("command line", "--sweep", f"expected positive numbers, got {text!r}")
+    return tuple(sorted(set(factors)))
+
+
+def _history_file(path: str) -> Path:
+    history = Path(path)
+    if not history.is_file():
+        raise ConfigError("command line", "EVENTS", f"no such file: {path}")
+    return history
+
+
+def _backtest(args: argparse.Namespace) -> int:
+    from leadflow.backtest import clean_dir, run_backtest, write_pictures
+
+    settings = load_settings(args.config or args.config_dir)
+    against = load_settings(args.against) if args.against else None
+    history = _history_file(args.events)
+    out = Path(args.out)
+    clean_dir(out)
+    report = run_backtest(
+        settings,
+        history,
+        out,
+        Path(args.outcomes) if args.outcomes else None,
+        against,
+        _sweep_factors(args.sweep),
+        args.batch,
+        show_progress=not args.quiet,
+    )
+    page = write_pictures(report, settings.scoring.mql_threshold, out)
+    figures = report["model"]["figures"]
+    print(json.dumps(figures, indent=2))
+    if "comparison" in report:
+        c = report["comparison"]
+        print(
+            f"against {args.against}: both promote {c['both']}, only this model "
+            f"{len(c['only_first'])}, only the other {len(c['only_second'])}"
+        )
+    print(f"wrote {out}/ (decisions, lifecycle, dlq .jsonl; report.json; {page.name}; PNGs)")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from leadflow.tune import run_tune
+
+    settings = load_settings(args.config or args.config_dir)
+    config_dir = Path(args.config or args.config_dir or settings.config_dir)
+    result = run_tune(
+        settings,
+        config_dir,
+        _history_file(args.events),
+        Path(args.outcomes) if args.outcomes else None,
+        Path(args.out),
+        args.mqls_per_week,
+        show_progress=not args.quiet,
+    )
+    print(result)
+    return 0
 
 
 def _alerts(args: argparse.Namespace) -> int:
@@ -447,8 +569,6 @@ def _lists(args: argparse.Namespace) -> int:
 
 
 def _roster(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from leadflow.roster import apply_roster, show_roster
 
     settings = _settings(args)
@@ -476,6 +596,11 @@ def _run(args: argparse.Namespace) -> int:
         dataflow = replace(dataflow, processes=args.processes)
     if args.stop_at_end:
         dataflow = replace(dataflow, stop_at_end=True)
+    if args.clock:
+        dataflow = replace(dataflow, clock=args.clock)
+    if dataflow.clock == "event" and not dataflow.stop_at_end:
+        # Timers fire by the wall clock and never in a bounded run: event time is for replays.
+        raise ConfigError("command line", "--clock", "event time needs --stop-at-end (a replay)")
     settings = replace(settings, dataflow=dataflow)
     if (args.process_id is None) != (args.addresses is None):
         raise ConfigError("command line", "--process-id/--addresses", "give both or neither")

@@ -16,6 +16,7 @@ import orjson
 
 from engine.funnel import STAGES, funnel, journeys, sdr_performance
 from engine.settings import Settings
+from leadflow import charts
 from leadflow.watch import OutputWatcher
 
 
@@ -91,3 +92,51 @@ def render(report: dict[str, Any], top: int = 10) -> str:
                 f"{'' if median is None else median:>22}"
             )
     return "\n".join(lines)
+
+
+def write_html(report: dict[str, Any], path: Path) -> Path:
+    """The report as one self-contained HTML page; returns its path.
+
+    The funnel and the SDR load are inline SVG, and ``funnel.png`` and ``sdr_load.png``
+    are written beside the page.
+    """
+    funnel_ = report["funnel"]
+    load = {
+        queue: {"leads": {sdr: row["decided"] for sdr, row in sdrs.items()}}
+        for queue, sdrs in report["sdr_performance"].items()
+    }
+    svgs = charts.save(
+        {
+            "funnel": charts.funnel_chart(funnel_["overall"]["counts"]),
+            "sdr_load": charts.load_chart(load, "Leads decided per SDR"),
+        },
+        path.parent,
+    )
+    sections = [("Funnel", charts.chart(svgs["funnel"]))]
+    for group in ("campaign", "source", "landing_page"):
+        rows = charts.funnel_rows(funnel_[f"by_{group}"])
+        sections.append((f"By {group.replace('_', ' ')}", charts.table(charts.FUNNEL_HEADER, rows)))
+    sdr_rows = [
+        [queue, sdr, s["decided"], s["accepted"], sum(s["rejected"].values()), s["sla_breaches"],
+         s["median_minutes_to_accept"]]
+        for queue, sdrs in report["sdr_performance"].items()
+        for sdr, s in sdrs.items()
+    ]  # fmt: skip
+    sections.append(
+        (
+            "SDR performance",
+            charts.chart(svgs["sdr_load"])
+            + charts.table(
+                ["queue", "sdr", "decided", "accepted", "rejected", "SLA breaches",
+                 "median min to accept"],
+                sdr_rows,
+            ),
+        )
+    )  # fmt: skip
+    records = report["records"]
+    title = (
+        f"Leadflow funnel ({records['lifecycle']:,} lifecycle records, "
+        f"{records['decisions']:,} decisions)"
+    )
+    path.write_text(charts.page(title, sections), encoding="utf-8")
+    return path

@@ -219,6 +219,7 @@ def run_local_cluster(settings: Settings, config_dir: str) -> int:
     base = settings.dataflow.cluster_base_port
     addresses = ";".join(f"127.0.0.1:{base + i}" for i in range(n))
     extra = ["--stop-at-end"] if settings.dataflow.stop_at_end else []
+    extra += ["--clock", settings.dataflow.clock]
     errors = Path(tempfile.mkdtemp(prefix="leadflow-members-"))
     children = [
         subprocess.Popen(  # our own interpreter and module

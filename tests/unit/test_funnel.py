@@ -38,7 +38,7 @@ HISTORY = [
     rec("b", "mql", 4, "score_threshold"),  # a replay's duplicate
     first("c", "fall", "/blog"),
     first("d", "fall", "/blog"),
-    rec("a", "customer", 10, "merge", merged_from=["d"]),
+    rec("a", "customer", 10, "merge", merged_from="d"),
     rec("e", "lead", 3, "first_event"),
 ]
 
