@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo up test lint typecheck unit integration bench soak profile fuzz clean
+.PHONY: demo up test lint typecheck unit integration bench soak profile fuzz backtest clean
 
 # Create the virtual environment and install the project with the embedded
 # broker/Redis binaries and the dev tools; re-run when pyproject.toml changes.
@@ -43,6 +43,16 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(BIN)/pytest tests/integration
+
+OLIST ?= ../shared/datasets/olist
+# Olist's public B2B funnel: history, outcomes and a configuration (leadflow.olist), the
+# shipped rules backtested on it, `leadflow tune`'s proposal, and the two compared.
+backtest: $(STAMP)  ## the Olist backtest and tune: var/backtest/olist/report.html
+	$(BIN)/python -m leadflow.olist $(OLIST) var/olist
+	$(BIN)/leadflow tune var/olist/events.jsonl --config var/olist/config \
+	  --outcomes var/olist/outcomes.csv --out var/tune/olist --mqls-per-week 40
+	$(BIN)/leadflow backtest var/olist/events.jsonl --config var/olist/config \
+	  --outcomes var/olist/outcomes.csv --against var/tune/olist/config --out var/backtest/olist
 
 clean:
 	rm -rf $(VENV) .venv-quix .pytest_cache .mypy_cache .ruff_cache *.egg-info

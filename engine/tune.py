@@ -4,8 +4,9 @@ Each person is a row: per scoring rule, how many of their events it matched (cap
 the rule's ``cap``), plus candidate rules the history suggests (a campaign source, a
 landing page) as 0/1 columns; the label is "won". An L2-regularised logistic regression
 (Newton's method, intercept not penalised) gives each column a weight in log-odds; the
-weights become points on one scale (:func:`points_scale`), so the score the engine
-adds up orders people as the model does. The strength of regularisation is chosen by
+weights become points on one scale, so the score the engine adds up orders people as
+the model does, and the threshold is the score the target volume reaches
+(:func:`volume_threshold`). The strength of regularisation is chosen by
 5-fold cross-validated AUC; the folds are fixed by a hash of each person's One-ID, so a
 run is repeatable. The baseline is computed on the same folds: each person's campaign
 source and landing page target-encoded (the won rate of that value in the training
@@ -98,20 +99,17 @@ def baseline_auc(
     return auc(scores.tolist(), y.tolist())
 
 
-def points_scale(scores: Matrix, threshold: float, selected: int) -> float:
-    """Points per log-odds unit, so that the ``selected`` best-scoring people reach ``threshold``.
+def volume_threshold(scores: Matrix, selected: int) -> float:
+    """The score that ``selected`` people reach: that of the person ranked ``selected``.
 
-    The scale is fixed by the person ranked ``selected``: their model score times the
-    scale is the threshold. Scores at or below zero cannot be scaled to a positive
-    threshold: then the smallest positive score is used (fewer people than asked).
+    A threshold must be positive: when that score is not, the smallest positive score is
+    used (fewer people than asked), and 1.0 when nobody scores above zero.
     """
     ranked = np.sort(scores)[::-1]
     if not len(ranked):
         return 1.0
-    cut = ranked[min(max(selected, 1), len(ranked)) - 1]
-    if cut <= 0:
-        positive = ranked[ranked > 0]
-        if not len(positive):
-            return 1.0
-        cut = positive[-1]
-    return float(threshold / cut)
+    cut = float(ranked[min(max(selected, 1), len(ranked)) - 1])
+    if cut > 0:
+        return cut
+    positive = ranked[ranked > 0]
+    return float(positive[-1]) if len(positive) else 1.0

@@ -25,7 +25,15 @@ from engine.funnel import STAGES
 
 WIDTH, HEIGHT = 7.0, 3.6  # inches; 100 dpi PNG: 700 x 360
 # SVG text stays text (smaller, searchable); the page names a common font first.
-plt.rcParams.update({"svg.fonttype": "none", "font.size": 9, "font.family": "DejaVu Sans"})
+# A fixed salt for the SVG's element ids: the same report gives the same page.
+plt.rcParams.update(
+    {
+        "svg.fonttype": "none",
+        "svg.hashsalt": "leadflow",
+        "font.size": 9,
+        "font.family": "DejaVu Sans",
+    }
+)
 
 
 def funnel_chart(counts: Mapping[str, int], title: str = "Funnel") -> Figure:
@@ -137,7 +145,7 @@ def load_chart(load: Mapping[str, Mapping[str, Any]], title: str = "SDR load") -
 
 def _svg(fig: Figure) -> str:
     buffer = io.StringIO()
-    fig.savefig(buffer, format="svg")
+    fig.savefig(buffer, format="svg", metadata={"Date": None})  # no date: same input, same page
     text = buffer.getvalue()
     return text[text.index("<svg") :]  # inline: no XML prolog or doctype
 

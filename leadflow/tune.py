@@ -53,6 +53,7 @@ from engine.tune import (
     cross_validated_auc,
     fit_logistic,
     fold_of,
+    volume_threshold,
 )
 from leadflow.backtest import BATCH, Backtest, RunResult, read_history, read_outcomes
 
@@ -213,16 +214,10 @@ def run_tune(
     promoted_now = sum(1 for p in result.people if p.promoted_ms is not None)
     target = mqls_per_week * weeks if mqls_per_week else (promoted_now or int(y.sum()))
     scale = TOP_POINTS / max(float(np.max(np.abs(w))), 1e-9)
-    scores = np.sort(x @ w * scale)[::-1]
+    scores = x @ w * scale
     k = int(min(max(round(target), 1), len(scores)))
-    cut = float(scores[k - 1])
-    threshold = (
-        _half(cut)
-        if cut > 0
-        else _half(float(scores[scores > 0][-1]))
-        if (scores > 0).any()
-        else 1.0
-    )
+    threshold = max(_half(volume_threshold(scores, k)), 0.5)
+    reached = int((scores >= threshold).sum())
     changes, new_rules, table = {}, [], []
     for c, weight, column in zip(columns, w, x.T, strict=True):
         points = _half(weight * scale)
@@ -246,7 +241,7 @@ def run_tune(
     scoring_path = config_dir / "scoring.toml"
     text = scoring_path.read_text(encoding="utf-8")
     reason = (
-        f"was {settings.scoring.mql_threshold:g}; {k} of {len(scores)} people reach it"
+        f"was {settings.scoring.mql_threshold:g}; {reached} of {len(scores)} people reach it"
         f" (target {target:.0f})"
     )
     proposed = proposed_scoring(text, changes, (threshold, reason), new_rules)
@@ -276,6 +271,7 @@ def run_tune(
         "current_model_auc": auc([p.behavior_score for p in result.people], y.tolist()),
         "threshold": threshold,
         "target_mqls": round(target, 1),
+        "people_reaching_threshold": reached,
         "weeks": round(weeks, 2),
         "rules": table,
     }
