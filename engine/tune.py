@@ -100,16 +100,18 @@ def baseline_auc(
 
 
 def volume_threshold(scores: Matrix, selected: int) -> float:
-    """The score that ``selected`` people reach: that of the person ranked ``selected``.
+    """A threshold that about ``selected`` people reach, halfway below their score.
 
-    A threshold must be positive: when that score is not, the smallest positive score is
-    used (fewer people than asked), and 1.0 when nobody scores above zero.
+    People share scores (the same source and page give the same points), so the volume
+    moves in steps: the step closest to ``selected`` is taken (the smaller on a tie).
+    The threshold sits halfway between that score and the next lower one (0 at least),
+    so a score that decayed by a hair on its way still reaches it. 1.0 when nobody
+    scores above zero.
     """
-    ranked = np.sort(scores)[::-1]
-    if not len(ranked):
+    values = np.unique(scores[scores > 0])[::-1]  # distinct positive scores, best first
+    if not len(values):
         return 1.0
-    cut = float(ranked[min(max(selected, 1), len(ranked)) - 1])
-    if cut > 0:
-        return cut
-    positive = ranked[ranked > 0]
-    return float(positive[-1]) if len(positive) else 1.0
+    reach = [int((scores >= v).sum()) for v in values]
+    best = min(range(len(values)), key=lambda n: (abs(reach[n] - selected), n))
+    below = float(values[best + 1]) if best + 1 < len(values) else 0.0
+    return (float(values[best]) + below) / 2

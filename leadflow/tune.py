@@ -127,8 +127,7 @@ def features(
         else:
             for i in sources[c.source] if c.source else paths[c.path]:
                 x[i, j] = 1.0
-    # A column equal for everyone (the catch-all page rule on a one-page history) says nothing.
-    used = [j for j in range(len(columns)) if x[:, j].any() and x[:, j].std() > 0]
+    used = [j for j in range(len(columns)) if x[:, j].any()]
     return people, [columns[j] for j in used], x[:, used]
 
 
@@ -202,9 +201,13 @@ def run_tune(
     if not y.any() or y.all():
         raise ValueError("tune needs people who won and people who did not (give --outcomes)")
     fold = fold_of(people)
-    grid = {l2: cross_validated_auc(x, y, fold, l2) for l2 in L2_GRID}
+    # A column equal for everyone (the form every Olist lead filled) says nothing of who
+    # wins: it is not fitted, and its rule keeps its points (which still count below).
+    varies = x.std(axis=0) > 0
+    grid = {l2: cross_validated_auc(x[:, varies], y, fold, l2) for l2 in L2_GRID}
     l2 = max(grid, key=lambda k: grid[k] or 0.0)
-    w = fit_logistic(x, y, l2)[:-1]
+    w = np.zeros(len(columns))
+    w[varies] = fit_logistic(x[:, varies], y, l2)[:-1]
     attribution = [journeys_attr(result, key) for key in ("source", "landing_page")]
     baseline, source_alone = (
         baseline_auc(attribution, y, fold),
@@ -214,13 +217,20 @@ def run_tune(
     promoted_now = sum(1 for p in result.people if p.promoted_ms is not None)
     target = mqls_per_week * weeks if mqls_per_week else (promoted_now or int(y.sum()))
     scale = TOP_POINTS / max(float(np.max(np.abs(w))), 1e-9)
-    scores = x @ w * scale
-    k = int(min(max(round(target), 1), len(scores)))
-    threshold = max(_half(volume_threshold(scores, k)), 0.5)
+    rule_points_all = np.array(
+        [
+            _half(float(weight * scale)) if fitted else (c.rule.points if c.rule else 0.0)
+            for c, weight, fitted in zip(columns, w, varies, strict=True)
+        ]
+    )
+    scores = x @ rule_points_all  # what the engine adds up with the proposed points (before decay)
+    threshold = round(volume_threshold(scores, round(target)), 2)
     reached = int((scores >= threshold).sum())
     changes, new_rules, table = {}, [], []
-    for c, weight, column in zip(columns, w, x.T, strict=True):
-        points = _half(weight * scale)
+    for c, weight, rule_points, column in zip(
+        columns, w, rule_points_all.tolist(), x.T, strict=True
+    ):
+        points = float(rule_points)
         matched = int((column > 0).sum())
         reason = f"weight {weight:+.3f} log-odds per award; matched {matched} people"
         table.append(
@@ -282,7 +292,7 @@ def run_tune(
             f"cross-validated AUC (5 folds): proposal {_f(grid[l2])}; baseline target-encoded "
             f"source + landing page {_f(baseline)}, source alone {_f(source_alone)}; "
             f"today's model {_f(figures['current_model_auc'])} (in-sample)",
-            f"proposed threshold {threshold:g} for about {target:.0f} MQLs "
+            f"proposed threshold {threshold:g}: {reached} people reach it (target {target:.0f}) "
             f"({len(changes)} rules changed, {len(new_rules)} proposed)",
             f"review: {out_dir / 'scoring.toml.diff'}; try it: leadflow backtest {history_path} "
             f"--config {config_dir} --against {proposal}"

@@ -120,8 +120,10 @@ def test_target_encoding_is_the_smoothed_won_rate_of_the_training_rows() -> None
     assert encoded[4, 0] == encoded[0, 0]
 
 
-def test_the_threshold_is_the_score_the_target_volume_reaches() -> None:
-    scores = np.array([4.0, 2.0, 1.0, -1.0])
-    assert volume_threshold(scores, 2) == 2.0  # the 2nd best
-    assert volume_threshold(scores, 4) == 1.0  # the 4th is negative: the last positive
+def test_the_threshold_is_reached_by_about_the_target_volume() -> None:
+    scores = np.array([4.0, 2.0, 2.0, 1.0, -1.0])
+    # 2 reach 2.0 with 4.0 (3 people); 1 reaches 4.0: the closest to 2 is 1 (the smaller tie).
+    assert volume_threshold(scores, 2) == 3.0  # halfway between 4 and 2
+    assert volume_threshold(scores, 3) == 1.5  # 3 reach 2.0: halfway to 1.0
+    assert volume_threshold(scores, 9) == 0.5  # all 4 positive: halfway to 0
     assert volume_threshold(np.array([-1.0, 0.0]), 1) == 1.0  # nobody above zero
