@@ -52,8 +52,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 from tqdm import tqdm
 
+from dataflows.kafka_io import client_options
 from dataflows.stages import Decoder, IdentityStage, PersonStage, RawMessage, Resolved
 from engine.backtest import (
     OUTCOMES,
@@ -143,6 +145,88 @@ def read_history(path: Path, settings: Settings) -> list[RawMessage]:
             offsets[topic] += 1
             out.append(RawMessage(raw, origin, last_ms))
     return out
+
+
+def read_topics(
+    settings: Settings, since_ms: int | None = None, until_ms: int | None = None
+) -> list[RawMessage]:
+    """The events and feedback topics (``kafka.bootstrap``) as a history: a time range of them.
+
+    From the first message at or after ``since_ms`` (else the start) to the end each
+    partition has now (its end-of-partition event), keeping messages before
+    ``until_ms``; in broker-time order (ties by topic, partition and offset), each
+    stamped with its broker time. The start is found with the broker's time index and
+    every message is also checked against the range: the embedded broker answers that
+    look-up (and the high watermark) wrongly, so it is never trusted alone.
+    """
+    consumer = Consumer(
+        {
+            **client_options(settings),
+            "group.id": "leadflow-backtest",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "fetch.wait.max.ms": settings.kafka.fetch_wait_max_ms,
+        }
+    )
+    names = {settings.topics.events: EVENTS_TOPIC, settings.topics.feedback: FEEDBACK_TOPIC}
+    got: list[tuple[int, str, int, int, bytes | None]] = []
+    try:
+        starts = []
+        for topic in names:
+            meta = consumer.list_topics(topic, timeout=10).topics[topic]
+            if meta.error is not None:
+                raise ConfigError("kafka", topic, f"cannot read the topic: {meta.error}")
+            for partition in meta.partitions:
+                start = TopicPartition(topic, partition, OFFSET_BEGINNING)
+                if since_ms is not None:
+                    (found,) = consumer.offsets_for_times(
+                        [TopicPartition(topic, partition, since_ms)], timeout=10
+                    )
+                    start = TopicPartition(topic, partition, found.offset)  # -1: at the end
+                starts.append(start)
+        consumer.assign(starts)
+        open_parts = {(t.topic, t.partition) for t in starts}
+        while open_parts:
+            msg = consumer.poll(1.0)
+            if msg is None:
+                continue
+            topic, partition, offset = str(msg.topic()), int(msg.partition() or 0), msg.offset()
+            error = msg.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    open_parts.discard((topic, partition))
+                continue
+            stamp = msg.timestamp()[1]
+            if offset is not None and (since_ms or 0) <= stamp < (until_ms or 2**62):
+                got.append((stamp, topic, partition, offset, msg.value()))
+    finally:
+        consumer.close()
+    got.sort(key=lambda m: m[:4])
+    return [RawMessage(value, Origin(names[t], p, o), stamp) for stamp, t, p, o, value in got]
+
+
+KAFKA = "kafka:"
+
+
+def read_source(source: Path | str, settings: Settings) -> list[RawMessage]:
+    """A history file, or ``kafka:[SINCE..UNTIL]``: the configured topics over a time range.
+
+    SINCE and UNTIL are ISO-8601 times, either may be empty: ``kafka:`` is everything,
+    ``kafka:2026-01-01..`` everything since New Year.
+    """
+    text = str(source)
+    if not text.startswith(KAFKA):
+        return read_history(Path(text), settings)
+    since, sep, until = text.removeprefix(KAFKA).partition("..")
+    bounds = []
+    for value in (since, until):
+        ms = epoch_ms(value) if value else None
+        if value and ms is None:
+            raise ConfigError("command line", "EVENTS", f"not an ISO-8601 time: {value!r}")
+        bounds.append(None if ms is None else int(ms))
+    if since and not sep:
+        raise ConfigError("command line", "EVENTS", "expected kafka:SINCE..UNTIL")
+    return read_topics(settings, bounds[0], bounds[1])
 
 
 def _feedback_topic(settings: Settings) -> Settings:
@@ -495,7 +579,7 @@ def summary(settings: Settings, result: RunResult) -> dict[str, Any]:
 
 def run_backtest(
     settings: Settings,
-    history_path: Path,
+    history_path: Path | str,
     out_dir: Path,
     outcomes_path: Path | None = None,
     against: Settings | None = None,
@@ -504,7 +588,7 @@ def run_backtest(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """The whole backtest: runs, figures, sweep, comparison; writes ``out_dir``; returns it."""
-    history = read_history(history_path, settings)
+    history = read_source(history_path, settings)
     outcomes = read_outcomes(outcomes_path) if outcomes_path else []
     report: dict[str, Any] = {"history": {"path": str(history_path), "lines": len(history)}}
     with Backtest(history, batch, show_progress) as bt:

@@ -88,7 +88,11 @@ def _alerts_and_api_parsers(sub: Any) -> None:
     backtest = sub.add_parser(
         "backtest", help="replay a history through the engine: what this model would have done"
     )
-    backtest.add_argument("events", help="history: Segment JSON lines (events and feedback)")
+    backtest.add_argument(
+        "events",
+        help="history: Segment JSON lines (events and feedback), or kafka:[SINCE..UNTIL] "
+        "for the configured topics over an ISO-8601 time range",
+    )
     backtest.add_argument(
         "--config", metavar="DIR", help="the configuration to test (default: --config-dir)"
     )
@@ -114,7 +118,7 @@ def _alerts_and_api_parsers(sub: Any) -> None:
     tune = sub.add_parser(
         "tune", help="propose rule points and a threshold from history with outcomes"
     )
-    tune.add_argument("events", help="history: Segment JSON lines")
+    tune.add_argument("events", help="history: Segment JSON lines, or kafka:[SINCE..UNTIL]")
     tune.add_argument("--outcomes", metavar="FILE", help="CSV or JSON lines: identifier,outcome")
     tune.add_argument(
         "--config", metavar="DIR", help="the configuration to start from (default: --config-dir)"
@@ -380,7 +384,10 @@ def _sweep_factors(text: str) -> tuple[float, ...]:
     return tuple(sorted(set(factors)))
 
 
-def _history_file(path: str) -> Path:
+def _history_source(path: str) -> Path | str:
+    """A history file, or ``kafka:SINCE..UNTIL`` (leadflow.backtest.read_source)."""
+    if path.startswith("kafka:"):
+        return path
     history = Path(path)
     if not history.is_file():
         raise ConfigError("command line", "EVENTS", f"no such file: {path}")
@@ -392,7 +399,7 @@ def _backtest(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config or args.config_dir)
     against = load_settings(args.against) if args.against else None
-    history = _history_file(args.events)
+    history = _history_source(args.events)
     out = Path(args.out)
     clean_dir(out)
     report = run_backtest(
@@ -426,7 +433,7 @@ def _tune(args: argparse.Namespace) -> int:
     result = run_tune(
         settings,
         config_dir,
-        _history_file(args.events),
+        _history_source(args.events),
         Path(args.outcomes) if args.outcomes else None,
         Path(args.out),
         args.mqls_per_week,

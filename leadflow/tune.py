@@ -55,7 +55,7 @@ from engine.tune import (
     fold_of,
     volume_threshold,
 )
-from leadflow.backtest import BATCH, Backtest, RunResult, read_history, read_outcomes
+from leadflow.backtest import BATCH, Backtest, RunResult, read_outcomes, read_source
 
 TOP_POINTS = 50.0
 MIN_SUPPORT, MIN_SUPPORT_SHARE = 20, 0.005
@@ -184,14 +184,14 @@ def _half(x: float) -> float:
 def run_tune(
     settings: Settings,
     config_dir: Path,
-    history_path: Path,
+    history_path: Path | str,
     outcomes_path: Path | None,
     out_dir: Path,
     mqls_per_week: float | None,
     show_progress: bool = True,
 ) -> str:
     """Fit, propose, write the diff and the proposed configuration; return a summary."""
-    history = read_history(history_path, settings)
+    history = read_source(history_path, settings)
     outcomes = read_outcomes(outcomes_path) if outcomes_path else []
     resolved: list[Resolved] = []
     with Backtest(history, BATCH, show_progress) as bt:

@@ -20,7 +20,7 @@ from matplotlib.image import imread
 from dataflows.kafka_io import client_options
 from engine.person import epoch_ms
 from engine.settings import load_settings
-from leadflow.backtest import read_history, run_backtest
+from leadflow.backtest import read_history, read_source, run_backtest
 from leadflow.olist import convert
 from leadflow.report import read_json_lines
 from leadflow.servers import LocalBroker, LocalRedis, free_port
@@ -176,6 +176,14 @@ def test_the_backtest_decides_as_leadflow_run_does_on_one_partition(
     assert report["model"]["figures"]["promoted"] >= 5
     assert live.decisions == backtest
     assert live.lifecycle == {r["record_id"]: r for r in lifecycle}
+
+    # The same history read back from the topic (a time range of it) decides the same.
+    last = history[-1]["timestamp"]
+    assert (
+        len(read_source(f"kafka:{history[1]['timestamp']}..{last}", settings)) == len(history) - 2
+    )
+    run_backtest(settings, "kafka:", tmp_path / "topic", sweep=(1.0,), show_progress=False)
+    assert _records(tmp_path / "topic/decisions.jsonl") == list(backtest.values())
 
 
 def _screenshot(page: Path, shot: Path, profile: Path) -> None:
