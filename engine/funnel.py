@@ -167,5 +167,22 @@ def sdr_performance(
     return out
 
 
+def grades(
+    decisions: Iterable[Mapping[str, Any]], won: Iterable[str] = ()
+) -> dict[str, dict[str, int]]:
+    """Leads per grade (A1 … D4) at their decisions (each decision once), and how many won."""
+    winners = set(won)
+    seen: set[str] = set()
+    out: dict[str, dict[str, int]] = {}
+    for d in decisions:
+        if d.get("decision_id") in seen or not d.get("grade"):
+            continue
+        seen.add(str(d.get("decision_id")))
+        row = out.setdefault(str(d["grade"]), {"leads": 0, "won": 0})
+        row["leads"] += 1
+        row["won"] += str(d.get("one_id")) in winners
+    return dict(sorted(out.items()))
+
+
 def _sdr_row() -> dict[str, Any]:
     return {"decided": 0, "accepted": 0, "rejected": Counter(), "sla_breaches": 0}

@@ -67,7 +67,7 @@ from engine.backtest import (
     weeks_spanned,
 )
 from engine.events import RESERVED_EVENTS, Event, Origin, Rejection
-from engine.funnel import funnel, journeys, merges, sdr_performance, survivors
+from engine.funnel import funnel, grades, journeys, merges, sdr_performance, survivors
 from engine.identity import digest
 from engine.person import DECISION, DLQ, Output, Rulebook, current_scores, decode_state, epoch_ms
 from engine.sales import SLA, timer_event
@@ -569,6 +569,10 @@ def summary(settings: Settings, result: RunResult) -> dict[str, Any]:
         # The leads that won, by the SDR they were routed to: comparable with a CRM's deals per SDR.
         "sdr_won_load": sdr_load(won_decisions, queues_roster(settings)),
         "sdr_performance": sdr_performance(records.decisions, records.lifecycle),
+        # Decisions per grade and how many of those leads won: do the bands mean something?
+        "grades": grades(
+            ({**d, "one_id": into.get(d["one_id"], d["one_id"])} for d in records.decisions), won
+        ),
         "records": {
             "decisions": len(records.decisions),
             "lifecycle": len(records.lifecycle),
@@ -689,6 +693,16 @@ def write_pictures(report: dict[str, Any], threshold: float, out_dir: Path) -> P
             ),
         ),
         ("Score distribution", charts.chart(svgs["score_distribution"])),
+        (
+            "Decisions by grade",
+            charts.table(
+                ["grade", "leads", "won", "won rate"],
+                [
+                    [g, r["leads"], r["won"], r["won"] / r["leads"] if r["leads"] else None]
+                    for g, r in model["grades"].items()
+                ],
+            ),
+        ),
         ("SDR load", charts.chart(svgs["sdr_load"])),
     ]
     if "comparison" in report:

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from engine.funnel import STAGES, funnel, journeys, sdr_performance
+from engine.funnel import STAGES, funnel, grades, journeys, sdr_performance
 from engine.settings import Settings
 from leadflow import charts
 from leadflow.watch import OutputWatcher
@@ -45,6 +45,7 @@ def build_report(
     return {
         "funnel": funnel(journeys(lifecycle)),
         "sdr_performance": sdr_performance(decisions, lifecycle),
+        "grades": grades(decisions),
         "records": {"lifecycle": len(lifecycle), "decisions": len(decisions)},
     }
 
@@ -78,6 +79,12 @@ def render(report: dict[str, Any], top: int = 10) -> str:
         largest = sorted(by.items(), key=lambda kv: -kv[1]["counts"]["lead"])[:top]
         lines += ["", f"by {group.replace('_', ' ')} (top {top} by leads)", header]
         lines += [row(name, figures) for name, figures in largest]
+    by_grade = report.get("grades") or {}
+    lines += [
+        "",
+        "decisions by grade: "
+        + (", ".join(f"{g} {row['leads']}" for g, row in by_grade.items()) or "none"),
+    ]
     lines += ["", "SDR performance"]
     lines.append(
         f"{'queue':<12}{'sdr':<16}{'decided':>8}{'accepted':>9}{'rejected':>9}"
@@ -116,6 +123,14 @@ def write_html(report: dict[str, Any], path: Path) -> Path:
     for group in ("campaign", "source", "landing_page"):
         rows = charts.funnel_rows(funnel_[f"by_{group}"])
         sections.append((f"By {group.replace('_', ' ')}", charts.table(charts.FUNNEL_HEADER, rows)))
+    sections.append(
+        (
+            "Decisions by grade",
+            charts.table(
+                ["grade", "leads"], [[g, r["leads"]] for g, r in report["grades"].items()]
+            ),
+        )
+    )
     sdr_rows = [
         [queue, sdr, s["decided"], s["accepted"], sum(s["rejected"].values()), s["sla_breaches"],
          s["median_minutes_to_accept"]]

@@ -112,6 +112,8 @@ def test_a_small_history_gives_the_figures_computed_by_hand(tmp_path: Path) -> N
     assert f["mqls_per_week"] == 14.0
     load = report["model"]["sdr_load"]["inbound"]
     assert sorted(load["leads"].values()) == [0, 1, 1] and load["gini"] == 0.3333
+    # Fit 25 is band C (25 and up), 105 and 120 engagement band 2 (100 and up); a1 won.
+    assert report["model"]["grades"] == {"C2": {"leads": 2, "won": 1}}
     # At 50, a1 and b2 promote at the demo; at 200 nobody does.
     sweep = {r["threshold"]: (r["mqls"], r["precision"]) for r in report["threshold_sweep"]}
     assert sweep == {50.0: (2, 0.5), 100.0: (2, 0.5), 200.0: (0, None)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.funnel import funnel, journeys, sdr_performance
+from engine.funnel import funnel, grades, journeys, sdr_performance
 
 
 def rec(one_id: str, to: str, day: float, cause: str = "", **extra: Any) -> dict[str, Any]:
@@ -108,3 +108,17 @@ def test_sdr_performance_follows_each_leads_latest_decision() -> None:
     assert perf["ana"]["median_minutes_to_accept"] == 720.0
     assert perf["bo"]["sla_breaches"] == 1 and perf["bo"]["rejected"] == {}
     assert perf["cy"]["rejected"] == {"no_budget": 1}
+
+
+def test_grades_count_each_decision_once_and_the_winners() -> None:
+    decisions = [
+        {"decision_id": "1", "one_id": "a", "grade": "A1"},
+        {"decision_id": "1", "one_id": "a", "grade": "A1"},  # re-emitted: counted once
+        {"decision_id": "2", "one_id": "b", "grade": "A1"},
+        {"decision_id": "3", "one_id": "c", "grade": "C3"},
+        {"decision_id": "4", "one_id": "d"},  # from before grades: not counted
+    ]
+    assert grades(decisions, won=["a", "c"]) == {
+        "A1": {"leads": 2, "won": 1},
+        "C3": {"leads": 1, "won": 1},
+    }
