@@ -107,8 +107,8 @@ def _alerts_and_api_parsers(sub: Any) -> None:
     )
     backtest.add_argument(
         "--sweep",
-        default=",".join(f"{f:g}" for f in (0.25, 0.5, 0.75, 1, 1.25, 1.5, 2)),
-        help="threshold factors to sweep, comma-separated (each one run; default %(default)s)",
+        help="factors of the thresholds to sweep, comma-separated, each one run "
+        "(default 0.25,0.5,0.75,1,1.25,1.5,2)",
     )
     backtest.add_argument(
         "--batch", type=int, default=500, help="lines per engine batch (default 500)"
@@ -374,7 +374,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     return _run(args)
 
 
-def _sweep_factors(text: str) -> tuple[float, ...]:
+def _sweep_factors(text: str | None) -> tuple[float, ...]:
+    from leadflow.backtest import SWEEP_FACTORS
+
+    if text is None:
+        return SWEEP_FACTORS
     try:
         factors = tuple(float(f) for f in text.split(",") if f.strip())
     except ValueError:

@@ -46,7 +46,7 @@ from engine.backtest import WON, auc, weeks_spanned
 from engine.funnel import journeys, merges, survivors
 from engine.person import Rulebook
 from engine.scoring import _lookup
-from engine.settings import ScoringRule, Settings, load_settings
+from engine.settings import ConfigError, ScoringRule, Settings, load_settings
 from engine.tune import (
     L2_GRID,
     baseline_auc,
@@ -199,7 +199,11 @@ def run_tune(
     people, columns, x = features(result, resolved, settings)
     y = np.array([p.outcome == WON for p in result.people])
     if not y.any() or y.all():
-        raise ValueError("tune needs people who won and people who did not (give --outcomes)")
+        raise ConfigError(
+            "command line",
+            "--outcomes",
+            f"tune needs people who won and people who did not; {int(y.sum())} of {len(y)} won",
+        )
     fold = fold_of(people)
     # A column equal for everyone (the form every Olist lead filled) says nothing of who
     # wins: it is not fitted, and its rule keeps its points (which still count below).
