@@ -87,7 +87,9 @@ class Output:
     kind: str  # DECISION, LIFECYCLE or DLQ
     one_id: str
     value: dict[str, Any]
-    replayed: bool = False  # re-emitted from the outbox: emitted before, not new
+    # Re-emitted from the outbox: emitted before, not new (for the metrics). Not part of
+    # equality: a replayed record is the same record.
+    replayed: bool = field(default=False, compare=False)
 
 
 @dataclass(slots=True)

@@ -185,7 +185,8 @@ def test_an_illegal_transition_goes_to_the_dlq_and_changes_nothing(engine: Engin
     assert refused.kind == DLQ and refused.value["reason"] == "illegal_transition"
     assert "mql -> customer" in refused.value["detail"]
     assert person_of(engine.settings, {"anonymousId": "won"}).stage == "mql"
-    assert engine.send(feedback("won", "won"), trusted=True) == [refused]  # a replay: same
+    again = engine.send(feedback("won", "won"), trusted=True)
+    assert again == [refused] and again[0].replayed  # a replay: the same record, marked so
     (unknown,) = engine.send(feedback("lead_accepted", "nobody"), trusted=True)
     assert unknown.kind == DLQ and "no lead is known" in unknown.value["detail"]
     assert RedisStore(engine.settings.redis).load_people([unknown.one_id])[0].state is None
