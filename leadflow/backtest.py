@@ -12,9 +12,9 @@ never the user's) and stopped after it.
 Decisions written down:
 
 - **Batches.** Events are applied in batches of ``batch`` (default 500) lines, in the
-  file's order; the engine's records do not depend on how input is cut into batches
-  (the model-based test checks that). The same history and configuration give
-  byte-identical output.
+  file's order. Another batch size gives the same records (each person's in the same
+  order; across people a file follows the batches); the same history, configuration and
+  batch size give byte-identical output.
 - **Timers** (SLA breaches, waiting for an SDR, demotion on decay, nurture re-entry)
   fire in event time: before the first event of the history at or after their due
   time. A batch is cut before the first event past the earliest timer due, so a timer

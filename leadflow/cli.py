@@ -85,25 +85,11 @@ def _alerts_and_api_parsers(sub: Any) -> None:
         "--html", metavar="FILE", help="also write a self-contained HTML page (PNGs beside it)"
     )
 
-    backtest = sub.add_parser(
-        "backtest", help="replay a history through the engine: what this model would have done"
-    )
-    backtest.add_argument(
-        "events",
-        help="history: Segment JSON lines (events and feedback), or kafka:[SINCE..UNTIL] "
-        "for the configured topics over an ISO-8601 time range",
-    )
-    backtest.add_argument(
-        "--config", metavar="DIR", help="the configuration to test (default: --config-dir)"
-    )
-    backtest.add_argument(
-        "--outcomes", metavar="FILE", help="CSV or JSON lines: identifier,outcome (won/lost/...)"
+    backtest = _history_parser(
+        sub, "backtest", "replay a history through the engine: what this model would have done"
     )
     backtest.add_argument(
         "--against", metavar="DIR", help="a second configuration, compared on the same history"
-    )
-    backtest.add_argument(
-        "--out", default="var/backtest", help="output directory (default var/backtest)"
     )
     backtest.add_argument(
         "--sweep",
@@ -113,23 +99,12 @@ def _alerts_and_api_parsers(sub: Any) -> None:
     backtest.add_argument(
         "--batch", type=int, default=500, help="lines per engine batch (default 500)"
     )
-    backtest.add_argument("--quiet", action="store_true", help="no progress bar")
-
-    tune = sub.add_parser(
-        "tune", help="propose rule points and a threshold from history with outcomes"
-    )
-    tune.add_argument("events", help="history: Segment JSON lines, or kafka:[SINCE..UNTIL]")
-    tune.add_argument("--outcomes", metavar="FILE", help="CSV or JSON lines: identifier,outcome")
-    tune.add_argument(
-        "--config", metavar="DIR", help="the configuration to start from (default: --config-dir)"
+    tune = _history_parser(
+        sub, "tune", "propose rule points and a threshold from history with outcomes"
     )
     tune.add_argument(
         "--mqls-per-week", type=float, help="target MQL volume (default: today's model's)"
     )
-    tune.add_argument(
-        "--out", default="var/tune", help="where the proposal goes (default var/tune)"
-    )
-    tune.add_argument("--quiet", action="store_true", help="no progress bar")
 
     up = sub.add_parser(
         "up", help="everything local until Ctrl-C: broker, Redis, engine, collector, alerts"
@@ -166,6 +141,23 @@ def _alerts_and_api_parsers(sub: Any) -> None:
         default="read",
         help=f"comma-separated, of {', '.join(API_SCOPES)} (default read)",
     )
+
+
+def _history_parser(sub: Any, name: str, text: str) -> argparse.ArgumentParser:
+    """A command over a history (backtest, tune): the arguments both take."""
+    p: argparse.ArgumentParser = sub.add_parser(name, help=text)
+    p.add_argument(
+        "events",
+        help="history: Segment JSON lines (events and feedback), or kafka:[SINCE..UNTIL] "
+        "for the configured topics over an ISO-8601 time range",
+    )
+    p.add_argument("--config", metavar="DIR", help="the configuration (default: --config-dir)")
+    p.add_argument(
+        "--outcomes", metavar="FILE", help="CSV or JSON lines: identifier,outcome (won/lost/...)"
+    )
+    p.add_argument("--out", default=f"var/{name}", help=f"output directory (default var/{name})")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
 
 
 def _parser() -> argparse.ArgumentParser:
