@@ -660,6 +660,16 @@ class RedisStore:
             )
         )
 
+    def recovery_members(self, input_tag: str, members: int) -> int:
+        """How many members the first cluster on this input had (``members`` if this is it).
+
+        Set once per input (``input_tag``, engine-wide): the recovery partitions
+        were shared out among that many hosts (leadflow.runner.prepare_recovery).
+        """
+        key = f"{self.prefix}recovery:{input_tag}"
+        _, first = self._retry(lambda: self._pipeline([("setnx", key, members), ("get", key)]))
+        return int(first)
+
     def advance_input(self, source: str, offset: int) -> None:
         """Record that ``source`` is done below ``offset`` (a lower offset changes nothing)."""
         self._script("advance", [([self.input_key()], [source, offset])])

@@ -613,7 +613,8 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError("command line", "--process-id", f"must be in 0..{len(addresses) - 1}")
         if not args.supervised:  # a member on its own host: the host's recovery is its own
             preflight(settings)
-            prepare_recovery(settings, kafka_cluster(settings))
+            member = (args.process_id, len(addresses))
+            prepare_recovery(settings, kafka_cluster(settings), member)
         run_member(settings, args.process_id, addresses)
         return 0
     preflight(settings)

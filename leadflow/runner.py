@@ -12,6 +12,7 @@ resumes from recovery.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from dataflows.kafka_io import STOPPING
 from dataflows.metrics import metrics
 from dataflows.pipeline import build_flow
 from engine.settings import MEMBER_ERRORS, Settings
+from engine.store import RedisStore
 from leadflow.health import Health, serve_health
 from leadflow.servers import die_with_parent, stop_process
 
@@ -120,8 +122,10 @@ def describe(error: BaseException) -> str:
     return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}".strip()
 
 
-def prepare_recovery(settings: Settings, cluster: dict[str, str]) -> None:
-    """Make the recovery directory ready: for this Kafka cluster, all partitions present.
+def prepare_recovery(
+    settings: Settings, cluster: dict[str, str], member: tuple[int, int] | None = None
+) -> None:
+    """Make the recovery directory ready: for this Kafka cluster, its partitions present.
 
     Recovery stores input offsets; offsets of another cluster (a new embedded
     broker, a rebuilt test cluster) would skip or misplace input, so such data
@@ -130,6 +134,14 @@ def prepare_recovery(settings: Settings, cluster: dict[str, str]) -> None:
     created in a staging directory and renamed into place, so a crash during
     creation leaves all of them or none. Called once per host, before any
     process of the dataflow starts.
+
+    ``member`` (process id, members) is a member on a host of its own, with a
+    directory of its own. Bytewax needs every partition exactly once across the
+    cluster, not once per host: copies made on each host break the first
+    rescale (every process panics). So the first cluster on an input shares
+    the partitions out, member ``i`` of ``n`` taking those ``p % n == i``, and
+    records ``n`` in Redis; a member that joins later (``i >= n``) starts
+    with none, and Bytewax brings the state it needs to it.
     """
     directory = settings.dataflow.recovery_dir
     if not directory:
@@ -143,16 +155,37 @@ def prepare_recovery(settings: Settings, cluster: dict[str, str]) -> None:
             marker.read_text().strip(),
         )
         shutil.rmtree(path)
-    if not marker.exists() or not any(path.glob("part-*.sqlite3")):
-        shutil.rmtree(path, ignore_errors=True)
-        staging = path.parent / f".{path.name}.new"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        total = settings.dataflow.processes * settings.dataflow.workers_per_process
-        init_db_dir(staging, max(MIN_RECOVERY_PARTITIONS, total))
-        (staging / RECOVERY_MARKER).write_text(json.dumps(cluster))
-        staging.rename(path)
-        log.info("recovery partitions created in %s", path)
+    if marker.exists() and (member or any(path.glob("part-*.sqlite3"))):
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    staging = path.parent / f".{path.name}.new"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    workers = settings.dataflow.processes * settings.dataflow.workers_per_process
+    keep = None
+    if member is not None:
+        index, first = member[0], _first_members(settings, cluster, member[1])
+        workers = first * settings.dataflow.workers_per_process
+        keep = {p for p in range(max(MIN_RECOVERY_PARTITIONS, workers)) if p % first == index}
+    init_db_dir(staging, max(MIN_RECOVERY_PARTITIONS, workers))
+    if keep is not None:
+        for part in staging.glob("part-*.sqlite3"):
+            if int(part.stem.removeprefix("part-")) not in keep:
+                part.unlink()
+    (staging / RECOVERY_MARKER).write_text(json.dumps(cluster))
+    staging.rename(path)
+    count = len(list(path.glob("part-*.sqlite3")))
+    log.info("recovery partitions created in %s: %d of them", path, count)
+
+
+def _first_members(settings: Settings, cluster: dict[str, str], members: int) -> int:
+    """How many members the first cluster on this input had (engine.store.recovery_members)."""
+    tag = hashlib.blake2b(json.dumps(cluster, sort_keys=True).encode(), digest_size=6)
+    store = RedisStore(settings.redis)
+    try:
+        return store.recovery_members(tag.hexdigest(), members)
+    finally:
+        store.close()
 
 
 def recovery_config(settings: Settings) -> RecoveryConfig | None:

