@@ -660,15 +660,29 @@ class RedisStore:
             )
         )
 
-    def recovery_members(self, input_tag: str, members: int) -> int:
-        """How many members the first cluster on this input had (``members`` if this is it).
+    def recovery_key(self, input_tag: str) -> str:
+        """Key of the recovery layout on an input: first members, and who made their share."""
+        return f"{self.prefix}recovery:{input_tag}"
 
-        Set once per input (``input_tag``, engine-wide): the recovery partitions
-        were shared out among that many hosts (leadflow.runner.prepare_recovery).
+    def recovery_layout(self, input_tag: str, member: int, members: int) -> tuple[int, bool]:
+        """The first cluster's size on this input, and whether ``member``'s share exists.
+
+        The size is set once per input (``members`` if this is the first cluster);
+        a share is recorded once made (leadflow.runner.prepare_recovery).
         """
-        key = f"{self.prefix}recovery:{input_tag}"
-        _, first = self._retry(lambda: self._pipeline([("setnx", key, members), ("get", key)]))
-        return int(first)
+        key = self.recovery_key(input_tag)
+        _, first, made = self._retry(
+            lambda: self._pipeline(
+                [("hsetnx", key, "members", members), ("hget", key, "members"),
+                 ("hget", key, f"made:{member}")]
+            )
+        )  # fmt: skip
+        return int(first), made is not None
+
+    def recovery_made(self, input_tag: str, member: int) -> None:
+        """Record that ``member``'s share of the recovery partitions exists on its host."""
+        key = self.recovery_key(input_tag)
+        self._retry(lambda: self.client.hset(key, f"made:{member}", 1))
 
     def advance_input(self, source: str, offset: int) -> None:
         """Record that ``source`` is done below ``offset`` (a lower offset changes nothing)."""

@@ -141,7 +141,10 @@ def prepare_recovery(
     rescale (every process panics). So the first cluster on an input shares
     the partitions out, member ``i`` of ``n`` taking those ``p % n == i``, and
     records ``n`` in Redis; a member that joins later (``i >= n``) starts
-    with none, and Bytewax brings the state it needs to it.
+    with none, and Bytewax brings the state it needs to it. A member whose
+    share was made once and is gone (a lost volume) stops with
+    :class:`RecoveryVolumeLost` and what to do: Bytewax cannot resume from the
+    other members' partitions alone.
     """
     directory = settings.dataflow.recovery_dir
     if not directory:
@@ -155,37 +158,68 @@ def prepare_recovery(
             marker.read_text().strip(),
         )
         shutil.rmtree(path)
-    if marker.exists() and (member or any(path.glob("part-*.sqlite3"))):
+    layout = _RecoveryLayout(settings, cluster, member) if member else None
+    if marker.exists() and (layout or any(path.glob("part-*.sqlite3"))):
+        if layout:
+            layout.made()
         return
     shutil.rmtree(path, ignore_errors=True)
     staging = path.parent / f".{path.name}.new"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     workers = settings.dataflow.processes * settings.dataflow.workers_per_process
-    keep = None
-    if member is not None:
-        index, first = member[0], _first_members(settings, cluster, member[1])
-        workers = first * settings.dataflow.workers_per_process
-        keep = {p for p in range(max(MIN_RECOVERY_PARTITIONS, workers)) if p % first == index}
+    if layout:
+        workers = layout.first * settings.dataflow.workers_per_process
     init_db_dir(staging, max(MIN_RECOVERY_PARTITIONS, workers))
-    if keep is not None:
+    if layout:
         for part in staging.glob("part-*.sqlite3"):
-            if int(part.stem.removeprefix("part-")) not in keep:
+            if int(part.stem.removeprefix("part-")) % layout.first != layout.index:
                 part.unlink()
     (staging / RECOVERY_MARKER).write_text(json.dumps(cluster))
     staging.rename(path)
+    if layout:
+        layout.made()
     count = len(list(path.glob("part-*.sqlite3")))
     log.info("recovery partitions created in %s: %d of them", path, count)
 
 
-def _first_members(settings: Settings, cluster: dict[str, str], members: int) -> int:
-    """How many members the first cluster on this input had (engine.store.recovery_members)."""
-    tag = hashlib.blake2b(json.dumps(cluster, sort_keys=True).encode(), digest_size=6)
-    store = RedisStore(settings.redis)
-    try:
-        return store.recovery_members(tag.hexdigest(), members)
-    finally:
-        store.close()
+class RecoveryVolumeLost(RuntimeError):
+    """A member's share of the recovery partitions is gone: the cluster cannot resume."""
+
+
+class _RecoveryLayout:
+    """A member's share of the recovery partitions, as kept in Redis (engine.store)."""
+
+    def __init__(self, settings: Settings, cluster: dict[str, str], member: tuple[int, int]):
+        self.settings = settings
+        self.tag = hashlib.blake2b(
+            json.dumps(cluster, sort_keys=True).encode(), digest_size=6
+        ).hexdigest()
+        self.index = member[0]
+        store = RedisStore(settings.redis)
+        try:
+            self.first, made = store.recovery_layout(self.tag, *member)
+            key = store.recovery_key(self.tag)
+        finally:
+            store.close()
+        directory = settings.dataflow.recovery_dir
+        if made and not (Path(directory) / RECOVERY_MARKER).exists():
+            # Bytewax cannot resume with a partition empty or missing (every process panics).
+            raise RecoveryVolumeLost(
+                f"the recovery directory {directory} of member {self.index} is gone, and with "
+                f"it partitions of the whole cluster's recovery: restore it, or stop every "
+                f"member, empty every member's recovery directory and delete the Redis key "
+                f"{key}; the engine then resumes from the done offsets in Redis"
+            )
+
+    def made(self) -> None:
+        """Record in Redis that this member's share exists (a joiner's share is empty)."""
+        if self.index < self.first:
+            store = RedisStore(self.settings.redis)
+            try:
+                store.recovery_made(self.tag, self.index)
+            finally:
+                store.close()
 
 
 def recovery_config(settings: Settings) -> RecoveryConfig | None:

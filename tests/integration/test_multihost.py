@@ -8,6 +8,8 @@ queues, round robin, malformed messages) go in while two hosts run; one of them
 is killed with SIGKILL at a random moment, the cluster goes down with it and is
 started again on the same two hosts, then stopped and started on three (the
 third with an empty recovery directory): a rescale from the same recovery store.
+Then the rest of the events arrive and the second host's recovery volume is lost:
+that member refuses to start, naming what to do, and the way back it names works.
 
 The end must equal one process reading the same 4 partitions on servers of its
 own, in everything that does not depend on how the partitions interleave: which
@@ -21,9 +23,11 @@ within the round robin's bound (one lead apart from the reference per SDR).
 from __future__ import annotations
 
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -39,6 +43,7 @@ from leadflow.servers import stop_process
 from leadflow.topics import create_topics
 from tests.integration.hosts import Hosts, hosts, why_no_hosts
 from tests.integration.test_reliability import (
+    RATE,
     SEED,
     WORKLOAD,
     Ending,
@@ -49,7 +54,6 @@ from tests.integration.test_reliability import (
     produce,
     redis_client,
     rig,
-    stream,
 )
 
 PARTITIONS = 4
@@ -190,12 +194,14 @@ def test_hosts_killed_restarted_and_rescaled_end_like_one_process(
     tmp_path: Path, one_process: Comparable
 ) -> None:
     rng = random.Random(SEED)
+    cut = len(WORKLOAD) * 3 // 4
     with hosts(3) as net, rig(tmp_path, "hosts", host=net.gateway) as r:
         create_topics(r.settings, partitions=PARTITIONS)
-        feeder = stream(r)
+        feeder = threading.Thread(target=produce, args=(r, WORKLOAD[:cut], RATE), daemon=True)
+        feeder.start()
         members = [start_member(r, net, i, 2, tmp_path) for i in range(2)]
         try:
-            time.sleep(rng.uniform(2.0, 6.0))
+            time.sleep(rng.uniform(1.0, 4.0))
             members[1].send_signal(signal.SIGKILL)  # a host lost at a random moment
             # Its peer loses the connection and stops too: the cluster is down.
             assert members[0].wait(60) != 0, logs(tmp_path)
@@ -206,8 +212,24 @@ def test_hosts_killed_restarted_and_rescaled_end_like_one_process(
                 m.send_signal(signal.SIGINT)
             assert [m.wait(60) for m in members] == [0, 0], logs(tmp_path)
             members = [start_member(r, net, i, 3, tmp_path, "--stop-at-end") for i in range(3)]
-            codes = [m.wait(240) for m in members]
-            assert codes == [0, 0, 0], logs(tmp_path)
+            assert [m.wait(240) for m in members] == [0, 0, 0], logs(tmp_path)
+
+            # Then host 1 loses its recovery volume: it says so and what to do, and the
+            # operator's way back (every directory emptied, the layout key deleted) works.
+            produce(r, WORKLOAD[cut:])
+            shutil.rmtree(tmp_path / "host-1" / "recovery")
+            members = [start_member(r, net, 1, 3, tmp_path, "--stop-at-end")]
+            assert members[0].wait(60) == 1
+            said = (tmp_path / "host-1.log").read_text()
+            assert "RecoveryVolumeLost: the recovery directory" in said, said[-2000:]
+            key = said.split("delete the Redis key ")[1].split(";")[0]
+            for i in range(3):
+                shutil.rmtree(tmp_path / f"host-{i}" / "recovery", ignore_errors=True)
+            client = redis_client(r)
+            assert client.delete(key) == 1
+            client.close()
+            members = [start_member(r, net, i, 3, tmp_path, "--stop-at-end") for i in range(3)]
+            assert [m.wait(240) for m in members] == [0, 0, 0], logs(tmp_path)
         finally:
             for m in members:
                 stop_process(m, sig=signal.SIGKILL)
