@@ -8,7 +8,9 @@ merges, three queues):
    rate, librdkafka produce and consume rates on the broker;
 2. throughput end to end (input topic -> decisions and lifecycle records) of
    ``leadflow run --stop-at-end`` with 1 and 2 processes, and its CPU seconds per
-   1,000 events (start-up included: it is what a replay costs);
+   1,000 events (start-up included: it is what a replay costs); then the scaling
+   rows: 1, 2 and 4 processes on a 4-partition topic, beside the broker's own
+   produce and consume rates on 4 partitions;
 3. Redis memory per person after the run, and for 1,000,000 people;
 4. the hand-written peer: one event at a time, confluent-kafka + redis-py, the
    same domain functions;
@@ -156,7 +158,13 @@ def limits(bootstrap: str, redis_url: str, messages: list[tuple[bytes, bytes]]) 
     create(bootstrap, ["bench.raw"], 1)
     produce_rate = produce(bootstrap, "bench.raw", messages)
     consume_rate = consume_all(bootstrap, "bench.raw", len(messages))
+    # The embedded broker on 4 partitions: what the scaling rows can get from it.
+    create(bootstrap, ["bench.raw4"], 4)
+    produce_rate_4 = produce(bootstrap, "bench.raw4", messages)
+    consume_rate_4 = consume_all(bootstrap, "bench.raw4", len(messages))
     return {
+        "kafka_produce_4_partitions_per_s": produce_rate_4,
+        "kafka_consume_4_partitions_per_s": consume_rate_4,
         "orjson_decode_per_s": decode,
         "redis_pipelined_set_per_s": redis_rate,
         "kafka_produce_per_s": produce_rate,
@@ -181,6 +189,36 @@ def run_engine(env: dict[str, str], processes: int) -> tuple[float, float]:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return wall, cpu
+
+
+SCALING_PROCESSES = (1, 2, 4)
+SCALING_PARTITIONS = 4
+
+
+def scaling(
+    bootstrap: str, redis_url: str, config: Path, messages: list[tuple[bytes, bytes]]
+) -> dict[str, dict[str, float]]:
+    """The whole input on 4 partitions through 1, 2 and 4 processes (Redis emptied between).
+
+    Run last among the engine runs: it leaves Redis holding the 4-process run's people,
+    the same people the memory figures count.
+    """
+    scaled = config_factory(config)("bench.events4", "bench.lifecycle4", "bench.decisions4")
+    env = workload.engine_env(scaled, bootstrap, redis_url, free_port())
+    settings = load_settings(scaled, env=env)
+    create(bootstrap, list(settings.topics.all()), SCALING_PARTITIONS)
+    produce(bootstrap, settings.topics.events, messages)
+    out = {}
+    for processes in SCALING_PROCESSES:
+        redis.Redis.from_url(redis_url).flushall()
+        log(f"Leadflow, {processes} process(es), {SCALING_PARTITIONS} partitions, whole input")
+        wall, cpu = run_engine(env, processes)
+        out[str(processes)] = {
+            "seconds": wall,
+            "events_per_s": len(messages) / wall,
+            "cpu_s_per_1000": cpu / len(messages) * 1000,
+        }
+    return out
 
 
 def redis_people(redis_url: str, prefix: str = "lf:") -> tuple[int, float]:
@@ -425,6 +463,22 @@ def table(results: dict[str, Any]) -> str:
                 f"{e['cpu_s_per_1000']:.3f} CPU s / 1,000 events",
             )
         )
+    rows.append(
+        (
+            f"librdkafka produce / consume, {SCALING_PARTITIONS} partitions",
+            f"{lim['kafka_produce_4_partitions_per_s']:,.0f} / "
+            f"{lim['kafka_consume_4_partitions_per_s']:,.0f} /s",
+        )
+    )
+    for p, e in results["scaling"].items():
+        speedup = e["events_per_s"] / results["scaling"]["1"]["events_per_s"]
+        rows.append(
+            (
+                f"Leadflow, {p} process{'es' if p != '1' else ''}, {SCALING_PARTITIONS} partitions",
+                f"{e['events_per_s']:,.0f} events/s ({speedup:.2f}x), "
+                f"{e['cpu_s_per_1000']:.3f} CPU s / 1,000 events",
+            )
+        )
     peer = results["loop_peer_events_per_s"]
     best = max(eng["1"]["events_per_s"], eng["2"]["events_per_s"])
     rows.append(("hand-written loop peer", f"{peer:,.0f} events/s (Leadflow: {best / peer:.2f}x)"))
@@ -546,6 +600,7 @@ def main() -> None:
                 "cpu_s_per_1000": cpu / len(messages) * 1000,
             }
         stored, per_person = redis_people(server.url)
+        results["scaling"] = scaling(broker.bootstrap, server.url, config, messages)
         log("Redis memory at 1,000,000 people")
         client = redis.Redis.from_url(server.url)
         keys = [k for _, k in zip(range(1000), client.scan_iter("lf:p:*"), strict=False)]

@@ -49,6 +49,7 @@ from tests.integration.test_reliability import (
     Ending,
     Rig,
     _person_view,
+    done_offset,
     ending,
     finish,
     produce,
@@ -201,7 +202,12 @@ def test_hosts_killed_restarted_and_rescaled_end_like_one_process(
         feeder.start()
         members = [start_member(r, net, i, 2, tmp_path) for i in range(2)]
         try:
-            time.sleep(rng.uniform(1.0, 4.0))
+            # A member killed before the cluster formed leaves its peer waiting for it (as
+            # Bytewax does on start-up): the random moment is after the first batch is done.
+            deadline = time.monotonic() + 60
+            while done_offset(r) < 0 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(rng.uniform(0.0, 3.0))
             members[1].send_signal(signal.SIGKILL)  # a host lost at a random moment
             # Its peer loses the connection and stops too: the cluster is down.
             assert members[0].wait(60) != 0, logs(tmp_path)

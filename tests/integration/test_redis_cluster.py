@@ -6,11 +6,12 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
 
-from leadflow.servers import stop_process
+from leadflow.servers import LocalRedisCluster, stop_process
 from leadflow.topics import create_topics
 from tests.integration.test_reliability import (
     WORKLOAD,
@@ -18,9 +19,11 @@ from tests.integration.test_reliability import (
     assert_same_end,
     clean,
     ending,
+    finish,
     produce,
     rig,
     start_engine,
+    stream,
 )
 
 __all__ = ["clean"]  # the reference run, as a fixture of this module too
@@ -118,3 +121,38 @@ def test_a_dead_seed_node_does_not_stop_start_up() -> None:
             assert store.apply_roster(b'{"sdrs": []}') == 1
         finally:
             store.close()
+
+
+def test_a_master_killed_mid_stream_is_ridden_out(tmp_path: Path, clean: Ending) -> None:
+    """kill -9 of a master while events stream: its replica is promoted, the engine goes on."""
+    with rig(tmp_path, "failover", cluster=True) as r:
+        assert isinstance(r.redis, LocalRedisCluster)
+        create_topics(r.settings, partitions=1)
+        proc = start_engine(r)
+        feeder = stream(r)
+        try:
+            time.sleep(3.0)
+            master = next(n for n in r.redis.nodes if _role(r.redis, n.port) == "master")
+            assert master.proc is not None
+            master.proc.send_signal(signal.SIGKILL)
+            killed_at = time.monotonic()
+            feeder.join()
+            assert proc.poll() is None, "the engine died with the master"
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(120) == 0, r.log.read_text()[-3000:]
+        finally:
+            stop_process(proc, sig=signal.SIGKILL)
+        finish(r)
+        got = ending(r)
+        log = r.log.read_text()
+    print(f"master killed {time.monotonic() - killed_at:.1f} s before the end")
+    assert "redis error" in log  # it did see the master go
+    assert_same_end(got, clean)
+
+
+def _role(cluster: LocalRedisCluster, port: int) -> str:
+    """``master`` or ``slave``, as the node says of itself."""
+    info = subprocess.run(
+        [cluster.cli(), "-p", str(port), "role"], capture_output=True, text=True, check=True
+    ).stdout
+    return info.split()[0]
