@@ -209,15 +209,21 @@ def scaling(
     create(bootstrap, list(settings.topics.all()), SCALING_PARTITIONS)
     produce(bootstrap, settings.topics.events, messages)
     out = {}
+    client = redis.Redis.from_url(redis_url)
     for processes in SCALING_PROCESSES:
-        redis.Redis.from_url(redis_url).flushall()
+        client.flushall()
         log(f"Leadflow, {processes} process(es), {SCALING_PARTITIONS} partitions, whole input")
+        before = client.info("stats")["total_commands_processed"]
         wall, cpu = run_engine(env, processes)
+        commands = client.info("stats")["total_commands_processed"] - before
         out[str(processes)] = {
             "seconds": wall,
             "events_per_s": len(messages) / wall,
             "cpu_s_per_1000": cpu / len(messages) * 1000,
+            # total_commands_processed over the run, as the server counts it.
+            "redis_commands_per_event": commands / len(messages),
         }
+    client.close()
     return out
 
 
@@ -476,7 +482,8 @@ def table(results: dict[str, Any]) -> str:
             (
                 f"Leadflow, {p} process{'es' if p != '1' else ''}, {SCALING_PARTITIONS} partitions",
                 f"{e['events_per_s']:,.0f} events/s ({speedup:.2f}x), "
-                f"{e['cpu_s_per_1000']:.3f} CPU s / 1,000 events",
+                f"{e['cpu_s_per_1000']:.3f} CPU s / 1,000 events, "
+                f"{e['redis_commands_per_event']:.2f} Redis commands / event",
             )
         )
     peer = results["loop_peer_events_per_s"]

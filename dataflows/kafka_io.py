@@ -76,6 +76,13 @@ class InputClock:
         self.resets: list[str] = []  # input partitions found reset (a broker that lost its log)
         self.messages = 0  # messages read (not polls: an idle poll proves nothing)
         self.consumer_errors: dict[str, str] = {}  # topic -> the last consumer error, if any
+        # Source name -> done offset, of the partitions this process reads (the identity
+        # lookup's "is that earlier event applied yet", dataflows.stages.IdentityLookup).
+        self.done: dict[str, int] = {}
+
+    def done_offset(self, source: str) -> int:
+        """The done offset of an input partition this process reads (-1: none yet)."""
+        return self.done.get(source, -1)
 
 
 INPUT_CLOCK = InputClock()
@@ -158,6 +165,7 @@ class _PositionedPartition(StatefulSourcePartition[SourceItem, int | None]):
         if len(self.snapshots) == 2 and self.snapshots[0] > self.done:
             self.done = self.snapshots[0]
             self.store.advance_input(self.source, self.done)
+            INPUT_CLOCK.done[self.source] = self.done
         INPUT_CLOCK.last_read = time.monotonic()
         if self.held:
             batch, self.held = self.held, []

@@ -37,6 +37,7 @@ class Metrics:
     merges_refused: Counter
     erasures: Counter
     erased_events: Counter
+    identity_paths: Counter
     decision_latency: Histogram
     event_to_decision: Histogram
     transitions: Counter
@@ -84,6 +85,13 @@ class Metrics:
             erased_events=Counter(
                 f"{prefix}_erased_events",
                 "Events dropped for being older than their identifier's erasure",
+                registry=registry,
+            ),
+            identity_paths=Counter(
+                f"{prefix}_identity_events",
+                "Events by how their person was found: lookup (known, on any worker) "
+                "or resolver (the identity graph changes, one worker)",
+                ["path"],
                 registry=registry,
             ),
             decision_latency=Histogram(

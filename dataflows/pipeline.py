@@ -3,12 +3,15 @@
 ::
 
     input (events + feedback topics)
-      -> decode        raw bytes -> rejections, and one list of events per batch
-      -> split         rejections -> DLQ
+      -> decode        raw bytes -> rejections; the identity lookup (Redis x1 per batch,
+                       on every worker): events of known people -> (person shard, list),
+                       the rest -> (identity, list)
+      -> split         rejections -> DLQ; known people; the rest to the resolver
       -> resolve_identity  events -> (person shard, resolved events) lists, Redis
                        x1-3 per batch, on ONE worker (constant key): the identity
-                       graph's only writer
-      -> (+ due timers, polled from Redis once a second by one worker)
+                       graph's only writer, for the events that change the graph
+      -> (+ known people's events, + due timers, polled from Redis once a second by
+         one worker)
       -> to_owner      route each shard's list to its worker (stateless hop)
       -> score_qualify_route  Redis x3 per batch                  (flat_map_batch)
       -> output        decisions, lifecycle, DLQ                  (one producer per worker)
@@ -16,9 +19,12 @@
 Person state lives in Redis, not in Bytewax: Bytewax recovery keeps only the
 input offsets, and the stages make replay harmless (see engine.person). One
 resolver takes every identity decision in order, so claims and merges never
-race; keying by a shard of the One-ID then gives every person one home worker
-(a merge moves events across workers, under compare-and-set, see
-dataflows.stages.PersonStage).
+race; events that need no decision (all their identifiers one known person's)
+skip it, found by a read on the worker that read them
+(dataflows.stages.IdentityLookup), so what the resolver carries is the graph's
+changes, not the stream. Keying by a shard of the One-ID then gives every
+person one home worker (a merge moves events across workers, under
+compare-and-set, see dataflows.stages.PersonStage).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from bytewax.dataflow import Dataflow, Stream
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from dataflows.kafka_io import (
+    INPUT_CLOCK,
     INPUT_NAMES,
     SinkMessage,
     SourceItem,
@@ -48,7 +55,14 @@ from dataflows.kafka_io import (
     to_raw_messages,
 )
 from dataflows.metrics import observed_store
-from dataflows.stages import Clock, Decoder, IdentityStage, PersonStage, Resolved
+from dataflows.stages import (
+    Clock,
+    Decoder,
+    IdentityLookup,
+    IdentityStage,
+    PersonStage,
+    Resolved,
+)
 from dataflows.timers import TimerSource
 from engine.events import Event, Rejection
 from engine.settings import MEMBER_ERRORS, Settings, load_settings
@@ -110,8 +124,17 @@ def _stay_as_sent(_resume: None) -> _Pass[list[Resolved], list[Resolved]]:
     return _Pass(unchanged)
 
 
+# What decoding a batch gives: rejections, the known people's events by person shard,
+# and the events for the resolver under RESOLVER_KEY.
+Decoded = Rejection | tuple[str, list[Resolved]] | tuple[str, list[Event]]
+
+
 def _is_rejection(item: object) -> bool:
     return isinstance(item, Rejection)
+
+
+def _is_for_resolver(item: object) -> bool:
+    return isinstance(item, tuple) and item[0] == RESOLVER_KEY
 
 
 def report_failure(step: str, error: BaseException) -> None:
@@ -142,9 +165,9 @@ def _reported(step: str, fn: Callable[[In], Out]) -> Callable[[In], Out]:
 
 
 def build_flow(
-    settings: Settings, store: RedisStore | None = None, clock: Clock = time.time
+    settings: Settings, store: RedisStore | None = None, clock: Clock = time.time, workers: int = 1
 ) -> Dataflow:
-    """Build the dataflow; tests may swap the store or clock.
+    """Build the dataflow for ``workers`` workers in all; tests may swap the store or clock.
 
     From decoding to the person stage, one Bytewax item carries a whole batch
     of events (a list): Bytewax's cost is per item and per step, about 1 us,
@@ -155,25 +178,37 @@ def build_flow(
     sources = input_sources(settings, kafka_cluster(settings))
     messages = op.input("input", flow, kafka_source(settings, sources))
     decoder = Decoder(settings, INPUT_NAMES.name, clock)
+    lookup = (
+        IdentityLookup(settings, store, INPUT_CLOCK.done_offset)
+        if settings.dataflow.looks_up_identity(workers)
+        else None
+    )
 
-    def decode(items: list[SourceItem]) -> list[Rejection | tuple[str, list[Event]]]:
+    def decode(items: list[SourceItem]) -> list[Decoded]:
         events: list[Event] = []
-        out: list[Rejection | tuple[str, list[Event]]] = []
+        out: list[Decoded] = []
         for d in decoder(to_raw_messages(items)):
             if isinstance(d, Event):
                 events.append(d)
             else:
                 out.append(d)
         if events:
-            # One resolver for the whole cluster: a constant key sends every event to one worker.
-            out.append((RESOLVER_KEY, events))
+            known, unknown = lookup(events) if lookup else ([], events)
+            out.extend(by_person_shard(known))
+            if unknown:
+                # One resolver for the whole cluster: a constant key sends them to one worker.
+                out.append((RESOLVER_KEY, unknown))
         return out
 
     split = op.branch(
-        "split_rejected", op.flat_map_batch("decode", messages, decode), _is_rejection
+        "split_rejected",
+        op.flat_map_batch("decode", messages, _reported("decode", decode)),
+        _is_rejection,
     )
     rejected: Stream[Rejection] = split.trues  # type: ignore[assignment]  # narrowed by _is_rejection
-    to_resolver: KeyedStream[list[Event]] = split.falses  # type: ignore[assignment]  # the rest
+    paths = op.branch("split_known", split.falses, _is_for_resolver)
+    to_resolver: KeyedStream[list[Event]] = paths.trues  # type: ignore[assignment]  # narrowed
+    known: KeyedStream[list[Resolved]] = paths.falses  # type: ignore[assignment]  # the rest
 
     resolver = IdentityStage(settings, store)
 
@@ -195,7 +230,7 @@ def build_flow(
     )
     timer_batches = op.map("timer_shards", timers, lambda t: (person_shard(t), [t]))
     # (shard, events) pairs: a keyed stream, which the type checker cannot see.
-    keyed: KeyedStream[list[Resolved]] = op.merge("with_timers", resolved, timer_batches)
+    keyed: KeyedStream[list[Resolved]] = op.merge("with_timers", resolved, known, timer_batches)
     to_owner: KeyedStream[list[Resolved]] = op.stateful_batch("to_owner", keyed, _stay_as_sent)
     owned = op.key_rm("drop_key", to_owner)
     person = PersonStage(settings, store, clock)

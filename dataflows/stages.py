@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import orjson
 import redis
@@ -88,6 +89,7 @@ class Resolved:
     refusals: tuple[tuple[str, str], ...] = ()
     merges: tuple[str, ...] = ()  # people absorbed into one_id at this event
     home: str = ""
+    looked_up: bool = False  # found by IdentityLookup, not the resolver
 
     @property
     def key(self) -> str:
@@ -219,6 +221,84 @@ class IdentityStage(_LazyStore):
         if dropped:
             metrics().erased_events.inc(dropped)
         return out
+
+
+class IdentityLookup(_LazyStore):
+    """Find the people of events that change nothing in the identity graph, on any worker.
+
+    An event all of whose identifiers belong to one person, none of them ever
+    erased, is no decision: the resolver would send it to that person and write
+    nothing. Every worker finds those itself, from the owners it reads (one
+    round trip a batch), and only the rest (a new identifier, two owners, an
+    erasure) go to the resolver, the graph's only writer. So identity costs the
+    one resolver what the graph *changes*, not what is read: repeat visitors,
+    most of the stream once people are known, never reach it.
+
+    Race-free because it writes nothing: a read that is stale by the time the
+    event is applied names a person since merged (the redirect takes the event
+    to the survivor, under compare-and-set, as for any event in flight) or
+    since erased (the event is dropped as if it had come just before the
+    erasure, which would have wiped it: reviving the erased One-ID would link
+    the two). And order-preserving: an event waits for the resolver path while
+    an earlier event read by this worker that shares one of its identifiers or
+    owners went that way and is not yet *done* (applied and delivered, the
+    input's done offset, dataflows.kafka_io), so a person's events of one input
+    partition are applied in their order, as before.
+    """
+
+    def __init__(
+        self, settings: Settings, store: RedisStore | None, done: Callable[[str], int]
+    ) -> None:
+        super().__init__(settings, store)
+        self.done = done  # input source -> its done offset (-1: none yet)
+        # Identifier digest or One-ID -> (source, offset) of the latest event that touched
+        # it and went to the resolver.
+        self.waiting: dict[str, tuple[str, int]] = {}
+        self._prune_at = PRUNE_WAITING_AT
+
+    def __call__(self, events: list[Event]) -> tuple[list[Resolved], list[Event]]:
+        """Split ``events`` into those of known people (resolved) and those for the resolver."""
+        idents = [identifiers_of(e, self.settings.identity) for e in events]
+        digests = list(dict.fromkeys(i.digest for ids in idents for i in ids))
+        found, erased_at = self.store.owners(digests) if digests else ([], [])
+        owner = dict(zip(digests, found, strict=True))
+        erased = {d for d, at in zip(digests, erased_at, strict=True) if at}
+        known: list[Resolved] = []
+        unknown: list[Event] = []
+        for event, ids in zip(events, idents, strict=True):
+            owners = [owner[i.digest] for i in ids]
+            touched = [i.digest for i in ids] + [o for o in owners if o]
+            if (
+                ids
+                and not _changes_graph(event, owners)
+                and not any(i.digest in erased for i in ids)
+                and not self._waits(touched)
+            ):
+                one_id = cast(str, owners[0])
+                known.append(Resolved(one_id, event, home=one_id, looked_up=True))
+            else:
+                unknown.append(event)
+                for key in touched:
+                    self.waiting[key] = (event.source, event.offset)
+        if len(self.waiting) > self._prune_at:
+            self.waiting = {k: w for k, w in self.waiting.items() if w[1] >= self.done(w[0])}
+            self._prune_at = max(PRUNE_WAITING_AT, 2 * len(self.waiting))
+        paths = metrics().identity_paths
+        paths.labels("lookup").inc(len(known))
+        paths.labels("resolver").inc(len(unknown))
+        return known, unknown
+
+    def _waits(self, keys: list[str]) -> bool:
+        """Whether an earlier event touching ``keys`` went to the resolver and is not done."""
+        for key in keys:
+            if (w := self.waiting.get(key)) is not None and w[1] >= self.done(w[0]):
+                return True
+        return False
+
+
+# Waiting entries are pruned of done ones when there are more than this (and twice as
+# many as after the last pruning): a few MB at most.
+PRUNE_WAITING_AT = 50_000
 
 
 def _changes_graph(event: Event, owners: Sequence[str | None]) -> bool:
@@ -556,6 +636,11 @@ class _Round:
             target = live.get(item.one_id, person)
             self._merge_and_note(one_id, n, item, target, live, out)
             event = item.event
+            if item.looked_up and 0 < target.erased_ms < event.event_ms:
+                # Its owner was read before the erasure: dropped as if it had come just
+                # before it (which wipes it), never reviving the erased One-ID.
+                metrics().erased_events.inc()
+                continue
             if event.trusted and event.name == ERASE and not target.erased_ms:
                 # The people the erased one had absorbed are dropped once it is saved.
                 self.erased.setdefault(one_id, []).extend(o for o, _ in target.merged_from)

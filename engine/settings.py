@@ -185,6 +185,7 @@ class ConsentSettings:
 
 
 CLOCKS = ("wall", "event")
+IDENTITY_LOOKUPS = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,19 @@ class DataflowSettings:
     # "wall": records are stamped and SDRs picked by the clock (live). "event": by each
     # event's own time (a replay of history; needs stop_at_end: no timer fires).
     clock: str = "wall"
+    # Known people's events skip the one resolver (dataflows.stages.IdentityLookup):
+    # "auto" = when the flow has more than one worker, "on", "off".
+    identity_lookup: str = "auto"
+
+    def looks_up_identity(self, workers: int) -> bool:
+        """Whether a flow of ``workers`` workers finds known people on every worker.
+
+        On one worker there is nothing to spread, and keeping every event on the
+        resolver's path keeps one partition's run reproducible to the SDR: a
+        known person's event overtaking an earlier new person's changes whose
+        promotion the round robin sees first (as interleaved partitions do).
+        """
+        return self.identity_lookup == "on" or (self.identity_lookup == "auto" and workers > 1)
 
 
 @dataclass(frozen=True)
@@ -909,9 +923,13 @@ def _dataflow(t: _Table, env: Mapping[str, str]) -> DataflowSettings:
         snapshot_interval_s=t.number("snapshot_interval_s", 10.0, positive=True),
         stop_at_end=t.flag("stop_at_end", False),
         clock=t.text("clock", "wall"),
+        identity_lookup=t.text("identity_lookup", "auto"),
     )
     if s.clock not in CLOCKS:
         raise t.error("clock", f"expected one of {', '.join(CLOCKS)}, got {s.clock!r}")
+    if s.identity_lookup not in IDENTITY_LOOKUPS:
+        choices = ", ".join(IDENTITY_LOOKUPS)
+        raise t.error("identity_lookup", f"expected one of {choices}, got {s.identity_lookup!r}")
     t.done()
     return s
 

@@ -252,7 +252,11 @@ def run_member(
     health.running = True
     try:
         cli_main(
-            build_flow(settings),
+            build_flow(
+                settings,
+                workers=(len(addresses) if addresses else 1)
+                * settings.dataflow.workers_per_process,
+            ),
             workers_per_process=settings.dataflow.workers_per_process,
             process_id=process_id,
             addresses=addresses,

@@ -98,7 +98,7 @@ def send(
 def run_flow(settings: Settings, workers: int) -> None:
     """Run the real dataflow over everything in the input topics, on ``workers`` workers."""
     assert settings.dataflow.stop_at_end, "the flow must stop at the end of the input"
-    flow = build_flow(settings)
+    flow = build_flow(settings, workers=workers)
     if workers == 1:
         run_main(flow)
     else:

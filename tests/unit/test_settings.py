@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,13 @@ def test_environment_overrides_connections_and_librdkafka_options() -> None:
 @pytest.mark.parametrize(
     ("file", "old", "new", "key", "problem"),
     [
+        (
+            "engine.toml",
+            'identity_lookup = "auto"',
+            'identity_lookup = "sometimes"',
+            "dataflow.identity_lookup",
+            "expected one of auto, on, off",
+        ),
         (
             "scoring.toml",
             "half_life_days = 30.0",
@@ -285,3 +293,11 @@ def test_grade_bands_need_a_floor(config: Path) -> None:
     with pytest.raises(ConfigError) as e:
         load_settings(config, env={})
     assert e.value.key == "grade.fit_bands" and "minimum of 0" in e.value.problem
+
+
+def test_known_people_are_looked_up_on_every_worker_once_there_are_several() -> None:
+    dataflow = load_settings().dataflow
+    assert dataflow.identity_lookup == "auto"
+    assert [dataflow.looks_up_identity(w) for w in (1, 2)] == [False, True]
+    on, off = replace(dataflow, identity_lookup="on"), replace(dataflow, identity_lookup="off")
+    assert on.looks_up_identity(1) and not off.looks_up_identity(4)
