@@ -10,7 +10,9 @@ merges, three queues):
    ``leadflow run --stop-at-end`` with 1 and 2 processes, and its CPU seconds per
    1,000 events (start-up included: it is what a replay costs); then the scaling
    rows: 1, 2 and 4 processes on a 4-partition topic, beside the broker's own
-   produce and consume rates on 4 partitions;
+   produce and consume rates on 4 partitions, Redis's commands and CPU per event,
+   and what the one identity resolver carries alone and behind the lookups
+   (:mod:`benchmarks.identity`);
 3. Redis memory per person after the run, and for 1,000,000 people;
 4. the hand-written peer: one event at a time, confluent-kafka + redis-py, the
    same domain functions;
@@ -46,6 +48,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from benchmarks import collector as collector_bench
+from benchmarks import identity as identity_bench
 from benchmarks import workload
 from engine.identity import identifiers_of
 from engine.person import PersonState, Rulebook, apply_event, decode_state, encode_state
@@ -213,18 +216,37 @@ def scaling(
     for processes in SCALING_PROCESSES:
         client.flushall()
         log(f"Leadflow, {processes} process(es), {SCALING_PARTITIONS} partitions, whole input")
-        before = client.info("stats")["total_commands_processed"]
+        before, redis_before = client.info("stats"), _redis_cpu_s(client)
         wall, cpu = run_engine(env, processes)
-        commands = client.info("stats")["total_commands_processed"] - before
+        commands = client.info("stats")["total_commands_processed"]
+        commands -= before["total_commands_processed"]
         out[str(processes)] = {
             "seconds": wall,
             "events_per_s": len(messages) / wall,
             "cpu_s_per_1000": cpu / len(messages) * 1000,
             # total_commands_processed over the run, as the server counts it.
             "redis_commands_per_event": commands / len(messages),
+            "redis_cpu_us_per_event": (_redis_cpu_s(client) - redis_before) / len(messages) * 1e6,
         }
     client.close()
     return out
+
+
+def _redis_cpu_s(client: redis.Redis) -> float:
+    """CPU seconds the Redis server has used (user + system)."""
+    cpu = client.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
+def memory_at_million(redis_url: str) -> float:
+    """Bytes per person at 1,000,000 people, from a sample of the people stored now."""
+    log("Redis memory at 1,000,000 people")
+    client = redis.Redis.from_url(redis_url)
+    keys = [k for _, k in zip(range(1000), client.scan_iter("lf:p:*"), strict=False)]
+    states = cast(list[bytes | None], client.mget(keys))
+    sample = [v.partition(b"|")[2] for v in states if v]
+    client.close()
+    return memory_at_scale(redis_url, sample, 1_000_000)
 
 
 def redis_people(redis_url: str, prefix: str = "lf:") -> tuple[int, float]:
@@ -483,9 +505,19 @@ def table(results: dict[str, Any]) -> str:
                 f"Leadflow, {p} process{'es' if p != '1' else ''}, {SCALING_PARTITIONS} partitions",
                 f"{e['events_per_s']:,.0f} events/s ({speedup:.2f}x), "
                 f"{e['cpu_s_per_1000']:.3f} CPU s / 1,000 events, "
-                f"{e['redis_commands_per_event']:.2f} Redis commands / event",
+                f"Redis {e['redis_commands_per_event']:.2f} commands and "
+                f"{e['redis_cpu_us_per_event']:.1f} µs CPU / event",
             )
         )
+    ident = results["identity"]
+    rows.append(
+        (
+            "identity resolver (one worker), alone / behind the lookups",
+            f"{ident['resolver_alone_per_s']:,.0f} / {ident['resolver_ceiling_per_s']:,.0f} "
+            f"events/s of stream ({ident['lookup_share']:.1%} found by the lookups, "
+            f"{ident['lookup_per_s']:,.0f} events/s per worker)",
+        )
+    )
     peer = results["loop_peer_events_per_s"]
     best = max(eng["1"]["events_per_s"], eng["2"]["events_per_s"])
     rows.append(("hand-written loop peer", f"{peer:,.0f} events/s (Leadflow: {best / peer:.2f}x)"))
@@ -608,16 +640,10 @@ def main() -> None:
             }
         stored, per_person = redis_people(server.url)
         results["scaling"] = scaling(broker.bootstrap, server.url, config, messages)
-        log("Redis memory at 1,000,000 people")
-        client = redis.Redis.from_url(server.url)
-        keys = [k for _, k in zip(range(1000), client.scan_iter("lf:p:*"), strict=False)]
-        states = cast(list[bytes | None], client.mget(keys))
-        sample = [v.partition(b"|")[2] for v in states if v]
-        client.close()
         results["memory"] = {
             "people_run": stored,
             "per_person_run": per_person,
-            "per_person_1m": memory_at_scale(server.url, sample, 1_000_000),
+            "per_person_1m": memory_at_million(server.url),
         }
         if QUIX_PYTHON.exists():
             log("Quix Streams peer, whole input")
@@ -626,6 +652,8 @@ def main() -> None:
             )
         else:
             log(f"Quix Streams peer skipped: {QUIX_PYTHON} missing (run `make bench`)")
+        log("the identity resolver: alone, and behind the workers' lookups")
+        results["identity"] = identity_bench.resolver_ceiling(server.url, messages)
         log(f"hand-written loop peer, {args.peer_events:,} events")
         results["loop_peer_events_per_s"] = loop_peer(
             settings, settings.topics.events, args.peer_events

@@ -34,9 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-import orjson
 import pytest
-from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from engine.person import Rulebook, current_scores, decode_state
 from leadflow.servers import stop_process
@@ -49,6 +47,7 @@ from tests.integration.test_reliability import (
     Ending,
     Rig,
     _person_view,
+    assert_same_people,
     done_offset,
     ending,
     finish,
@@ -113,12 +112,11 @@ def comparable(r: Rig, end: Ending) -> Comparable:
             # A merged person's stage changes are the survivor's, whichever that was.
             "counts": view["counts"] if not view["merged_from"] else view["counts"][1:],
         }
-    decision_people = _decision_people(r)
     client.close()
     return Comparable(
         people=people,
         unmerged_decisions={
-            d for d, one_id in decision_people.items() if one_id not in merged | set(end.redirects)
+            d for d, one_id in end.decided_for.items() if one_id not in merged | set(end.redirects)
         },
         decisions=len(end.decisions),
         queue_totals={q: sum(c.values()) for q, c in end.queue_counts.items()},
@@ -127,38 +125,6 @@ def comparable(r: Rig, end: Ending) -> Comparable:
         repeated=end.repeated_outputs,
         doubled={d: s for d, s in end.decisions.items() if len(s) > 1},
     )
-
-
-def _decision_people(r: Rig) -> dict[str, str]:
-    """Decision id -> the One-ID it was made for, from the decisions topic."""
-    topic = r.settings.topics.decisions
-    consumer = Consumer(
-        {
-            "bootstrap.servers": r.bootstrap,
-            "group.id": "multihost-check",
-            "enable.partition.eof": True,
-            "fetch.wait.max.ms": 10,
-        }
-    )
-    parts = [
-        TopicPartition(topic, p, 0)
-        for p in consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    ]
-    consumer.assign(parts)
-    out: dict[str, str] = {}
-    at_end = 0
-    deadline = time.monotonic() + 60
-    while at_end < len(parts) and time.monotonic() < deadline:
-        for msg in consumer.consume(1_000, 0.2):
-            err = msg.error()
-            if err is not None:
-                assert err.code() == KafkaError._PARTITION_EOF, err
-                at_end += 1
-                continue
-            d = orjson.loads(msg.value() or b"{}")
-            out[d["decision_id"]] = d["one_id"]
-    consumer.close()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -247,12 +213,7 @@ def test_hosts_killed_restarted_and_rescaled_end_like_one_process(
 
 def assert_like(got: Comparable, reference: Comparable) -> None:
     """Nothing lost, nothing doubled: equal wherever the interleaving does not matter."""
-    assert got.people.keys() == reference.people.keys()
-    different = [k for k in reference.people if got.people[k] != reference.people[k]]
-    if different:
-        g, c = got.people[different[0]], reference.people[different[0]]
-        diff = {k: (g[k], c[k]) for k in c if g[k] != c[k]}
-        pytest.fail(f"{len(different)} people differ, e.g.: {diff} (got, one process)")
+    assert_same_people(got.people, reference.people)
     assert got.decisions == reference.decisions
     assert got.unmerged_decisions == reference.unmerged_decisions
     assert got.queue_totals == reference.queue_totals  # each promotion counted once

@@ -24,11 +24,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import orjson
 import psutil
@@ -49,6 +49,7 @@ from leadflow.servers import (
 )
 from leadflow.topics import create_topics
 
+K = TypeVar("K")
 PEOPLE, EVENTS = 2_000, 20_000
 RATE = 2_500  # events/s offered while things break: 8 s of streaming
 MALFORMED_EVERY = 997
@@ -188,6 +189,7 @@ class Ending:
     people: dict[str, dict[str, Any]] = field(default_factory=dict)
     redirects: dict[str, str] = field(default_factory=dict)
     decisions: dict[str, set[str]] = field(default_factory=dict)  # decision id -> SDRs sent
+    decided_for: dict[str, str] = field(default_factory=dict)  # decision id -> One-ID
     lifecycle: set[str] = field(default_factory=set)
     dlq: set[tuple[str, bytes]] = field(default_factory=set)
     queue_counts: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -275,6 +277,7 @@ def ending(r: Rig) -> Ending:
                 d = orjson.loads(value)
                 end.repeated_outputs += d["decision_id"] in end.decisions
                 end.decisions.setdefault(d["decision_id"], set()).add(d["sdr"])
+                end.decided_for[d["decision_id"]] = d["one_id"]
     consumer.close()
     assert len(at_end) == len(parts), "output topics not read to their end"
     return end
@@ -293,14 +296,19 @@ def clean(tmp_path_factory: pytest.TempPathFactory) -> Ending:
     return end
 
 
-def assert_same_end(got: Ending, clean: Ending) -> None:
-    """Nothing lost, nothing doubled, nothing different."""
-    assert got.people.keys() == clean.people.keys()
-    different = [o for o in clean.people if got.people[o] != clean.people[o]]
+def assert_same_people(got: Mapping[K, dict[str, Any]], clean: Mapping[K, dict[str, Any]]) -> None:
+    """The same people, each the same in every field (the first difference shown)."""
+    assert got.keys() == clean.keys()
+    different = [o for o in clean if got[o] != clean[o]]
     if different:
-        g, c = got.people[different[0]], clean.people[different[0]]
+        g, c = got[different[0]], clean[different[0]]
         diff = {k: (g[k], c[k]) for k in c if g[k] != c[k]}
         pytest.fail(f"{len(different)} people differ, e.g. {different[0]}: {diff} (got, clean)")
+
+
+def assert_same_end(got: Ending, clean: Ending) -> None:
+    """Nothing lost, nothing doubled, nothing different."""
+    assert_same_people(got.people, clean.people)
     assert got.redirects == clean.redirects
     twice = {d: sdrs for d, sdrs in got.decisions.items() if len(sdrs) > 1}
     assert not twice, f"decisions sent to two SDRs: {twice}"
