@@ -1,7 +1,9 @@
-"""A pass-through Bytewax flow, Kafka -> decode -> Kafka, running until stopped.
+"""A pass-through Bytewax flow, Kafka -> decode -> Kafka.
 
-``python -m benchmarks.passthrough BOOTSTRAP IN_TOPIC OUT_TOPIC``: the floor any
-Bytewax engine pays, for the latency comparison of :mod:`benchmarks.suite`.
+``python -m benchmarks.passthrough BOOTSTRAP IN_TOPIC OUT_TOPIC [--to-end]``: the floor
+any Bytewax engine pays, for the latency comparison of :mod:`benchmarks.suite` (running
+until stopped) and its throughput and CPU row (``--to-end``: it stops at the end of the
+input, as ``leadflow run --stop-at-end`` does).
 """
 
 from __future__ import annotations
@@ -18,11 +20,15 @@ from dataflows.kafka_io import SinkMessage, SourceItem
 from leadflow.runner import tune_gc
 
 
-def flow(bootstrap: str, inp: str, out: str) -> Dataflow:
+def flow(bootstrap: str, inp: str, out: str, to_end: bool = False) -> Dataflow:
     """Forward every event, decoded and re-encoded, from ``inp`` to ``out``."""
     f = Dataflow("passthrough")
     source = KafkaSource(
-        [bootstrap], [inp], tail=True, add_config={"fetch.wait.max.ms": "10"}, batch_size=1000
+        [bootstrap],
+        [inp],
+        tail=not to_end,
+        add_config={"fetch.wait.max.ms": "10"},
+        batch_size=1000,
     )
     messages = op.input("input", f, source)
 
@@ -42,4 +48,5 @@ def flow(bootstrap: str, inp: str, out: str) -> Dataflow:
 
 if __name__ == "__main__":
     tune_gc()
-    run_main(flow(*sys.argv[1:4]))
+    bootstrap, inp, out = sys.argv[1:4]
+    run_main(flow(bootstrap, inp, out, to_end="--to-end" in sys.argv[4:]))
