@@ -60,11 +60,15 @@ def input_sources(settings: Settings, cluster: dict[str, str]) -> dict[str, str]
     engine.person.settle) and changes with the input's identity
     (:func:`kafka_cluster`): offsets of another cluster or topic never mix.
     """
-    tag = hashlib.blake2b(orjson.dumps(cluster, option=orjson.OPT_SORT_KEYS), digest_size=3)
-    return {
-        settings.topics.events: tag.hexdigest() + "e",
-        settings.topics.feedback: tag.hexdigest() + "f",
-    }
+    tag = input_tag(cluster)
+    return {settings.topics.events: tag + "e", settings.topics.feedback: tag + "f"}
+
+
+def input_tag(cluster: dict[str, str]) -> str:
+    """A short name of the input (:func:`kafka_cluster`): another cluster, another tag."""
+    return hashlib.blake2b(
+        orjson.dumps(cluster, option=orjson.OPT_SORT_KEYS), digest_size=3
+    ).hexdigest()
 
 
 class InputClock:

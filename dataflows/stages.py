@@ -244,6 +244,10 @@ class IdentityLookup(_LazyStore):
     owners went that way and is not yet *done* (applied and delivered, the
     input's done offset, dataflows.kafka_io), so a person's events of one input
     partition are applied in their order, as before.
+
+    The identifiers of the events that go on are computed once more by the
+    resolver, on its worker, rather than shipped with them: a few hashes for the
+    minority that reach it (not measured against pickling them across workers).
     """
 
     def __init__(

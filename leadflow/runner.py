@@ -12,7 +12,6 @@ resumes from recovery.
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
 from prometheus_client import start_http_server
 
-from dataflows.kafka_io import STOPPING
+from dataflows.kafka_io import STOPPING, input_tag
 from dataflows.metrics import metrics
 from dataflows.pipeline import build_flow
 from engine.settings import MEMBER_ERRORS, Settings
@@ -191,35 +190,27 @@ class _RecoveryLayout:
     """A member's share of the recovery partitions, as kept in Redis (engine.store)."""
 
     def __init__(self, settings: Settings, cluster: dict[str, str], member: tuple[int, int]):
-        self.settings = settings
-        self.tag = hashlib.blake2b(
-            json.dumps(cluster, sort_keys=True).encode(), digest_size=6
-        ).hexdigest()
+        self.store = RedisStore(settings.redis)
+        self.tag = input_tag(cluster)
         self.index = member[0]
-        store = RedisStore(settings.redis)
-        try:
-            self.first, made = store.recovery_layout(self.tag, *member)
-            key = store.recovery_key(self.tag)
-        finally:
-            store.close()
+        self.first, made = self.store.recovery_layout(self.tag, *member)
         directory = settings.dataflow.recovery_dir
         if made and not (Path(directory) / RECOVERY_MARKER).exists():
+            self.store.close()
             # Bytewax cannot resume with a partition empty or missing (every process panics).
             raise RecoveryVolumeLost(
                 f"the recovery directory {directory} of member {self.index} is gone, and with "
                 f"it partitions of the whole cluster's recovery: restore it, or stop every "
                 f"member, empty every member's recovery directory and delete the Redis key "
-                f"{key}; the engine then resumes from the done offsets in Redis"
+                f"{self.store.recovery_key(self.tag)}; the engine then resumes from the done "
+                f"offsets in Redis"
             )
 
     def made(self) -> None:
         """Record in Redis that this member's share exists (a joiner's share is empty)."""
         if self.index < self.first:
-            store = RedisStore(self.settings.redis)
-            try:
-                store.recovery_made(self.tag, self.index)
-            finally:
-                store.close()
+            self.store.recovery_made(self.tag, self.index)
+        self.store.close()
 
 
 def recovery_config(settings: Settings) -> RecoveryConfig | None:
