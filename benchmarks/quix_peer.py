@@ -9,14 +9,19 @@ write the records it produces to the output topic. What it does not do, because
 its partitioned state cannot: resolve identities across keys (merges), assign
 SDRs fairly across partitions (it picks by hash), timers.
 
-``python -m benchmarks.quix_peer BOOTSTRAP IN OUT COUNT|serve STATE_DIR`` — with a
-count, it stops after that many events and prints the events per second.
+``python -m benchmarks.quix_peer BOOTSTRAP IN OUT COUNT|serve STATE_DIR [GROUP]`` —
+with a count, it stops after that many events and prints the events per second.
+With ``serve`` and a consumer ``GROUP`` shared by several of them (one consumer
+each, the partitions shared out by the group), each writes ``events first last``
+(a count and two ``time.time()`` stamps) to ``STATE_DIR/progress`` every 1,000
+events, for the suite to add up (benchmarks.suite.quix_peers).
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -32,12 +37,14 @@ from engine.settings import load_settings
 def main() -> None:
     """Run the app."""
     bootstrap, inp, out, count, state_dir = sys.argv[1:6]
+    group = sys.argv[6] if len(sys.argv) > 6 else f"quix-peer-{time.time_ns()}"
+    progress = Path(state_dir) / "progress"
     settings = load_settings(env={})
     rules = Rulebook(settings)
     roster = settings.roster
     app = Application(
         broker_address=bootstrap,
-        consumer_group=f"quix-peer-{time.time_ns()}",
+        consumer_group=group,
         auto_offset_reset="earliest",
         state_dir=state_dir,
         consumer_extra_config={"fetch.wait.max.ms": 10},
@@ -45,14 +52,16 @@ def main() -> None:
     source = app.topic(inp, value_deserializer="bytes", key_deserializer="bytes")
     sink = app.topic(out, value_serializer="bytes", key_serializer="bytes")
     limit = 0 if count == "serve" else int(count)
-    seen = {"n": 0, "start": 0.0}
+    seen = {"n": 0, "start": 0.0, "first": 0.0}
 
     def process(value: bytes, state: State) -> list[bytes]:
         if seen["n"] == 0:
-            seen["start"] = time.perf_counter()
+            seen["start"], seen["first"] = time.perf_counter(), time.time()
         seen["n"] += 1
         if limit and seen["n"] >= limit:
             app.stop()
+        if seen["n"] % 1000 == 0:
+            progress.write_text(f"{seen['n']} {seen['first']} {time.time()}")
         now_ms = int(time.time() * 1000)
         event = workload.decode(value, inp, now_ms)
         if event is None:

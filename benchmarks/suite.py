@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +47,7 @@ import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import collector as collector_bench
 from benchmarks import identity as identity_bench
@@ -86,6 +88,58 @@ def quix_peer(bootstrap: str, topic: str, count: int) -> float:
     if result.returncode != 0:
         raise RuntimeError(f"Quix Streams peer failed: {result.stderr[-2000:]}")
     return float(result.stdout.strip().splitlines()[-1])
+
+
+def quix_peers(bootstrap: str, topic: str, total: int, consumers: int) -> float:
+    """Events per second of ``consumers`` Quix Streams peers in one group over a whole topic.
+
+    Each reports its progress to a file (benchmarks.quix_peer); the rate is every
+    event counted over the span from the first one's first event to the last one's
+    last report, once the counts stop growing with the topic read. Joining the group
+    takes the peers up to a minute on the embedded broker; the rate starts at the
+    first event.
+    """
+    create(bootstrap, ["bench.quix2.out"], consumers)
+    group = f"quix-peers-{time.time_ns()}"
+    commands = [
+        quix_command(bootstrap, topic, "bench.quix2.out", "serve") for _ in range(consumers)
+    ]
+    procs = [
+        subprocess.Popen(
+            [*c, group], env=quix_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        for c in commands
+    ]
+    files = [Path(c[-1]) / "progress" for c in commands]
+    try:
+        last, still_since, deadline = -1, time.time(), time.time() + 900
+        while time.time() < deadline:
+            time.sleep(0.5)
+            reports = [f.read_text().split() for f in files if f.exists()]
+            counted = sum(int(r[0]) for r in reports)
+            if counted != last:
+                last, still_since = counted, time.time()
+            # Each reports every 1,000 events: up to 999 of its last ones go unreported.
+            elif counted > total - 1000 * consumers and time.time() - still_since > 5:
+                first = min(float(r[1]) for r in reports)
+                return counted / (max(float(r[2]) for r in reports) - first)
+        raise RuntimeError(f"Quix Streams peers counted {last:,} of {total:,} events in 900 s")
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(30)
+
+
+def quix_figures(bootstrap: str, topic: str, total: int) -> dict[str, float]:
+    """The Quix Streams peer on the whole input: one consumer, then two in one group."""
+    if not QUIX_PYTHON.exists():
+        log(f"Quix Streams peer skipped: {QUIX_PYTHON} missing (run `make bench`)")
+        return {}
+    log("Quix Streams peer, whole input")
+    one = quix_peer(bootstrap, topic, total)
+    log("Quix Streams peer, 2 consumers on the 2 partitions, whole input")
+    two = quix_peers(bootstrap, topic, total, 2)
+    return {"quix_peer_events_per_s": one, "quix_peers_2_events_per_s": two}
 
 
 def log(text: str) -> None:
@@ -409,15 +463,17 @@ def latency_run(
     seconds: float,
     messages: list[tuple[bytes, bytes]],
     ctx: dict[str, Any],
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """One latency measurement: start the system under test, offer load, read the probe."""
     bootstrap: str = ctx["bootstrap"]
-    tag = f"{mode}{rate}"
+    tag = f"{mode.replace(' ', '')}{rate}"
     inp, out_topics = f"lat.{tag}.in", [f"lat.{tag}.out", f"lat.{tag}.dec"]
-    create(bootstrap, [inp, *out_topics], 1)
+    processes = 2 if mode == "engine x2" else 1
+    create(bootstrap, [inp, *out_topics], processes)  # a partition per process
     batch = tagged(messages[: int(rate * seconds)], tag)
     proc = None
-    if mode == "engine":
+    metrics_port = int(ctx["env"]["LEADFLOW_METRICS_PORT"])
+    if mode.startswith("engine"):
         config = ctx["config_for"](inp, out_topics[0], out_topics[1])
         env = {
             **ctx["env"],
@@ -425,7 +481,10 @@ def latency_run(
             "LEADFLOW_RECOVERY_DIR": tempfile.mkdtemp(),
         }
         proc = subprocess.Popen(
-            [*LEADFLOW, "run"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            [*LEADFLOW, "run", "--processes", str(processes)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
     elif mode == "quix":
         proc = subprocess.Popen(
@@ -446,11 +505,51 @@ def latency_run(
         watched = out_topics if mode != "direct" else [inp]
         with probe(bootstrap, watched, seconds + 15) as probe_file:
             sent = paced(bootstrap, inp, batch, rate)
-        return latencies(sent, probe_file)
+        figures: dict[str, Any] = dict(latencies(sent, probe_file))
+        if mode.startswith("engine"):
+            ports = [metrics_port + i for i in range(processes)]
+            figures["stages"] = stage_latencies(ports)
+        return figures
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(30)
+
+
+def stage_latencies(ports: list[int]) -> dict[str, dict[str, float]]:
+    """p50 and p99 in ms of each stage (leadflow_stage_latency_seconds), all processes summed.
+
+    Read from the histogram's buckets as Prometheus' histogram_quantile reads them:
+    linear within the bucket the quantile falls in.
+    """
+    buckets: dict[str, dict[float, float]] = {}
+    for port in ports:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        for family in text_string_to_metric_families(text.decode()):
+            if family.name != "leadflow_stage_latency_seconds":
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    counts = buckets.setdefault(sample.labels["stage"], {})
+                    le = float(sample.labels["le"])
+                    counts[le] = counts.get(le, 0.0) + sample.value
+    out = {}
+    for stage, cumulative in buckets.items():
+        bounds = sorted(cumulative)
+        total = cumulative[bounds[-1]]
+        if not total:
+            continue
+        out[stage] = {"samples": total}
+        for q in (0.5, 0.99):
+            rank, below, lower = q * total, 0.0, 0.0
+            for le in bounds:
+                if cumulative[le] >= rank:
+                    upper = le if le != float("inf") else lower
+                    share = (rank - below) / max(cumulative[le] - below, 1)
+                    out[stage][f"p{round(q * 100)}_ms"] = (lower + (upper - lower) * share) * 1000
+                    break
+                below, lower = cumulative[le], le
+    return out
 
 
 def _warm_up(bootstrap: str, inp: str, outs: list[str], tag: str) -> None:
@@ -468,6 +567,48 @@ def _warm_up(bootstrap: str, inp: str, outs: list[str], tag: str) -> None:
         else:
             raise RuntimeError(f"{tag}: the system under test never answered")
     probe_file.unlink(missing_ok=True)
+
+
+def latency_rows(lat: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """The latency rows of the table: each run, the engine's stages, the ratios."""
+    rows = []
+    for key, figures in lat.items():
+        if figures.get("samples"):
+            rows.append(
+                (
+                    f"latency {key}",
+                    f"p50 {figures['p50_ms']:.1f} / p95 {figures['p95_ms']:.1f} / "
+                    f"p99 {figures['p99_ms']:.1f} / max {figures['max_ms']:.1f} ms "
+                    f"({figures['samples']:,} samples)",
+                )
+            )
+    for key, figures in lat.items():
+        for stage, f in figures.get("stages", {}).items():
+            rows.append(
+                (
+                    f"{key}: ingest to {stage}",
+                    f"p50 {f['p50_ms']:.1f} / p99 {f['p99_ms']:.1f} ms ({f['samples']:,.0f})",
+                )
+            )
+    for rate in ("2,000", "10,000"):
+        ours = lat.get(f"engine @ {rate}/s", {})
+        through, quix = lat.get(f"passthrough @ {rate}/s", {}), lat.get(f"quix @ {rate}/s", {})
+        if ours.get("samples") and through.get("samples"):
+            added = (ours["p50_ms"] - through["p50_ms"], ours["p99_ms"] - through["p99_ms"])
+            rows.append(
+                (
+                    f"added to pass-through @ {rate}/s, 1 process",
+                    f"p50 +{added[0]:.1f} / p99 +{added[1]:.1f} ms",
+                )
+            )
+        if ours.get("samples") and quix.get("samples"):
+            ratio = ours["p99_ms"] / quix["p99_ms"]
+            rows.append((f"p99 ratio Leadflow / Quix @ {rate}/s", f"{ratio:.2f}"))
+    two, through = lat.get("engine x2 @ 10,000/s", {}), lat.get("passthrough @ 10,000/s", {})
+    if two.get("samples") and through.get("samples"):
+        ratio = two["p99_ms"] / through["p99_ms"]
+        rows.append(("p99 Leadflow 2 processes / pass-through @ 10,000/s", f"{ratio:.2f}x"))
+    return rows
 
 
 def table(results: dict[str, Any]) -> str:
@@ -556,6 +697,14 @@ def table(results: dict[str, Any]) -> str:
                 f"{quix:,.0f} events/s (Leadflow, 1 process: {one / quix:.2f}x)",
             )
         )
+    if "quix_peers_2_events_per_s" in results:
+        quix2, two = results["quix_peers_2_events_per_s"], eng["2"]["events_per_s"]
+        rows.append(
+            (
+                "Quix Streams peers, 2 consumers on 2 partitions",
+                f"{quix2:,.0f} events/s (Leadflow, 2 processes: {two / quix2:.2f}x)",
+            )
+        )
     col = results["collector"]
     single = col["single_at_1000"]
     rows.append(
@@ -574,25 +723,7 @@ def table(results: dict[str, Any]) -> str:
     )
     rows.append(("Redis per person (after the run)", f"{mem['per_person_run']:,.0f} B"))
     rows.append(("Redis per person at 1,000,000", f"{mem['per_person_1m']:,.0f} B"))
-    for key, figures in lat.items():
-        if figures.get("samples"):
-            rows.append(
-                (
-                    f"latency {key}",
-                    f"p50 {figures['p50_ms']:.1f} / p95 {figures['p95_ms']:.1f} / "
-                    f"p99 {figures['p99_ms']:.1f} / max {figures['max_ms']:.1f} ms "
-                    f"({figures['samples']:,} samples)",
-                )
-            )
-    for rate in ("2,000", "10,000"):
-        ours, theirs = lat.get(f"engine @ {rate}/s", {}), lat.get(f"quix @ {rate}/s", {})
-        if ours.get("samples") and theirs.get("samples"):
-            rows.append(
-                (
-                    f"p99 ratio Leadflow / Quix @ {rate}/s",
-                    f"{ours['p99_ms'] / theirs['p99_ms']:.2f}",
-                )
-            )
+    rows += latency_rows(lat)
     lines = ["| measure | figure |", "| --- | --- |"]
     lines += [f"| {a} | {b} |" for a, b in rows]
     return "\n".join(lines)
@@ -618,12 +749,13 @@ def config_factory(base: Path) -> Callable[[str, str, str], Path]:
 
 def measure_latency(
     ctx: dict[str, Any], messages: list[tuple[bytes, bytes]], seconds: float
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Latency of every system under test at 2,000 and 10,000 offered events/s."""
     out = {}
     modes = ["direct", "passthrough", "engine"] + (["quix"] if QUIX_PYTHON.exists() else [])
     for rate in (2_000, 10_000):
-        for mode in modes:
+        # At 10,000/s, also the engine on two processes (two partitions): the issue's target.
+        for mode in modes + (["engine x2"] if rate == 10_000 else []):
             log(f"latency: {mode} at {rate:,} events/s")
             out[f"{mode} @ {rate:,}/s"] = latency_run(mode, rate, seconds, messages, ctx)
     return out
@@ -679,13 +811,7 @@ def main() -> None:
             "per_person_run": per_person,
             "per_person_1m": memory_at_million(server.url),
         }
-        if QUIX_PYTHON.exists():
-            log("Quix Streams peer, whole input")
-            results["quix_peer_events_per_s"] = quix_peer(
-                broker.bootstrap, settings.topics.events, len(messages)
-            )
-        else:
-            log(f"Quix Streams peer skipped: {QUIX_PYTHON} missing (run `make bench`)")
+        results.update(quix_figures(broker.bootstrap, settings.topics.events, len(messages)))
         log("the identity resolver: alone, and behind the workers' lookups")
         results["identity"] = identity_bench.resolver_ceiling(server.url, messages)
         log(f"hand-written loop peer, {args.peer_events:,} events")

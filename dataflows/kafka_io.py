@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -367,6 +368,17 @@ def kafka_source(settings: Settings, sources: dict[str, str] | None = None) -> K
     return PositionedKafkaSource(settings, sources, **args)
 
 
+@dataclass(frozen=True)
+class OutputMessage(KafkaSinkMessage[bytes | None, bytes | None]):
+    """An engine record for the sink, with its event's broker ingest time (0: none).
+
+    The time is not sent: the sink counts the record in the ``acknowledged`` stage
+    latency once the broker has it.
+    """
+
+    ingested_ms: int = 0
+
+
 class DeliveryFailed(RuntimeError):
     """The broker refused or lost an output record: stop, so recovery replays its event."""
 
@@ -414,6 +426,9 @@ class _RecordsPartition(StatelessSinkPartition[SinkMessage]):
             failures, self.failures = self.failures, []
             metrics().kafka_errors.inc(len(failures))
             raise DeliveryFailed(f"{len(failures)} output record(s) not delivered: {failures[0]}")
+        metrics().stage_latency.observe(
+            "acknowledged", [m.ingested_ms for m in items if isinstance(m, OutputMessage)]
+        )
 
     def close(self) -> None:
         """Deliver what is still queued."""
@@ -480,13 +495,17 @@ def to_output_message(output: Output, settings: Settings) -> SinkMessage:
             ("leadflow.one_id", output.one_id.encode()),
             ("leadflow.message_id", v["message_id"].encode("utf-8", "replace")),
         ]
-        return KafkaSinkMessage(
+        return OutputMessage(
             key=output.one_id.encode(),
             value=orjson.dumps(v["event"]),
             topic=settings.topics.dlq,
             headers=headers,
+            ingested_ms=output.ingested_ms,
         )
     topic = settings.topics.decisions if output.kind == DECISION else settings.topics.lifecycle
-    return KafkaSinkMessage(
-        key=output.one_id.encode(), value=orjson.dumps(output.value), topic=topic
+    return OutputMessage(
+        key=output.one_id.encode(),
+        value=orjson.dumps(output.value),
+        topic=topic,
+        ingested_ms=output.ingested_ms,
     )

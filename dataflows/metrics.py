@@ -8,10 +8,16 @@ scrape sees both.
 from __future__ import annotations
 
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
+import numpy as np
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 from engine.settings import RedisSettings
 from engine.store import RedisStore
@@ -21,7 +27,62 @@ LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 # Event time can be much older than ingest (offline clients, batch imports), and an
 # alert may wait for retries over many minutes: up to an hour.
 EVENT_AGE_BUCKETS_S = (*LATENCY_BUCKETS_S, 30.0, 60.0, 300.0, 900.0, 3600.0)
+# The stages an event passes, in order (StageLatency).
+STAGES = ("decoded", "resolved", "applied", "acknowledged")
 REDIS_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
+
+
+class StageLatency(Collector):
+    """Seconds from an event's broker ingest to each stage it passes, observed a batch at a time.
+
+    ``leadflow_stage_latency_seconds{stage}``, a histogram per stage: ``decoded``
+    (parsed and checked), ``resolved`` (its person found: by the lookup or the
+    resolver), ``applied`` (scored, qualified, routed, saved) and ``acknowledged``
+    (its records acknowledged by the broker; only events that produce records).
+    A prometheus-client Histogram costs about a microsecond per observation and
+    four stages per event would be a few percent of the engine: this one counts a
+    whole batch with two numpy calls.
+    """
+
+    def __init__(self, name: str, registry: CollectorRegistry = REGISTRY):
+        self.name = name
+        self.bounds_ms = np.array(LATENCY_BUCKETS_S) * 1000
+        self.counts = {stage: np.zeros(len(LATENCY_BUCKETS_S) + 1, np.int64) for stage in STAGES}
+        self.sums_ms = dict.fromkeys(STAGES, 0)
+        self.lock = threading.Lock()  # worker threads of one process share it
+        registry.register(self)
+
+    def observe(self, stage: str, ingested_ms: list[int], now_ms: int | None = None) -> None:
+        """Count events ingested at ``ingested_ms`` (0: unknown, skipped) as at ``stage`` now."""
+        if not ingested_ms:
+            return
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        ingested = np.array(ingested_ms, np.int64)
+        ages = np.maximum(now_ms - ingested[ingested > 0], 0)
+        # side="left": an age equal to a bound counts in that bound's bucket (le).
+        counts = np.bincount(
+            np.searchsorted(self.bounds_ms, ages, side="left"), minlength=len(self.bounds_ms) + 1
+        )
+        with self.lock:
+            self.counts[stage] += counts
+            self.sums_ms[stage] += int(ages.sum())
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        """The histograms, as prometheus-client serves them."""
+        family = HistogramMetricFamily(
+            self.name, "Broker ingest of an event to each stage it passes", labels=["stage"]
+        )
+        with self.lock:
+            snapshot = {s: (c.cumsum(), self.sums_ms[s]) for s, c in self.counts.items()}
+        bounds = [*(f"{b:g}" for b in LATENCY_BUCKETS_S), "+Inf"]
+        for stage, (cumulative, sum_ms) in snapshot.items():
+            buckets = [(le, float(n)) for le, n in zip(bounds, cumulative, strict=True)]
+            family.add_metric([stage], buckets, sum_ms / 1000)
+        yield family
+
+    def describe(self) -> list[HistogramMetricFamily]:
+        """Nothing to describe ahead of a scrape (prometheus-client then calls collect)."""
+        return []
 
 
 @dataclass(frozen=True)
@@ -53,6 +114,7 @@ class Metrics:
     processing_errors: Counter
     resends: Counter
     input_reset: Counter
+    stage_latency: StageLatency
     build: Info
 
     @classmethod
@@ -178,6 +240,7 @@ class Metrics:
                 ["topic"],
                 registry=registry,
             ),
+            stage_latency=StageLatency(f"{prefix}_stage_latency_seconds", registry),
             build=Info(f"{prefix}_build", "Leadflow build", registry=registry),
         )
 

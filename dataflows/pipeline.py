@@ -1,20 +1,38 @@
 """The Leadflow dataflow.
 
-::
+Steps (Bytewax operators), each carrying one batch as one item from decoding to
+the person stage, so their cost (~1 us per item and step) is paid per batch::
 
-    input (events + feedback topics)
-      -> decode        raw bytes -> rejections; the identity lookup (Redis x1 per batch,
-                       on every worker): events of known people -> (person shard, list),
-                       the rest -> (identity, list)
-      -> split         rejections -> DLQ; known people; the rest to the resolver
-      -> resolve_identity  events -> (person shard, resolved events) lists, Redis
-                       x1-3 per batch, on ONE worker (constant key): the identity
-                       graph's only writer, for the events that change the graph
-      -> (+ known people's events, + due timers, polled from Redis once a second by
-         one worker)
-      -> to_owner      route each shard's list to its worker (stateless hop)
-      -> score_qualify_route  Redis x3 per batch                  (flat_map_batch)
-      -> output        decisions, lifecycle, DLQ                  (one producer per worker)
+    input            events + feedback topics, Kafka batches
+    decode           flat_map_batch: raw bytes -> events or rejections; the identity
+                     lookup (on > 1 worker) finds known people's events
+    split_rejected   branch: rejections -> dlq_records (map) -> records
+    split_known      branch: known people's events, by person shard | the rest
+    resolve_identity stateful_batch on ONE worker (constant key): the identity graph's
+                     only writer, for the events that change the graph
+    resolved         key_rm
+    with_timers      merge: resolved + known + due timers (timers: input polled
+                     from Redis once a second by one worker, then timer_shards: map)
+    to_owner         stateful_batch keyed by person shard: moves each shard's list to
+                     its home worker; does nothing else
+    drop_key         key_rm
+    score_qualify_route  flat_map_batch: everything a worker received in one
+                     activation, in ONE call (a keyed step would call once per shard
+                     key, and Redis once per shard: that is why to_owner is separate)
+    records, output  merge, then the sink (one producer per worker; waits for acks)
+
+Redis round trips of a batch (one worker; counted from dataflows.stages):
+
+* typical (no promotion): identity lookup MGET x1 (only with > 1 worker);
+  resolver: owners and erasures MGET x1, identifiers of people whose graph may
+  change x0-1, writes x0-1; person stage: load x1 (a script: states, redirects,
+  pending merges; a state this worker holds decoded comes back as "unchanged",
+  see engine.state_cache), save x1 (compare-and-set script), timers x0-1,
+  input done offsets at most once a second.
+* routing (a promotion in the batch) adds: suppression lists x1, roster version
+  x1 (the roster itself only when its version changed), SDR assignment x1 (one
+  script call per assignment, pipelined), and a second round for the events that
+  followed the promotion in the batch (load x1, save x1).
 
 Person state lives in Redis, not in Bytewax: Bytewax recovery keeps only the
 input offsets, and the stages make replay harmless (see engine.person). One
@@ -24,7 +42,8 @@ skip it, found by a read on the worker that read them
 (dataflows.stages.IdentityLookup), so what the resolver carries is the graph's
 changes, not the stream. Keying by a shard of the One-ID then gives every
 person one home worker (a merge moves events across workers, under
-compare-and-set, see dataflows.stages.PersonStage).
+compare-and-set, see dataflows.stages.PersonStage). Each stage adds its events
+to ``leadflow_stage_latency_seconds`` (dataflows.metrics.StageLatency).
 """
 
 from __future__ import annotations
@@ -54,7 +73,7 @@ from dataflows.kafka_io import (
     to_output_message,
     to_raw_messages,
 )
-from dataflows.metrics import observed_store
+from dataflows.metrics import metrics, observed_store
 from dataflows.stages import (
     Clock,
     Decoder,
@@ -184,6 +203,8 @@ def build_flow(
         else None
     )
 
+    latency = metrics().stage_latency
+
     def decode(items: list[SourceItem]) -> list[Decoded]:
         events: list[Event] = []
         out: list[Decoded] = []
@@ -193,7 +214,10 @@ def build_flow(
             else:
                 out.append(d)
         if events:
+            latency.observe("decoded", [e.ingested_ms for e in events])
             known, unknown = lookup(events) if lookup else ([], events)
+            if known:
+                latency.observe("resolved", [r.event.ingested_ms for r in known])
             out.extend(by_person_shard(known))
             if unknown:
                 # One resolver for the whole cluster: a constant key sends them to one worker.
@@ -213,7 +237,9 @@ def build_flow(
     resolver = IdentityStage(settings, store)
 
     def resolve(batches: list[list[Event]]) -> list[tuple[str, list[Resolved]]]:
-        return by_person_shard(resolver(_flat(batches)))
+        resolved = resolver(_flat(batches))
+        latency.observe("resolved", [r.event.ingested_ms for r in resolved])
+        return by_person_shard(resolved)
 
     resolved = op.key_rm(
         "resolved",
@@ -236,7 +262,10 @@ def build_flow(
     person = PersonStage(settings, store, clock)
 
     def score_qualify_route(batches: list[list[Resolved]]) -> list[SinkMessage]:
-        return [to_output_message(o, settings) for o in person(_flat(batches))]
+        items = _flat(batches)
+        outputs = person(items)
+        latency.observe("applied", [r.event.ingested_ms for r in items])
+        return [to_output_message(o, settings) for o in outputs]
 
     def dlq(r: Rejection) -> SinkMessage:
         return to_dlq_message(r, settings)

@@ -55,7 +55,8 @@ from engine.sales import (
     withhold_from_sales,
 )
 from engine.settings import ConfigError, RosterSettings, Settings, check_roster, roster_data
-from engine.store import SAVED, IdentityWrites, RedisStore, StoreUnavailable
+from engine.state_cache import StateCache
+from engine.store import IdentityWrites, RedisStore, SaveStatus, StoreUnavailable, next_version
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]
@@ -385,6 +386,10 @@ class PersonStage(_LazyStore):
     saves every person only if unchanged and not redirected. What lost a race
     is done again next round from fresh reads, and its outputs are not emitted.
 
+    Decoded states stay in :attr:`states` between batches (engine.state_cache):
+    the load tells Redis which version this worker holds and gets the bytes only
+    of people someone changed since.
+
     Every step can be repeated after a crash with the same effect: an absorbed
     person stays readable behind its redirect until its survivor records it in
     ``merged_from``, and each event's messageId digest makes its second
@@ -405,6 +410,8 @@ class PersonStage(_LazyStore):
         self._done: dict[str, int] = {}
         self._done_read_at = -INPUTS_DONE_REFRESH_S
         self._unfinished: dict[str, list[Resolved]] = {}  # the people of the current round
+        # Decoded states between batches (engine.state_cache); Redis stays the truth.
+        self.states = StateCache(settings.dataflow.state_cache_size)
 
     def inputs_done(self) -> dict[str, int]:
         """The input sources' done offsets (engine.person.settle), read at most once a second."""
@@ -416,11 +423,11 @@ class PersonStage(_LazyStore):
 
     def roster(self) -> RosterSettings:
         """The roster applied in Redis (``leadflow roster apply``), else roster.toml's."""
-        stored = self.store.load_roster()
+        stored = self.store.roster_if_changed(self._roster.version)
         if stored is None:
             return self.settings.roster
         version, body = stored
-        if version != self._roster.version:
+        if body is not None:  # a version this stage has not read yet
             try:
                 roster = roster_data(orjson.loads(body), "redis roster", version)
                 check_roster(roster, self.settings.routing, "redis roster")
@@ -603,14 +610,22 @@ class _Round:
         """Load the people, then the frozen states of those they have yet to absorb."""
         wanted: dict[str, set[str]] = {}
         done_offsets = self.stage.inputs_done()
-        stored_people = self.store.load_people(list(self.work), pending=True)
-        for one_id, stored in zip(self.work, stored_people, strict=True):
+        cache = self.stage.states
+        one_ids = list(self.work)
+        stored_people = self.store.load_people(one_ids, True, cache.versions(one_ids))
+        for one_id, stored in zip(one_ids, stored_people, strict=True):
+            # Taken out while this round works on the state; put back once it is saved.
+            cached = cache.take(one_id, stored.unchanged)
             if stored.redirect:
                 self._again(stored.redirect, self.work[one_id])
                 continue
-            person = self.people[one_id] = decode_state(one_id, stored.state, stored.version)
+            if cached is not None:
+                person = self.people[one_id] = cached.state
+                self.loaded[one_id] = cached.stored
+            else:
+                person = self.people[one_id] = decode_state(one_id, stored.state, stored.version)
+                self.loaded[one_id] = stored.state
             settle(person, done_offsets)
-            self.loaded[one_id] = stored.state
             self.timers_loaded[one_id] = dict(person.timers)
             done = {m[0] for m in person.merged_from} | {one_id}
             wanted[one_id] = {o for o in stored.pending if o not in done}
@@ -631,34 +646,45 @@ class _Round:
 
     def _apply_person(self, one_id: str) -> None:
         """Absorb and apply, in order, one home's events (and those of whom it absorbs)."""
-        person = self.people[one_id]
         items = self.work[one_id]
         live = self._absorbable(one_id, items)
         out = self.produced[one_id] = []
         for n, item in enumerate(items):
-            self.at(item.event)
-            target = live.get(item.one_id, person)
-            self._merge_and_note(one_id, n, item, target, live, out)
-            event = item.event
-            if item.looked_up and 0 < target.erased_ms < event.event_ms:
-                # Its owner was read before the erasure: dropped as if it had come just
-                # before it (which wipes it), never reviving the erased One-ID.
-                metrics().erased_events.inc()
-                continue
-            if event.trusted and event.name == ERASE and not target.erased_ms:
-                # The people the erased one had absorbed are dropped once it is saved.
-                self.erased.setdefault(one_id, []).extend(o for o, _ in target.merged_from)
-                out.append(erase(target, event, self.rules, self.now_ms))
-                continue
-            if not self._step(target, event, out, one_id):
-                continue
-            if live or target is not person:
-                # People still to be merged in this batch hold changes that can only be
-                # saved with this home: the SDR is assigned now, so nothing waits a round.
-                self._assign([self.routings.pop()])
-            elif n + 1 < len(items):
+            start = len(out)
+            waits = self._apply_item(one_id, n, item, live, out)
+            for record in out[start:]:  # for the stage latency (count_record)
+                record.ingested_ms = item.event.ingested_ms
+            if waits and n + 1 < len(items):
                 self.later[one_id] = items[n + 1 :]
                 break
+
+    def _apply_item(
+        self, one_id: str, n: int, item: Resolved, live: dict[str, PersonState], out: list[Output]
+    ) -> bool:
+        """Apply a home's ``n``-th event; True when its routing waits for the round's SDRs."""
+        person = self.people[one_id]
+        self.at(item.event)
+        target = live.get(item.one_id, person)
+        self._merge_and_note(one_id, n, item, target, live, out)
+        event = item.event
+        if item.looked_up and 0 < target.erased_ms < event.event_ms:
+            # Its owner was read before the erasure: dropped as if it had come just
+            # before it (which wipes it), never reviving the erased One-ID.
+            metrics().erased_events.inc()
+            return False
+        if event.trusted and event.name == ERASE and not target.erased_ms:
+            # The people the erased one had absorbed are dropped once it is saved.
+            self.erased.setdefault(one_id, []).extend(o for o, _ in target.merged_from)
+            out.append(erase(target, event, self.rules, self.now_ms))
+            return False
+        if not self._step(target, event, out, one_id):
+            return False
+        if live or target is not person:
+            # People still to be merged in this batch hold changes that can only be
+            # saved with this home: the SDR is assigned now, so nothing waits a round.
+            self._assign([self.routings.pop()])
+            return False
+        return True
 
     def _absorbable(self, one_id: str, items: list[Resolved]) -> dict[str, PersonState]:
         """The people this home absorbs: at its first event, or (``live``) at their merge's."""
@@ -667,6 +693,8 @@ class _Round:
             return {}
         merged_here = {o for item in items for o in item.merges}
         states = {o: decode_state(o, self.frozen[o]) for o in self.pending[one_id]}
+        for o in states:  # redirected for good: their cached states, if any, are stale
+            self.stage.states.drop(o)
         for o, st in states.items():  # as scheduled: struck off once absorbed
             self.timers_loaded[o] = dict(st.timers)
         # A pending person already absorbed by another pending one comes with it.
@@ -747,7 +775,10 @@ class _Round:
             self.at(r.event)
             r.suppression = suppression_of(on_lists)
             if r.suppression.blacklisted:
-                self.produced[home].extend(withhold_from_sales(r, self.rules, self.now_ms))
+                withheld = withhold_from_sales(r, self.rules, self.now_ms)
+                for record in withheld:
+                    record.ingested_ms = r.event.ingested_ms
+                self.produced[home].extend(withheld)
             else:
                 routed.append((home, r))
         if not routed:
@@ -769,28 +800,37 @@ class _Round:
                 self.assigned.setdefault(home, []).append((request, sdr_id))
             self.triggers[routing.key] = routing.event
             self.at(routing.event)
-            self.produced[home].extend(
-                complete_routing(routing, sdr, roster, self.rules, self.now_ms)
-            )
+            records = complete_routing(routing, sdr, roster, self.rules, self.now_ms)
+            for record in records:
+                record.ingested_ms = routing.event.ingested_ms
+            self.produced[home].extend(records)
 
     def _save(self, outputs: list[Output]) -> None:
         """Save whoever changed; emit the records of those saved; losers go round again."""
         block_ms = self.settings.identity.erasure_block_days * 86_400_000
         # Saved at every event: a person expires retention_days after their last one.
         retention_ms = self.settings.limits.retention_days * 86_400_000
+        cache = self.stage.states
         saves, done = [], []
         for one_id in self.produced:
             person = self.people[one_id]
             raw = encode_state(person)
-            if raw == self.loaded[one_id] or person.is_new:
+            loaded = self.loaded[one_id]
+            if raw == loaded or person.is_new:
                 done.append(one_id)  # replays, or nobody: nothing to save, records to (re-)emit
+                if loaded is not None:
+                    cache.keep(one_id, person.version, loaded, person)
             else:
                 ttl_ms = block_ms if person.erased_ms else retention_ms
-                saves.append((one_id, person.version, raw, ttl_ms))
+                saves.append((one_id, person.version, next_version(person.version), raw, ttl_ms))
         lost: list[tuple[Assignment, str]] = []
-        for (one_id, _, _, _), status in zip(saves, self.store.save_people(saves), strict=True):
-            if status == SAVED:
+        for (one_id, _, version, raw, _), status in zip(
+            saves, self.store.save_people(saves), strict=True
+        ):
+            if status is SaveStatus.SAVED:
                 done.append(one_id)
+                self.people[one_id].version = version
+                cache.keep(one_id, version, raw, self.people[one_id])
             else:
                 self.conflicted.add(one_id)
                 self._again(one_id, self.work[one_id])

@@ -20,6 +20,7 @@ produced the first time, with the same ids.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import zlib
 from bisect import bisect_left, insort
@@ -90,6 +91,8 @@ class Output:
     # Re-emitted from the outbox: emitted before, not new (for the metrics). Not part of
     # equality: a replayed record is the same record.
     replayed: bool = field(default=False, compare=False)
+    # Broker ingest time of the event the record came from (0: none): the stage latency.
+    ingested_ms: int = field(default=0, compare=False)
 
 
 @dataclass(slots=True)
@@ -158,8 +161,13 @@ class Promotion:
     reasons: dict[str, list[Contribution]]  # "" (total) and each dimension qualified on
 
 
+@functools.lru_cache(maxsize=16_384)
 def message_digest(message_id: str) -> str:
-    """48-bit digest of a messageId: collisions within one person's window are ~1e-11."""
+    """48-bit digest of a messageId: collisions within one person's window are ~1e-11.
+
+    Remembered for the last 16,384 messageIds: an event's digest is asked for by the
+    replay check, the outbox and the sales records of one batch, and made once.
+    """
     return hashlib.blake2b(message_id.encode(), digest_size=6).hexdigest()
 
 
@@ -242,9 +250,14 @@ def outbox_of(p: PersonState) -> list[list[Any]]:
 def encode_state(p: PersonState) -> bytes:
     """Compact JSON for Redis, then the deflated outbox if any.
 
-    Short keys and omitted defaults keep memory per person low.
+    Short keys and omitted defaults keep memory per person low. A changed outbox is
+    deflated here and kept deflated on the state (``outbox_stored``): a state kept
+    between batches (engine.state_cache) is then not deflated again until its
+    outbox changes.
     """
-    outbox = p.outbox_stored or (_deflate(p.outbox) if p.outbox else b"")
+    if p.outbox and not p.outbox_stored:
+        p.outbox_stored, p.outbox = _deflate(p.outbox), []
+    outbox = p.outbox_stored
     # A tombstone keeps the erasure time and, in its outbox, the erasure's record.
     body = orjson.dumps({"e": p.erased_ms} if p.erased_ms else _state_doc(p))
     return body + b"\0" + outbox if outbox else body

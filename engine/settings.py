@@ -207,6 +207,9 @@ class DataflowSettings:
     # Known people's events skip the one resolver (dataflows.stages.IdentityLookup):
     # "auto" = when the flow has more than one worker, "on", "off".
     identity_lookup: str = "auto"
+    # Decoded person states each worker keeps between batches (engine.state_cache), 3-6 KB
+    # each with their stored bytes; 0 = none, every batch decodes what it loads.
+    state_cache_size: int = 20_000
 
     def looks_up_identity(self, workers: int) -> bool:
         """Whether a flow of ``workers`` workers finds known people on every worker.
@@ -924,6 +927,7 @@ def _dataflow(t: _Table, env: Mapping[str, str]) -> DataflowSettings:
         stop_at_end=t.flag("stop_at_end", False),
         clock=t.text("clock", "wall"),
         identity_lookup=t.text("identity_lookup", "auto"),
+        state_cache_size=t.integer("state_cache_size", 20_000, min=0, max=10_000_000),
     )
     if s.clock not in CLOCKS:
         raise t.error("clock", f"expected one of {', '.join(CLOCKS)}, got {s.clock!r}")

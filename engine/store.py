@@ -40,11 +40,13 @@ hash slot, so no command ever spans two slots.
 from __future__ import annotations
 
 import binascii
+import enum
 import logging
+import random
 import ssl
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote, urlsplit
@@ -69,7 +71,15 @@ COMPANY_OWNER_TTL_S = 180 * 86_400
 RETRY_FIRST_S = 0.05
 RETRY_CAP_S = 5.0
 
-SAVED, CONFLICT, REDIRECTED = 0, 1, 2
+
+class SaveStatus(enum.IntEnum):
+    """What a compare-and-set save of a person did (the save script's answer)."""
+
+    SAVED = 0
+    CONFLICT = 1  # someone saved another version since it was read: do it again
+    REDIRECTED = 2  # merged into another person meanwhile: its events go there
+
+
 # What :meth:`RedisStore.claim_alert` answers besides the milliseconds another sender
 # still holds the alert.
 CLAIMED, DELIVERED = "claimed", "delivered"
@@ -172,12 +182,19 @@ redis.call('DEL', KEYS[2])
 return 1
 """
 
-# KEYS: (person key, redirect key, pending key) per person. Read them all at once.
+# KEYS: (person key, redirect key, pending key) per person; ARGV: the version the
+# caller holds decoded per person (0: none). Read them all at once; a state still at
+# the version the caller holds comes back as 1, not as its bytes.
 _LOAD = """
 local out = {}
 for i = 1, #KEYS, 3 do
-  out[(i + 2) / 3] = {
-    redis.call('GET', KEYS[i]) or false,
+  local j = (i + 2) / 3
+  local state = redis.call('GET', KEYS[i]) or false
+  if state and ARGV[j] ~= '0' and string.match(state, '^(%d+)|') == ARGV[j] then
+    state = 1
+  end
+  out[j] = {
+    state,
     redis.call('GET', KEYS[i + 1]) or false,
     redis.call('SMEMBERS', KEYS[i + 2]),
   }
@@ -192,6 +209,16 @@ if tonumber(ARGV[2]) > cur then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) en
 return 0
 """
 
+# The roster, unless it is at the version the caller holds (then only that version).
+# KEYS: roster key; ARGV: version held (-1: none).
+_ROSTER_IF_CHANGED = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then return false end
+local v = string.match(cur, '^(%d+)|')
+if v == ARGV[1] then return tonumber(v) end
+return cur
+"""
+
 # Store a new roster under the next version. KEYS: roster key; ARGV: roster JSON.
 _APPLY_ROSTER = """
 local cur = redis.call('GET', KEYS[1])
@@ -201,8 +228,8 @@ redis.call('SET', KEYS[1], (v + 1) .. '|' .. ARGV[1])
 return v + 1
 """
 
-# KEYS: (person key, redirect key) per person; ARGV: (expected version, new value,
-# ttl ms or 0) per person. Save only an unchanged, unredirected person.
+# KEYS: (person key, redirect key) per person; ARGV: (expected version, new value
+# "version|state", ttl ms or 0) per person. Save only an unchanged, unredirected person.
 _SAVE = """
 local out = {}
 for i = 1, #KEYS, 2 do
@@ -246,6 +273,8 @@ class Stored:
     state: bytes | None
     redirect: str | None
     pending: tuple[str, ...] = ()
+    # Still at the version the caller holds decoded (load_people's ``held``): state is None.
+    unchanged: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,6 +391,7 @@ class RedisStore:
                 ("release", _RELEASE),
                 ("load", _LOAD),
                 ("roster", _APPLY_ROSTER),
+                ("roster_if_changed", _ROSTER_IF_CHANGED),
                 ("save", _SAVE),
             )
         }
@@ -457,8 +487,15 @@ class RedisStore:
             self._retry(lambda: self._pipeline(writes.commands))
 
     # -- people ---------------------------------------------------------------
-    def load_people(self, one_ids: Sequence[str], pending: bool = False) -> list[Stored]:
-        """Each person's version, state and redirect (and pending absorptions), in one trip."""
+    def load_people(
+        self, one_ids: Sequence[str], pending: bool = False, held: Sequence[int] = ()
+    ) -> list[Stored]:
+        """Each person's version, state and redirect (and pending absorptions), in one trip.
+
+        ``held`` (with ``pending``) gives the version the caller holds decoded per
+        person (0: none): a state still at it is not sent back, only marked
+        ``unchanged`` (engine.state_cache).
+        """
         if not one_ids:
             return []
         keys = [self.person_key(o) for o in one_ids] + [self.redirect_key(o) for o in one_ids]
@@ -467,21 +504,33 @@ class RedisStore:
             values = self._mget(keys)
             return [_stored(values[i], values[n + i]) for i in range(n)]
 
+        versions = held or [0] * n
         items: list[tuple[list[str], list[Any]]] = [
-            ([keys[i], keys[n + i], self.pending_key(one_ids[i])], []) for i in range(n)
+            ([keys[i], keys[n + i], self.pending_key(one_ids[i])], [versions[i]]) for i in range(n)
         ]
-        return [
-            replace(_stored(state or None, redirect or None), pending=tuple(sorted(_texts(pend))))
-            for state, redirect, pend in self._script("load", items)
-        ]
+        out = []
+        for (state, redirect, pend), version in zip(
+            self._script("load", items), versions, strict=True
+        ):
+            if state == 1:
+                stored = Stored(version, None, _text(redirect or None), unchanged=True)
+            else:
+                stored = _stored(state or None, redirect or None)
+            stored.pending = tuple(sorted(_texts(pend)))
+            out.append(stored)
+        return out
 
-    def save_people(self, saves: Sequence[tuple[str, int, bytes, int]]) -> list[int]:
-        """Compare-and-set ``(one_id, version read, state, ttl ms)``: SAVED/CONFLICT/REDIRECTED."""
+    def save_people(self, saves: Sequence[tuple[str, int, int, bytes, int]]) -> list[SaveStatus]:
+        """Compare-and-set ``(one_id, version read, version to write, state, ttl ms)``.
+
+        Returns a :class:`SaveStatus` per person. The version to write is
+        :func:`next_version` of the one read.
+        """
         items = [
-            ([self.person_key(o), self.redirect_key(o)], [v, str(v + 1).encode() + b"|" + raw, ttl])
-            for o, v, raw, ttl in saves
+            ([self.person_key(o), self.redirect_key(o)], [v, b"%d|" % new + raw, ttl])
+            for o, v, new, raw, ttl in saves
         ]
-        return [int(s) for s in self._script("save", items)]
+        return [SaveStatus(s) for s in self._script("save", items)]
 
     def absorbed(self, done: Sequence[tuple[str, Sequence[str]]]) -> None:
         """Strike ``(survivor, absorbed people)`` off the survivors' pending sets (after a save)."""
@@ -541,6 +590,19 @@ class RedisStore:
         raw = self._retry(lambda: self.client.get(self.roster_key()))
         if raw is None:
             return None
+        version, _, body = raw.partition(b"|")
+        return int(version), body
+
+    def roster_if_changed(self, held: int) -> tuple[int, bytes | None] | None:
+        """As :meth:`load_roster`, but the JSON is None while the version is ``held``.
+
+        Routing batches check the version and read the roster only when it changed.
+        """
+        (raw,) = self._script("roster_if_changed", [([self.roster_key()], [held])])
+        if raw is None:
+            return None
+        if isinstance(raw, int):
+            return raw, None
         version, _, body = raw.partition(b"|")
         return int(version), body
 
@@ -871,6 +933,19 @@ def _texts(members: list[bytes]) -> list[str]:
 def _pair(member: bytes) -> tuple[str, str]:
     kind, _, digest = member.decode().partition(":")
     return kind, digest
+
+
+_versions = random.Random()  # seeded from the OS: unique, not secret
+
+
+def next_version(read: int) -> int:
+    """The version a save writes over ``read``: one more, or a fresh random one for a new person.
+
+    Random, not 1, so that a person created again (after expiring or being
+    deleted) never comes back at a version a worker's cache still holds for its
+    earlier life (engine.state_cache). Below 2**52, so Lua's doubles count it exactly.
+    """
+    return read + 1 if read else _versions.getrandbits(48) + 1
 
 
 def _stored(state: bytes | None, redirect: bytes | None) -> Stored:

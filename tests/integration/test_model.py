@@ -9,7 +9,9 @@ real Redis, on one or two person-stage workers (each person shard has one
 home worker, as in the dataflow; on two, each batch goes through the identity
 lookup first, and known people's events skip the resolver, as in the
 dataflow); the same events run through a reference engine one at a time, on
-the same clock, in a key space of its own.
+the same clock, in a key space of its own. The batched engine's workers keep
+three decoded states each between batches (engine.state_cache), so states are
+reused, evicted and found stale; the reference keeps none.
 
 Invariants, checked after every step:
 
@@ -203,8 +205,12 @@ class EngineModel(RuleBasedStateMachine):
         # No rate limit on the cookies of this test except in the flood rule's own minute.
         self.clock = [START_MS]
         n = next(_prefixes)
-        self.batched = Engine(self.with_prefix(base, f"mb{n}:"), self.workers, self.clock)
-        self.single = Engine(self.with_prefix(base, f"ms{n}:"), 1, self.clock)
+        # The batched engine keeps few decoded states between batches, so they are evicted
+        # as well as reused; the reference keeps none and decodes every state it loads.
+        batched = replace(base, dataflow=replace(base.dataflow, state_cache_size=3))
+        single = replace(base, dataflow=replace(base.dataflow, state_cache_size=0))
+        self.batched = Engine(self.with_prefix(batched, f"mb{n}:"), self.workers, self.clock)
+        self.single = Engine(self.with_prefix(single, f"ms{n}:"), 1, self.clock)
         self.pending: list[tuple[dict[str, Any], bool]] = []
         self.sent: list[tuple[dict[str, Any], bool]] = []
         self.ids = itertools.count()

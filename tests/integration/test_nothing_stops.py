@@ -24,7 +24,7 @@ from engine import lifecycle
 from engine.events import Event, Origin, decode_event
 from engine.person import DECISION, decode_state, encode_state
 from engine.settings import Settings
-from engine.store import RedisStore
+from engine.store import RedisStore, SaveStatus
 from leadflow.servers import free_port
 from leadflow.topics import create_topics
 from tests.integration.flow import hot_lead, outputs, person_of, queue_counts, run_flow, send
@@ -137,13 +137,13 @@ class RacingStore(RedisStore):
 
     raced = False
 
-    def save_people(self, saves: Any) -> list[int]:
+    def save_people(self, saves: Any) -> list[SaveStatus]:
         if not self.raced:
             self.raced = True
-            for one_id, version, _, _ in saves:
+            for one_id, version, new, _, _ in saves:
                 theirs = decode_state(one_id, self.load_people([one_id])[0].state, version)
                 theirs.disqualified, theirs.stage = "spam", lifecycle.DISQUALIFIED
-                assert self.save_people([(one_id, version, encode_state(theirs), 0)]) == [0]
+                assert self.save_people([(one_id, version, new, encode_state(theirs), 0)]) == [0]
         return super().save_people(saves)
 
 

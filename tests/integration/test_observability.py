@@ -178,6 +178,12 @@ def test_prometheus_scrapes_what_was_sent_and_the_probes_answer(
     assert query(prometheus, "sum(leadflow_event_to_decision_seconds_count)") == 2
     assert query(prometheus, 'sum(leadflow_stage_transitions_total{to_stage="mql"})') == 2
     assert (query(prometheus, "sum(leadflow_redis_seconds_count)") or 0) > 0
+    # Every event passed every stage; the records of the two leads were acknowledged.
+    for stage in ("decoded", "resolved", "applied"):
+        promql = f'leadflow_stage_latency_seconds_count{{stage="{stage}"}}'
+        assert wait_for(f"{stage} counted", lambda q=promql: query(prometheus, q) == len(events))
+    acknowledged = 'leadflow_stage_latency_seconds_count{stage="acknowledged"}'
+    assert wait_for("records acknowledged", lambda: (query(prometheus, acknowledged) or 0) >= 4)
     assert query(prometheus, "count(leadflow_build_info)") == 1
     p99 = query(
         prometheus,

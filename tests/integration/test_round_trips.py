@@ -1,0 +1,101 @@
+"""The Redis round trips of a batch, as dataflows/pipeline.py's docstring states them.
+
+The stages run against a real Redis whose every call is reported to the store's
+observer (the hook the metrics use): a typical batch of known people and a
+routing batch are counted call by call, and the typical batch must find the
+states this worker saved still unchanged (the state cache) instead of decoding them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+from dataflows.stages import IdentityStage, PersonStage
+from engine.events import Event, Origin, decode_event
+from engine.person import DECISION, Output
+from engine.settings import Settings
+from engine.store import RedisStore
+from tests.integration.flow import hot_lead, page
+
+COOKIES = 40
+
+
+def decoded(raw: list[dict[str, Any]], first_offset: int) -> list[Event]:
+    """The events as the decoder makes them, at consecutive offsets of one partition."""
+    out = []
+    for n, item in enumerate(raw):
+        event = decode_event(
+            orjson.dumps(item),
+            Origin("leadflow.events", 0, first_offset + n),
+            ingested_ms=int(time.time() * 1000),
+            trusted=False,
+            max_bytes=32_768,
+            max_future_skew_ms=86_400_000,
+        )
+        assert isinstance(event, Event)
+        out.append(event)
+    return out
+
+
+class Counted:
+    """The resolver and a person stage on one real store, and the calls (by operation) made."""
+
+    def __init__(self, settings: Settings):
+        self.store = RedisStore(settings.redis)
+        self.identity = IdentityStage(settings, self.store)
+        self.people = PersonStage(settings, self.store)
+        self.calls: Counter[str] = Counter()
+        self.store.observer = lambda op, _seconds, _failed: self.calls.update([op])
+
+    def __call__(self, events: list[Event]) -> list[Output]:
+        """Run a batch through both stages."""
+        return self.people(self.identity(events))
+
+    def take(self) -> Counter[str]:
+        """The calls made since the last take."""
+        calls, self.calls = self.calls, Counter()
+        return calls
+
+
+@pytest.fixture
+def counted(settings: Settings) -> Iterator[Counted]:
+    stages = Counted(settings)
+    yield stages
+    stages.store.close()
+
+
+def test_a_batch_of_known_people_costs_three_round_trips_and_decodes_nobody(
+    counted: Counted,
+) -> None:
+    people = counted.people
+    first = decoded([page(f"a{i}", f"c{i}", "/") for i in range(COOKIES)], 0)
+    counted(first)
+    counted.take()
+    hits = people.states.hits
+
+    again = decoded([page(f"b{i}", f"c{i}", "/pricing") for i in range(COOKIES)], COOKIES)
+    counted(again)
+    calls = counted.take()
+    # Resolver: owners and erasures, one MGET (1), nothing to change in the graph (0). Person
+    # stage: load (1), save (1). The done offsets were read less than a second ago.
+    assert calls == Counter({"mget": 1, "load": 1, "save": 1}), calls
+    assert people.states.hits - hits == COOKIES  # every state was still the one saved
+
+
+def test_a_routing_batch_adds_lists_roster_assignment_and_a_second_round(
+    counted: Counted,
+) -> None:
+    # The lead's last event promotes; an event after it waits for the second round.
+    raw = [*hot_lead("hot"), page("after", "hot", "/")]
+    out = counted(decoded(raw, 0))
+    assert len([o for o in out if o.kind == DECISION]) == 1
+    calls = counted.take()
+    assert calls["lists_holding"] == 1 and calls["roster_if_changed"] == 1, calls
+    assert calls["assign"] == 1, calls  # one script call per assignment, one round trip
+    assert calls["load"] == 2 and calls["save"] == 2, calls  # the second round
