@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -410,8 +411,20 @@ class PersonStage(_LazyStore):
         self._done: dict[str, int] = {}
         self._done_read_at = -INPUTS_DONE_REFRESH_S
         self._unfinished: dict[str, list[Resolved]] = {}  # the people of the current round
-        # Decoded states between batches (engine.state_cache); Redis stays the truth.
-        self.states = StateCache(settings.dataflow.state_cache_size)
+        # Worker threads of one process share this stage: each keeps its own states.
+        self._local = threading.local()
+
+    @property
+    def states(self) -> StateCache:
+        """This worker's decoded states between batches (engine.state_cache).
+
+        One cache per worker thread: two workers may hold the same person for a
+        moment (a merge, a rebalance), and each must take out only what it put in.
+        """
+        cache: StateCache | None = getattr(self._local, "states", None)
+        if cache is None:
+            cache = self._local.states = StateCache(self.settings.dataflow.state_cache_size)
+        return cache
 
     def inputs_done(self) -> dict[str, int]:
         """The input sources' done offsets (engine.person.settle), read at most once a second."""

@@ -8,6 +8,7 @@ states this worker saved still unchanged (the state cache) instead of decoding t
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from dataflows.stages import IdentityStage, PersonStage
 from engine.events import Event, Origin, decode_event
 from engine.person import DECISION, Output
 from engine.settings import Settings
+from engine.state_cache import StateCache
 from engine.store import RedisStore
 from tests.integration.flow import hot_lead, page
 
@@ -99,3 +101,13 @@ def test_a_routing_batch_adds_lists_roster_assignment_and_a_second_round(
     assert calls["lists_holding"] == 1 and calls["roster_if_changed"] == 1, calls
     assert calls["assign"] == 1, calls  # one script call per assignment, one round trip
     assert calls["load"] == 2 and calls["save"] == 2, calls  # the second round
+
+
+def test_each_worker_thread_keeps_its_own_states(counted: Counted) -> None:
+    """Worker threads of one process share the stage; a state one takes out is its own."""
+    mine = counted.people.states
+    theirs: list[StateCache] = []
+    worker = threading.Thread(target=lambda: theirs.append(counted.people.states))
+    worker.start()
+    worker.join()
+    assert counted.people.states is mine and theirs[0] is not mine
