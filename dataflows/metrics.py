@@ -114,6 +114,7 @@ class Metrics:
     processing_errors: Counter
     resends: Counter
     input_reset: Counter
+    state_loads: Counter
     stage_latency: StageLatency
     build: Info
 
@@ -238,6 +239,13 @@ class Metrics:
                 f"{prefix}_input_resets",
                 "Input partitions whose stored position was beyond their end (broker lost data)",
                 ["topic"],
+                registry=registry,
+            ),
+            state_loads=Counter(
+                f"{prefix}_state_loads",
+                "Person states loaded: kept (this worker's decoded state, unchanged in Redis) "
+                "or read (sent by Redis and decoded)",
+                ["how"],
                 registry=registry,
             ),
             stage_latency=StageLatency(f"{prefix}_stage_latency_seconds", registry),

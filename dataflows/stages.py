@@ -626,6 +626,9 @@ class _Round:
         cache = self.stage.states
         one_ids = list(self.work)
         stored_people = self.store.load_people(one_ids, True, cache.versions(one_ids))
+        kept = sum(1 for stored in stored_people if stored.unchanged)
+        metrics().state_loads.labels("kept").inc(kept)
+        metrics().state_loads.labels("read").inc(len(stored_people) - kept)
         for one_id, stored in zip(one_ids, stored_people, strict=True):
             # Taken out while this round works on the state; put back once it is saved.
             cached = cache.take(one_id, stored.unchanged)

@@ -16,7 +16,9 @@ from typing import Any
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
+from dataflows.metrics import metrics
 from dataflows.stages import IdentityStage, PersonStage
 from engine.events import Event, Origin, decode_event
 from engine.person import DECISION, Output
@@ -65,6 +67,12 @@ class Counted:
         return calls
 
 
+def kept_loads() -> float:
+    """``leadflow_state_loads_total{how="kept"}`` in this process."""
+    metrics()  # registered on first use
+    return REGISTRY.get_sample_value("leadflow_state_loads_total", {"how": "kept"}) or 0.0
+
+
 @pytest.fixture
 def counted(settings: Settings) -> Iterator[Counted]:
     stages = Counted(settings)
@@ -79,7 +87,7 @@ def test_a_batch_of_known_people_costs_three_round_trips_and_decodes_nobody(
     first = decoded([page(f"a{i}", f"c{i}", "/") for i in range(COOKIES)], 0)
     counted(first)
     counted.take()
-    hits = people.states.hits
+    hits, kept = people.states.hits, kept_loads()
 
     again = decoded([page(f"b{i}", f"c{i}", "/pricing") for i in range(COOKIES)], COOKIES)
     counted(again)
@@ -88,6 +96,7 @@ def test_a_batch_of_known_people_costs_three_round_trips_and_decodes_nobody(
     # stage: load (1), save (1). The done offsets were read less than a second ago.
     assert calls == Counter({"mget": 1, "load": 1, "save": 1}), calls
     assert people.states.hits - hits == COOKIES  # every state was still the one saved
+    assert kept_loads() - kept == COOKIES  # and the metric says so
 
 
 def test_a_routing_batch_adds_lists_roster_assignment_and_a_second_round(
