@@ -39,8 +39,6 @@ class StateCache:
         # A dict keeps insertion order: taking an entry and putting it back moves it to
         # the end, so the first key is always the least recently used.
         self._entries: dict[str, CachedState] = {}
-        self.hits = 0
-        self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -58,11 +56,9 @@ class StateCache:
         """
         entry = self._entries.pop(one_id, None)
         if not unchanged:
-            self.misses += 1
             return None
         if entry is None:
             raise RuntimeError(f"state cache: no entry for {one_id}, which Redis found unchanged")
-        self.hits += 1
         return entry
 
     def drop(self, one_id: str) -> None:

@@ -31,7 +31,6 @@ def test_a_changed_state_is_dropped_and_a_missing_unchanged_one_is_an_error() ->
     assert cache.versions(["a"]) == [0]
     with pytest.raises(RuntimeError, match="no entry for a"):
         cache.take("a", unchanged=True)
-    assert (cache.hits, cache.misses) == (0, 1)
 
 
 def test_size_0_keeps_nothing() -> None:
