@@ -45,6 +45,28 @@ def free_port() -> int:
         return port
 
 
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive free ports on 127.0.0.1 (process i listens on base + i).
+
+    :func:`free_port` vouches for one port only: a local cluster's second process then
+    found base + 1 taken now and then ("Address already in use").
+    """
+    for _ in range(100):
+        base, taken = free_port(), []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                taken.append(s)
+                s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for s in taken:
+                s.close()
+        return base
+    raise RuntimeError(f"no {count} consecutive free ports on 127.0.0.1 in 100 tries")
+
+
 def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
     """Until something accepts connections on 127.0.0.1:``port``.
 

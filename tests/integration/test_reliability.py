@@ -45,6 +45,7 @@ from leadflow.servers import (
     LocalRedis,
     LocalRedisCluster,
     free_port,
+    free_ports,
     stop_process,
 )
 from leadflow.topics import create_topics
@@ -127,7 +128,7 @@ def rig(
             "LEADFLOW_CONFIG_DIR": str(config),
             "LEADFLOW_KAFKA_BOOTSTRAP": bootstrap,
             "LEADFLOW_REDIS_URL": server.url,
-            "LEADFLOW_METRICS_PORT": str(free_port()),
+            "LEADFLOW_METRICS_PORT": str(free_ports(4)),  # process i: + i
             "LEADFLOW_HEALTH_PORT": "0",
             "LEADFLOW_RECOVERY_DIR": str(tmp / name / "recovery"),
         }
