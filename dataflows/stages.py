@@ -643,7 +643,7 @@ class _Round:
                 self.loaded[one_id] = stored.state
             settle(person, done_offsets)
             self.timers_loaded[one_id] = dict(person.timers)
-            done = {m[0] for m in person.merged_from} | {one_id}
+            done = {m.one_id for m in person.merged_from} | {one_id}
             wanted[one_id] = {o for o in stored.pending if o not in done}
         others = sorted(set().union(*wanted.values()))
         self.frozen = {
@@ -690,7 +690,7 @@ class _Round:
             return False
         if event.trusted and event.name == ERASE and not target.erased_ms:
             # The people the erased one had absorbed are dropped once it is saved.
-            self.erased.setdefault(one_id, []).extend(o for o, _ in target.merged_from)
+            self.erased.setdefault(one_id, []).extend(m.one_id for m in target.merged_from)
             out.append(erase(target, event, self.rules, self.now_ms))
             return False
         if not self._step(target, event, out, one_id):
@@ -714,7 +714,7 @@ class _Round:
         for o, st in states.items():  # as scheduled: struck off once absorbed
             self.timers_loaded[o] = dict(st.timers)
         # A pending person already absorbed by another pending one comes with it.
-        inner = {m[0] for st in states.values() for m in st.merged_from}
+        inner = {m.one_id for st in states.values() for m in st.merged_from}
         live = {o: st for o, st in states.items() if o in merged_here}
         self.absorbing[one_id] = [
             st for o, st in states.items() if o not in inner and o not in live

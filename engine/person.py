@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import orjson
 
 from engine import lifecycle
@@ -95,6 +96,53 @@ class Output:
     ingested_ms: int = field(default=0, compare=False)
 
 
+class Work(msgspec.Struct, array_like=True):
+    """An MQL's sales work item: its decision, queue, SDR and SLA (see engine.sales)."""
+
+    decision_id: str
+    queue: str
+    qualified_on: list[str]  # the dimensions the promotion qualified on ("total", ...)
+    since_ms: int  # promoted at: a queue's max_wait_minutes counts from here
+    sdr: str = ""  # "" while waiting for an SDR
+    assigned_ms: int = 0
+    breached: list[str] = msgspec.field(default_factory=list)  # SDRs who let the SLA lapse
+    reroutes: int = 0  # re-routings after an SLA breach (decision ids ``-r1``, ``-r2``...)
+    record: dict[str, Any] | None = None  # the decision as promoted, until accepted
+    accepted_ms: int = 0
+
+
+class Touch(msgspec.Struct, array_like=True):
+    """A campaign touch: the UTM campaign of an event, and when."""
+
+    campaign: str
+    source: str
+    medium: str
+    at_ms: int
+
+
+class RateWindow(msgspec.Struct, array_like=True):
+    """Untrusted events counted in the person's latest broker minute (see over_rate)."""
+
+    minute: int
+    count: int
+    flooded: bool = False  # an event was refused as a flood
+
+
+class Absorbed(msgspec.Struct, array_like=True):
+    """A person merged into this one, and when."""
+
+    one_id: str
+    at_ms: int
+
+
+class RefusedMerge(msgspec.Struct, array_like=True):
+    """A merge the identity rules refused: with whom, why, when."""
+
+    one_id: str
+    reason: str
+    at_ms: int
+
+
 @dataclass(slots=True)
 class PersonState:
     """Everything Leadflow keeps about one person (stored as one Redis value)."""
@@ -104,7 +152,7 @@ class PersonState:
     score: BehaviorScore = field(default_factory=BehaviorScore)
     profile: Profile = field(default_factory=Profile)
     disqualified: str = ""  # the cleansing reason, once disqualified
-    seen: list[str] = field(default_factory=list)  # recent message/content digests, oldest first
+    seen: list[bytes] = field(default_factory=list)  # recent message/content digests, oldest first
     # Input source -> offsets of events applied from it that may still be replayed, ascending.
     unsettled: dict[str, list[int]] = field(default_factory=dict)
     transitions: int = 0  # lifecycle records written so far (makes record ids stable)
@@ -115,22 +163,17 @@ class PersonState:
     # [[event digest, [[kind, record], ...]], ...], oldest first; read it with outbox_of()
     outbox: list[list[Any]] = field(default_factory=list)
     outbox_stored: bytes = b""  # the outbox as stored (deflated), until outbox_of() opens it
-    merged_from: list[list[Any]] = field(default_factory=list)  # [[one_id, at_ms], ...] absorbed
-    refused: list[list[Any]] = field(
-        default_factory=list
-    )  # [[one_id, reason, at_ms], ...] latest last
-    # Campaign touches: [campaign name, source, medium, event ms]; first and latest.
-    first_touch: list[Any] = field(default_factory=list)
-    last_touch: list[Any] = field(default_factory=list)
+    merged_from: list[Absorbed] = field(default_factory=list)  # latest first
+    refused: list[RefusedMerge] = field(default_factory=list)  # latest last
+    first_touch: Touch | None = None  # the earliest campaign touch by event time
+    last_touch: Touch | None = None  # the latest
     erased_ms: int = 0  # a tombstone: erased at this time; everything else is empty
-    # The current sales work item (see engine.sales.Work): decision, queue, SDR, SLA.
-    work: dict[str, Any] = field(default_factory=dict)
+    work: Work | None = None  # the current sales work item, while an MQL is worked
     timers: dict[str, int] = field(default_factory=dict)  # timer kind -> due epoch ms
     # Channel -> [status, event ms, source, basis, pre-ticked 0/1] (see engine.consent).
     consent: dict[str, list[Any]] = field(default_factory=dict)
-    # [broker minute, untrusted events in it, 1 once any was refused as a flood]
-    rate: list[int] = field(default_factory=list)
-    # Recent track submissions: [[content digest, event ms], ...] (is_duplicate_submission)
+    rate: RateWindow | None = None  # untrusted events in the latest broker minute
+    # Recent track submissions: [[content digest (bytes), event ms], ...] (is_duplicate_submission)
     submissions: list[list[Any]] = field(default_factory=list)
     # Contact points its events gave, as list members (``email:<digest>``; note_contact);
     # None for a state stored before they were kept (the identity graph stands in).
@@ -162,21 +205,24 @@ class Promotion:
 
 
 @functools.lru_cache(maxsize=16_384)
-def message_digest(message_id: str) -> str:
+def message_digest(message_id: str) -> bytes:
     """48-bit digest of a messageId: collisions within one person's window are ~1e-11.
 
     Remembered for the last 16,384 messageIds: an event's digest is asked for by the
     replay check, the outbox and the sales records of one batch, and made once.
     """
-    return hashlib.blake2b(message_id.encode(), digest_size=6).hexdigest()
+    return hashlib.blake2b(message_id.encode(), digest_size=6).digest()
 
 
-def content_digest(event: Event) -> str:
-    """Digest of what a track event says (name and properties), to spot a form sent twice."""
+def content_digest(event: Event) -> bytes:
+    """Digest of what a track event says (name and properties), to spot a form sent twice.
+
+    ``c`` and 6 bytes: never equal to a messageId's 6-byte digest in the same window.
+    """
     body = orjson.dumps(
         [event.name, event.payload.get("properties") or {}], option=orjson.OPT_SORT_KEYS
     )
-    return "c" + hashlib.blake2b(body, digest_size=6).hexdigest()
+    return b"c" + hashlib.blake2b(body, digest_size=6).digest()
 
 
 def stable_id(one_id: str, kind: str, n: int) -> str:
@@ -204,12 +250,11 @@ def epoch_ms(value: object) -> float | None:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp() * 1000
 
 
-# The outbox is kept deflated after the state's JSON, behind a NUL byte (which JSON
-# text never contains) and a format byte, and inflated only when a replay or a merge
-# reads it: most events produce no records, so most loads and saves pass it through
-# untouched. A preset dictionary of the records' own vocabulary shrinks a first-event
-# lifecycle record from 277 to 104 bytes. Never change a format's dictionary: stored
-# outboxes need it; add a format instead.
+# The outbox is kept deflated (StoredPerson.outbox), behind a format byte, and inflated
+# only when a replay or a merge reads it: most events produce no records, so most loads
+# and saves pass it through untouched. A preset dictionary of the records' own
+# vocabulary shrinks a first-event lifecycle record from 277 to 104 bytes. Never change
+# a format's dictionary: stored outboxes need it; add a format instead.
 OUTBOX_FORMAT = b"1"
 _OUTBOX_DICTIONARY = (
     b'"decision_id":"","trigger":{"type":"track","event":"","message_id":"","promoted_at":"'
@@ -247,68 +292,177 @@ def outbox_of(p: PersonState) -> list[list[Any]]:
     return p.outbox
 
 
-def encode_state(p: PersonState) -> bytes:
-    """Compact JSON for Redis, then the deflated outbox if any.
+# How a person's state is stored. Format 2 (this byte, then a msgpack array declared by
+# StoredPerson) since 1 Dec 2026; format 1 (compact JSON, then NUL and the deflated
+# outbox) is still read and becomes format 2 at the person's next save.
+STATE_FORMAT = b"\x02"
 
-    Short keys and omitted defaults keep memory per person low. A changed outbox is
-    deflated here and kept deflated on the state (``outbox_stored``): a state kept
-    between batches (engine.state_cache) is then not deflated again until its
-    outbox changes.
+
+class StoredPerson(msgspec.Struct, array_like=True):
+    """A person's state as Redis keeps it: every field declared and checked on decode.
+
+    A msgpack array in this order (no field names stored). New fields go at the end
+    with a default, so states stored before them keep loading. Digests are bytes,
+    input positions runs (``[first, count, first, count, ...]``), the outbox deflated
+    JSON (inflated only by a replay or a merge). A tombstone holds only ``erased_ms``
+    and its outbox.
+    """
+
+    stage: str
+    ref_ms: int
+    last_ms: int
+    contributions: dict[str, dict[str, list[float | int]]]  # [points at ref_ms, last ms]
+    seen: list[bytes]
+    caps: dict[str, dict[str, list[int]]]
+    unsettled: dict[str, list[int]]  # runs, see positions_as_runs
+    profile: dict[str, Any]  # Profile's fields that are set
+    disqualified: str
+    transitions: int
+    promotions: int
+    queue: str
+    owner: str
+    channels: list[str]
+    outbox: bytes
+    merged_from: list[Absorbed]
+    refused: list[RefusedMerge]
+    first_touch: Touch | None
+    last_touch: Touch | None
+    work: Work | None
+    timers: dict[str, int]
+    consent: dict[str, list[Any]]
+    rate: RateWindow | None
+    submissions: list[list[Any]]  # [[content digest, event ms], ...]
+    contacts: list[str] | None
+    erased_ms: int = 0
+
+
+_STATE_ENCODER = msgspec.msgpack.Encoder()
+_STATE_DECODER = msgspec.msgpack.Decoder(StoredPerson)
+
+
+def positions_as_runs(offsets: list[int]) -> list[int]:
+    """Ascending offsets as runs of consecutive ones: ``[first, count, first, count, ...]``.
+
+    A busy cookie's thousands of positions in a partition it fills are one run.
+    """
+    runs: list[int] = []
+    for offset in offsets:
+        if runs and offset == runs[-2] + runs[-1]:
+            runs[-1] += 1
+        else:
+            runs += (offset, 1)
+    return runs
+
+
+def positions_from_runs(runs: list[int]) -> list[int]:
+    """The offsets of :func:`positions_as_runs`' runs, ascending."""
+    return [o for i in range(0, len(runs), 2) for o in range(runs[i], runs[i] + runs[i + 1])]
+
+
+def encode_state(p: PersonState) -> bytes:
+    """The state as Redis keeps it (format 2, :class:`StoredPerson`).
+
+    A changed outbox is deflated here and kept deflated on the state
+    (``outbox_stored``): a state kept between batches (engine.state_cache) is then
+    not deflated again until its outbox changes.
     """
     if p.outbox and not p.outbox_stored:
         p.outbox_stored, p.outbox = _deflate(p.outbox), []
-    outbox = p.outbox_stored
-    # A tombstone keeps the erasure time and, in its outbox, the erasure's record.
-    body = orjson.dumps({"e": p.erased_ms} if p.erased_ms else _state_doc(p))
-    return body + b"\0" + outbox if outbox else body
-
-
-def _state_doc(p: PersonState) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "s": p.stage,
-        "t": [p.score.ref_ms, p.score.last_ms],
-        "c": p.score.contributions,
-        "m": p.seen,
-    }
-    if p.unsettled:
-        doc["u"] = p.unsettled
-    if p.score.caps:
-        doc["k"] = p.score.caps
-    # Not dataclasses.asdict: its recursive deep copy was the costliest call per batch.
-    profile = {name: v for name in PROFILE_FIELDS if (v := getattr(p.profile, name))}
-    if profile:
-        doc["p"] = profile
-    if p.disqualified:
-        doc["dq"] = p.disqualified
-    if p.transitions:
-        doc["n"] = [p.transitions, p.promotions]
-    if p.owner:
-        doc["o"] = [p.queue, p.owner]
-    if p.channels:
-        doc["h"] = p.channels
-    optional = {
-        "mf": p.merged_from,
-        "mr": p.refused,
-        "ft": p.first_touch,
-        "lt": p.last_touch,
-        "w": p.work,
-        "tm": p.timers,
-        "cn": p.consent,
-        "rl": p.rate,
-        "sb": p.submissions,
-    }
-    for key, value in optional.items():
-        if value:
-            doc[key] = value
-    if p.contacts is not None:
-        doc["ct"] = p.contacts
-    return doc
+    if p.erased_ms:
+        stored = StoredPerson(
+            "", 0, 0, {}, [], {}, {}, {}, "", 0, 0, "", "", [], p.outbox_stored,
+            [], [], None, None, None, {}, {}, None, [], None, p.erased_ms,
+        )  # fmt: skip
+    else:
+        score, profile = p.score, p.profile
+        stored = StoredPerson(
+            p.stage,
+            score.ref_ms,
+            score.last_ms,
+            score.contributions,
+            p.seen,
+            score.caps,
+            {source: positions_as_runs(offsets) for source, offsets in p.unsettled.items()},
+            # Not dataclasses.asdict: its recursive deep copy was the costliest call per batch.
+            {name: v for name in PROFILE_FIELDS if (v := getattr(profile, name))},
+            p.disqualified,
+            p.transitions,
+            p.promotions,
+            p.queue,
+            p.owner,
+            p.channels,
+            p.outbox_stored,
+            p.merged_from,
+            p.refused,
+            p.first_touch,
+            p.last_touch,
+            p.work,
+            p.timers,
+            p.consent,
+            p.rate,
+            p.submissions,
+            p.contacts,
+        )
+    return STATE_FORMAT + _STATE_ENCODER.encode(stored)
 
 
 def decode_state(one_id: str, raw: bytes | None, version: int = 0) -> PersonState:
-    """The state stored for ``one_id`` at ``version``, or a fresh lead when there is none."""
+    """The state stored for ``one_id`` at ``version``, or a fresh lead when there is none.
+
+    Raises ``msgspec.ValidationError`` (a ``ValueError``) when the bytes do not match
+    the declared :class:`StoredPerson`.
+    """
     if raw is None:
         return PersonState(one_id, is_new=True, version=version)
+    if raw[:1] != STATE_FORMAT:
+        return _decode_format_1(one_id, raw, version)
+    d = _STATE_DECODER.decode(raw[1:])
+    if d.erased_ms:
+        return PersonState(one_id, erased_ms=d.erased_ms, outbox_stored=d.outbox, version=version)
+    return PersonState(
+        one_id=one_id,
+        stage=d.stage,
+        score=BehaviorScore(d.ref_ms, d.last_ms, d.contributions, d.caps),
+        profile=Profile(**d.profile),
+        disqualified=d.disqualified,
+        seen=d.seen,
+        unsettled={source: positions_from_runs(runs) for source, runs in d.unsettled.items()},
+        transitions=d.transitions,
+        promotions=d.promotions,
+        queue=d.queue,
+        owner=d.owner,
+        channels=d.channels,
+        outbox_stored=d.outbox,
+        merged_from=d.merged_from,
+        refused=d.refused,
+        first_touch=d.first_touch,
+        last_touch=d.last_touch,
+        work=d.work,
+        timers=d.timers,
+        consent=d.consent,
+        rate=d.rate,
+        submissions=d.submissions,
+        contacts=d.contacts,
+        version=version,
+    )
+
+
+def _digest_from_hex(text: str) -> bytes:
+    """A format-1 digest (12 hex digits; a content digest ``c`` + 12) as format 2's bytes."""
+    if len(text) == 13:
+        return b"c" + bytes.fromhex(text[1:])
+    return bytes.fromhex(text)
+
+
+def _work_from_format_1(w: dict[str, Any]) -> Work:
+    return Work(
+        w["id"], w["queue"], w["on"], w["since"], w["sdr"], w["at"], w["breached"], w["n"],
+        w.get("record"), w.get("accepted", 0),
+    )  # fmt: skip
+
+
+def _decode_format_1(one_id: str, raw: bytes, version: int) -> PersonState:
+    """A state stored as compact JSON (short keys), then NUL and the deflated outbox."""
     body, _, outbox = raw.partition(b"\0")
     d = orjson.loads(body)
     if "e" in d:
@@ -322,7 +476,7 @@ def decode_state(one_id: str, raw: bytes | None, version: int = 0) -> PersonStat
         score=BehaviorScore(ref_ms, last_ms, d["c"], d.get("k", {})),
         profile=Profile(**d.get("p", {})),
         disqualified=d.get("dq", ""),
-        seen=d["m"],
+        seen=[_digest_from_hex(h) for h in d["m"]],
         unsettled=d.get("u", {}),
         transitions=transitions,
         promotions=promotions,
@@ -330,26 +484,27 @@ def decode_state(one_id: str, raw: bytes | None, version: int = 0) -> PersonStat
         owner=owner,
         channels=d.get("h", []),
         outbox_stored=outbox,
-        merged_from=d.get("mf", []),
-        refused=d.get("mr", []),
-        first_touch=d.get("ft", []),
-        last_touch=d.get("lt", []),
-        work=d.get("w", {}),
+        merged_from=[Absorbed(o, at) for o, at in d.get("mf", ())],
+        refused=[RefusedMerge(o, reason, at) for o, reason, at in d.get("mr", ())],
+        first_touch=Touch(*d["ft"]) if d.get("ft") else None,
+        last_touch=Touch(*d["lt"]) if d.get("lt") else None,
+        work=_work_from_format_1(d["w"]) if d.get("w") else None,
         timers=d.get("tm", {}),
         consent=d.get("cn", {}),
-        rate=d.get("rl", []),
-        submissions=d.get("sb", []),
+        rate=RateWindow(d["rl"][0], d["rl"][1], d["rl"][2:] == [1]) if d.get("rl") else None,
+        submissions=[[_digest_from_hex(h), ms] for h, ms in d.get("sb", [])],
         contacts=d.get("ct"),
         version=version,
     )
 
 
-def replayed_outputs(p: PersonState, digest: str) -> list[Output]:
+def replayed_outputs(p: PersonState, digest: bytes) -> list[Output]:
     """Records an already-applied event produced, in order, for re-emission."""
+    key = digest.hex()  # the outbox is JSON inside: its digests are hex
     return [
         Output(kind, p.one_id, value, replayed=True)
         for entry_digest, records in outbox_of(p)
-        if entry_digest == digest
+        if entry_digest == key
         for kind, value in records
     ]
 
@@ -477,7 +632,7 @@ def late_promotion(
 
 
 def is_duplicate_submission(
-    p: PersonState, fingerprint: str, event_ms: int, limits: LimitSettings
+    p: PersonState, fingerprint: bytes, event_ms: int, limits: LimitSettings
 ) -> bool:
     """Whether the same track was seen within ``limits.duplicate_submission_hours``; remember it.
 
@@ -498,7 +653,7 @@ def is_duplicate_submission(
 
 def _leave_sales(p: PersonState) -> None:
     """A disqualified person holds no work item, owner or sales timer."""
-    p.work = {}
+    p.work = None
     p.owner = ""
     p.timers.clear()
 
@@ -598,7 +753,7 @@ def promote(
     outputs.append(transition(p, lifecycle.MQL, cause, event, rules, now_ms))
     p.promotions += 1
     fit, fit_factors = rules.fit.score(p.profile)
-    campaigns = [t[0] for t in (p.first_touch, p.last_touch) if t]
+    campaigns = [t.campaign for t in (p.first_touch, p.last_touch) if t]
     queue, rule = choose_queue(rules.settings.routing, p.profile, verdict.on, campaigns)
     return Promotion(
         person=p,
@@ -706,11 +861,11 @@ def absorb(
         p.contacts = None  # a legacy state on either side: the identity graph stands in
     merge_consent(p.consent, other.consent)
     p.outbox = (outbox_of(other) + outbox_of(p))[-settings.limits.outbox_size :]
-    p.merged_from += [[other.one_id, now_ms], *other.merged_from]
+    p.merged_from += [Absorbed(other.one_id, now_ms), *other.merged_from]
     touches = [t for t in (p.first_touch, other.first_touch, p.last_touch, other.last_touch) if t]
     if touches:
-        p.first_touch = min(touches, key=lambda t: t[3])
-        p.last_touch = max(touches, key=lambda t: t[3])
+        p.first_touch = min(touches, key=lambda t: t.at_ms)
+        p.last_touch = max(touches, key=lambda t: t.at_ms)
     return _record(p, from_stage, p.stage, "merge", event, rules, now_ms, merged_from=other.one_id)
 
 
@@ -718,7 +873,7 @@ def refuse_merge(
     p: PersonState, other: str, reason: str, event: Event, rules: Rulebook, now_ms: int
 ) -> Output:
     """Record that ``other`` and ``p`` were not merged, and why (audit only: no stage change)."""
-    p.refused = [*p.refused, [other, reason, now_ms]][-MAX_REFUSALS_KEPT:]
+    p.refused = [*p.refused, RefusedMerge(other, reason, now_ms)][-MAX_REFUSALS_KEPT:]
     return _record(
         p, p.stage, p.stage, f"merge_refused:{reason}", event, rules, now_ms, other=other
     )
@@ -772,12 +927,11 @@ def _touch(p: PersonState, event: Event) -> None:
     campaign = (event.payload.get("context") or {}).get("campaign")
     if not isinstance(campaign, dict) or not campaign:
         return
-    touch = [str(campaign.get(k) or "")[:100] for k in ("name", "source", "medium")] + [
-        event.event_ms
-    ]
-    if not p.first_touch or event.event_ms < p.first_touch[3]:
+    name, source, medium = (str(campaign.get(k) or "")[:100] for k in ("name", "source", "medium"))
+    touch = Touch(name, source, medium, event.event_ms)
+    if not p.first_touch or event.event_ms < p.first_touch.at_ms:
         p.first_touch = touch
-    if not p.last_touch or event.event_ms >= p.last_touch[3]:
+    if not p.last_touch or event.event_ms >= p.last_touch.at_ms:
         p.last_touch = touch
 
 
@@ -859,16 +1013,17 @@ def over_rate(p: PersonState, event: Event, per_minute: int) -> bool:
     if not per_minute:
         return False
     minute = event.ingested_ms // MINUTE_MS
-    if p.rate and minute < p.rate[0] and p.rate[2:] == [1]:
+    rate = p.rate
+    if rate and minute < rate.minute and rate.flooded:
         # An earlier minute than the one counted: a refused event read again (refusals
         # are not remembered), or a straggler from a person already caught flooding.
         return True
-    if p.rate and p.rate[0] == minute:
-        p.rate[1] += 1
+    if rate and rate.minute == minute:
+        rate.count += 1
     else:
-        p.rate = [minute, 1, *p.rate[2:]]
-    if p.rate[1] > per_minute:
-        p.rate[2:] = [1]  # has been refused: see above
+        rate = p.rate = RateWindow(minute, 1, rate.flooded if rate else False)
+    if rate.count > per_minute:
+        rate.flooded = True  # has been refused: see above
         return True
     return False
 
@@ -884,7 +1039,7 @@ def refusal(event: Event, reason: str, detail: str) -> dict[str, Any]:
     }
 
 
-def see(p: PersonState, digest: str, window: int) -> None:
+def see(p: PersonState, digest: bytes, window: int) -> None:
     """Remember a digest (the last ``window`` are kept) so it never counts twice."""
     p.seen.append(digest)
     del p.seen[:-window]
@@ -906,7 +1061,7 @@ class Seen(enum.Enum):
         return self is not Seen.NEW
 
 
-def already_applied(p: PersonState, event: Event, digest: str) -> Seen:
+def already_applied(p: PersonState, event: Event, digest: bytes) -> Seen:
     """Whether ``event`` was applied: at its input position, or by its messageId recently.
 
     The position catches Bytewax replaying input after a crash, however many
@@ -923,12 +1078,12 @@ def already_applied(p: PersonState, event: Event, digest: str) -> Seen:
     return Seen.NEW
 
 
-def outputs_again(p: PersonState, seen: Seen, digest: str) -> list[Output]:
+def outputs_again(p: PersonState, seen: Seen, digest: bytes) -> list[Output]:
     """The records to emit for an event seen before: a replay's again, a resend's none."""
     return replayed_outputs(p, digest) if seen is Seen.REPLAY else []
 
 
-def mark_applied(p: PersonState, event: Event, digest: str, window: int) -> None:
+def mark_applied(p: PersonState, event: Event, digest: bytes, window: int) -> None:
     """Remember that ``event`` was applied, by messageId digest and by input position."""
     see(p, digest, window)
     if event.source:
@@ -951,9 +1106,9 @@ def settle(p: PersonState, done: Mapping[str, int]) -> None:
             del offsets[:cut]
 
 
-def remember(p: PersonState, digest: str, outputs: list[Output], size: int) -> None:
+def remember(p: PersonState, digest: bytes, outputs: list[Output], size: int) -> None:
     """Keep the records an event produced, to re-emit them if it is replayed."""
     if outputs:
         outbox = outbox_of(p)
-        outbox.append([digest, [[o.kind, o.value] for o in outputs]])
+        outbox.append([digest.hex(), [[o.kind, o.value] for o in outputs]])
         del outbox[:-size]

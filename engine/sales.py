@@ -33,6 +33,7 @@ from engine.person import (
     PersonState,
     Promotion,
     Rulebook,
+    Work,
     already_applied,
     decision_record,
     iso,
@@ -114,17 +115,13 @@ def candidates(
 def route_promotion(promotion: Promotion, rules: Rulebook, now_ms: int) -> Routing:
     """Open the work item of a new MQL and ask for its SDR."""
     p = promotion.person
-    p.work = {
-        "id": promotion.decision_id,
-        "queue": promotion.queue,
-        "on": list(promotion.verdict.on),
-        "since": now_ms,
-        "sdr": "",
-        "at": 0,
-        "breached": [],
-        "n": 0,
-        "record": decision_record(promotion, rules, now_ms),
-    }
+    p.work = Work(
+        decision_id=promotion.decision_id,
+        queue=promotion.queue,
+        qualified_on=list(promotion.verdict.on),
+        since_ms=now_ms,
+        record=decision_record(promotion, rules, now_ms),
+    )
     p.queue, p.owner = promotion.queue, ""
     p.timers.pop(SLA, None)
     _schedule_demotion(p, rules, now_ms)
@@ -144,11 +141,12 @@ def complete_routing(
 ) -> list[Output]:
     """Emit the decision for the SDR assigned, or record that the lead waits, and why."""
     p, work = r.person, r.person.work
+    assert work is not None, "routed without a work item"  # route_promotion or fire_timer made it
     queue = rules.settings.routing.queue(r.queue)
     if sdr is None:
         due = next_available_ms(roster.for_queue(r.queue), now_ms + 1) or now_ms + RETRY_MS
         if queue.max_wait_minutes and queue.fallback_queue:
-            due = min(due, max(now_ms + 1, work["since"] + int(queue.max_wait_minutes * MINUTE_MS)))
+            due = min(due, max(now_ms + 1, work.since_ms + int(queue.max_wait_minutes * MINUTE_MS)))
         p.timers[ASSIGN] = due
         waiting = note(p, "waiting_for_sdr", r.event, rules, now_ms, queue=r.queue)
         waiting.value["retry_at"] = iso(due)
@@ -164,7 +162,7 @@ def complete_routing(
             r.suppression,
         )
         decision: dict[str, Any] = {
-            **work["record"],
+            **(work.record or {}),
             "channels": permitted,
             "channels_withheld": withheld,
             "contactable": bool(permitted),
@@ -176,12 +174,12 @@ def complete_routing(
             "decided_at": iso(now_ms),
             "sla_deadline": iso(now_ms + sla_ms),
         }
-        if r.key != work["id"]:
-            decision["replaces"] = work["id"]
-        if work["breached"]:
-            decision["breached"] = list(work["breached"])
+        if r.key != work.decision_id:
+            decision["replaces"] = work.decision_id
+        if work.breached:
+            decision["breached"] = list(work.breached)
         p.queue, p.owner = r.queue, sdr.id
-        work.update(sdr=sdr.id, at=now_ms, queue=r.queue)
+        work.sdr, work.assigned_ms, work.queue = sdr.id, now_ms, r.queue
         p.timers.pop(ASSIGN, None)
         p.timers[SLA] = now_ms + sla_ms
         outputs = [*r.outputs, Output(DECISION, p.one_id, decision)]
@@ -192,7 +190,7 @@ def complete_routing(
 def withhold_from_sales(r: Routing, rules: Rulebook, now_ms: int) -> list[Output]:
     """A blacklisted lead: disqualified instead of routed, so no decision and no alert."""
     p = r.person
-    p.work = {}
+    p.work = None
     p.queue, p.owner = "", ""
     for kind in (SLA, ASSIGN):
         p.timers.pop(kind, None)
@@ -240,13 +238,13 @@ def _after_feedback(p: PersonState, stage: str, rules: Rulebook, now_ms: int) ->
     if stage == lifecycle.SAL:
         p.timers.pop(SLA, None)
         p.timers.pop(DEMOTE, None)
-        p.work.pop("record", None)
-        p.work["accepted"] = now_ms
+        if p.work is not None:  # accepted without a routing (a manual SAL): nothing to close
+            p.work.record, p.work.accepted_ms = None, now_ms
     elif stage == lifecycle.RECYCLED:
         _recycle(p, rules, now_ms)
     elif stage in (lifecycle.DISQUALIFIED, lifecycle.CUSTOMER):
         p.timers.clear()
-        p.work = {}
+        p.work = None
 
 
 def _recycle(p: PersonState, rules: Rulebook, now_ms: int) -> None:
@@ -254,7 +252,7 @@ def _recycle(p: PersonState, rules: Rulebook, now_ms: int) -> None:
     lc = rules.settings.lifecycle
     scale_scores(p.score, lc.recycle_score_factor)
     p.owner = ""
-    p.work = {}
+    p.work = None
     p.timers = {NURTURE: now_ms + int(lc.recycle_days * DAY_MS)}
 
 
@@ -270,28 +268,27 @@ def fire_timer(
         return [], None, None  # cancelled or moved since it was scheduled
     mark_applied(p, event, digest, rules.settings.limits.dedup_window)
     del p.timers[kind]
-    work = p.work
+    work = p.work if p.stage == lifecycle.MQL else None  # unaccepted work
     outputs: list[Output] = []
-    unaccepted = p.stage == lifecycle.MQL and bool(work)
-    if kind == SLA and unaccepted and work["sdr"]:
-        work["breached"].append(work["sdr"])
-        work["n"] += 1
-        outputs.append(note(p, "sla_breached", event, rules, now_ms, sdr=work["sdr"]))
-        key = f"{work['id']}-r{work['n']}"
+    if kind == SLA and work and work.sdr:
+        work.breached.append(work.sdr)
+        work.reroutes += 1
+        outputs.append(note(p, "sla_breached", event, rules, now_ms, sdr=work.sdr))
+        key = f"{work.decision_id}-r{work.reroutes}"
         routing = Routing(
             p,
-            work["queue"],
+            work.queue,
             key,
-            _company(p, work["queue"], rules),
-            tuple(work["breached"]),
+            _company(p, work.queue, rules),
+            tuple(work.breached),
             event,
             outputs,
         )
         return outputs, routing, None
-    if kind == ASSIGN and unaccepted and not work["sdr"]:
-        queue = rules.settings.routing.queue(work["queue"])
-        waited = now_ms - work["since"]
-        key = work["id"]
+    if kind == ASSIGN and work and not work.sdr:
+        queue = rules.settings.routing.queue(work.queue)
+        waited = now_ms - work.since_ms
+        key = work.decision_id
         if (
             queue.fallback_queue
             and queue.max_wait_minutes
@@ -300,11 +297,11 @@ def fire_timer(
             outputs.append(
                 note(p, "fallback_queue", event, rules, now_ms, queue=queue.fallback_queue)
             )
-            work["queue"] = p.queue = queue.fallback_queue
-            key = f"{work['id']}@{queue.fallback_queue}"
-        company = _company(p, work["queue"], rules)
-        return outputs, Routing(p, work["queue"], key, company, (), event, outputs), None
-    if kind == DEMOTE and unaccepted:
+            work.queue = p.queue = queue.fallback_queue
+            key = f"{work.decision_id}@{queue.fallback_queue}"
+        company = _company(p, work.queue, rules)
+        return outputs, Routing(p, work.queue, key, company, (), event, outputs), None
+    if kind == DEMOTE and work:
         _schedule_demotion(p, rules, now_ms)  # new points since may have moved the moment
         if p.timers.get(DEMOTE, now_ms + 1) <= now_ms:
             del p.timers[DEMOTE]
@@ -330,7 +327,7 @@ def fire_timer(
 
 def _schedule_demotion(p: PersonState, rules: Rulebook, now_ms: int) -> None:
     """Set the ``demote`` timer: when every score the person qualified on falls below its bar."""
-    named = [TOTAL if d == "total" else d for d in p.work.get("on", ())]
+    named = [TOTAL if d == "total" else d for d in (p.work.qualified_on if p.work else ())]
     on = [d for d in named if d in rules.scoring.threshold]
     if not rules.settings.lifecycle.demote_on_decay or not on:
         p.timers.pop(DEMOTE, None)  # a manual MQL is not undone by decay

@@ -7,7 +7,7 @@ hash tag; keys of one person share that person's tag:
 ``P id:{<identifier digest>}``  One-ID owning that identifier
 ``P e:{<identifier digest>}``   erasure time (ms) of that identifier; expires
 ``P ids:{<one_id>}``            the person's identifiers, ``kind:digest`` (a hash)
-``P p:{<one_id>}``              the person's state: ``<version>|<compact JSON>``
+``P p:{<one_id>}``              the person's state: ``<version>|<state>`` (engine.person)
 ``P r:{<one_id>}``              One-ID that absorbed this person (a redirect); expires
 ``P pend:{<one_id>}``           people merged into this one, to absorb (a set)
 ``P q:{<queue>}``               leads assigned per SDR of the queue (a hash)

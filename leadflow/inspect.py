@@ -13,7 +13,7 @@ from typing import Any
 from engine.consent import LISTS, channel_permissions, contact_points, suppression_of
 from engine.grade import lead_grade
 from engine.identity import digest, normalise_email, normalise_phone
-from engine.person import PersonState, Rulebook, current_scores, decode_state, iso
+from engine.person import PersonState, Rulebook, Touch, current_scores, decode_state, iso
 from engine.scoring import TOTAL, effective_score, top_contributions
 from engine.settings import Settings
 from engine.store import RedisStore
@@ -127,16 +127,22 @@ def _describe(
         "channels": p.channels,
         "first_touch": _touch(p.first_touch),
         "last_touch": _touch(p.last_touch),
-        "merged_from": [{"one_id": o, "at": iso(t)} for o, t in p.merged_from],
-        "refused_merges": [{"one_id": o, "reason": r, "at": iso(t)} for o, r, t in p.refused],
+        "merged_from": [{"one_id": m.one_id, "at": iso(m.at_ms)} for m in p.merged_from],
+        "refused_merges": [
+            {"one_id": m.one_id, "reason": m.reason, "at": iso(m.at_ms)} for m in p.refused
+        ],
     }
 
 
-def _touch(touch: list[Any]) -> dict[str, Any] | None:
-    if not touch:
+def _touch(touch: Touch | None) -> dict[str, Any] | None:
+    if touch is None:
         return None
-    name, source, medium, at = touch
-    return {"campaign": name, "source": source, "medium": medium, "event_time": iso(at)}
+    return {
+        "campaign": touch.campaign,
+        "source": touch.source,
+        "medium": touch.medium,
+        "event_time": iso(touch.at_ms),
+    }
 
 
 def render(person: dict[str, Any]) -> str:

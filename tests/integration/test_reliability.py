@@ -217,10 +217,18 @@ def _person_view(one_id: str, raw: bytes) -> dict[str, Any]:
         "counts": (p.transitions, p.promotions),
         "owner": (p.queue, p.owner),
         "channels": p.channels,
-        "merged_from": sorted(m[0] for m in p.merged_from),
-        "refused": [(m[0], m[1]) for m in p.refused],
+        "merged_from": sorted(m.one_id for m in p.merged_from),
+        "refused": [(m.one_id, m.reason) for m in p.refused],
         "touches": (p.first_touch, p.last_touch),
-        "work": {k: p.work.get(k) for k in ("id", "queue", "on", "sdr", "breached", "n")},
+        "work": p.work
+        and (
+            p.work.decision_id,
+            p.work.queue,
+            p.work.qualified_on,
+            p.work.sdr,
+            p.work.breached,
+            p.work.reroutes,
+        ),
         "erased": p.erased_ms,
     }
 

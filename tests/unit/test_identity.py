@@ -20,7 +20,7 @@ from engine.identity import (
     normalise_phone,
     resolve,
 )
-from engine.person import PersonState, Rulebook, absorb, apply_event, current_scores
+from engine.person import Absorbed, PersonState, Rulebook, absorb, apply_event, current_scores
 from engine.settings import IdentifierKind, IdentitySettings, load_settings
 
 IDENTITY = IdentitySettings(salt="test-salt", default_calling_code="55")
@@ -220,4 +220,4 @@ def test_a_merge_gives_the_score_one_person_would_have_had(
     )
     assert left.score.caps == whole.score.caps
     assert left.first_touch == whole.first_touch
-    assert ["r", T0] in left.merged_from
+    assert Absorbed("r", T0) in left.merged_from

@@ -1,0 +1,138 @@
+"""How a person's state is stored: format 2 (msgpack, StoredPerson), and format 1 still read."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from engine.person import (
+    DECISION,
+    LIFECYCLE,
+    STATE_FORMAT,
+    Absorbed,
+    PersonState,
+    RateWindow,
+    RefusedMerge,
+    Seen,
+    Touch,
+    already_applied,
+    apply_event,
+    decode_state,
+    encode_state,
+    message_digest,
+    outbox_of,
+    positions_as_runs,
+    positions_from_runs,
+)
+from tests.unit.test_person import NOW_MS, RULES, decide, event, known_buyer, stored_fields
+
+# Written by the format-1 encoder (commit c656455) for the person `format_1_person` builds.
+FORMAT_1 = Path(__file__).with_name("state_format_1.bin").read_bytes()
+
+
+def format_1_person() -> PersonState:
+    """A promoted, assigned buyer with input positions, submissions, timers and an outbox."""
+    p = known_buyer()
+    demo = replace(event("m1", "Demo Requested", plan="enterprise"), source="events:0", offset=41)
+    apply_event(p, demo, RULES, NOW_MS)
+    show = replace(event("m2", "Trade Show Visited"), source="events:0", offset=42)
+    _, promotion = apply_event(p, show, RULES, NOW_MS)
+    assert promotion is not None
+    decide(promotion)
+    return p
+
+
+def test_a_format_1_state_loads_as_the_state_the_same_events_make_today() -> None:
+    assert FORMAT_1[:1] == b"{"  # JSON: stored before format 2
+    old = decode_state("p1", FORMAT_1, 7)
+    today = format_1_person()
+    assert outbox_of(old) == outbox_of(today)
+    assert old == replace(today, is_new=False, version=7)
+    assert old.seen == [message_digest("id"), message_digest("m1"), message_digest("m2")]
+    assert old.unsettled == {"events:0": [41, 42]}
+    assert all(d[:1] == b"c" and len(d) == 7 for d, _ in old.submissions)
+
+
+def test_a_format_1_state_is_saved_as_format_2_and_keeps_its_memory() -> None:
+    migrated = encode_state(decode_state("p1", FORMAT_1))
+    assert migrated[:1] == STATE_FORMAT and len(migrated) < len(FORMAT_1)
+    p = decode_state("p1", migrated)
+    # Bytewax replays m2 at its position: its decision comes again, nothing counts twice.
+    replay = replace(event("m2", "Trade Show Visited"), source="events:0", offset=42)
+    assert already_applied(p, replay, message_digest("m2")) is Seen.REPLAY
+    records, promotion = apply_event(p, replay, RULES, NOW_MS)
+    assert promotion is None and [r.kind for r in records] == [LIFECYCLE, DECISION]
+    assert all(r.replayed for r in records) and records[0].value["to"] == "mql"
+    assert records[1].value["trigger"]["message_id"] == "m2"
+    # The same form submitted again under a new messageId is a duplicate submission.
+    before = p.score.contributions
+    again = replace(event("m9", "Demo Requested", plan="enterprise"), source="events:0", offset=99)
+    apply_event(p, again, RULES, NOW_MS + 60_000)
+    assert p.score.contributions == before
+
+
+def test_a_format_1_message_digest_starting_with_c_is_not_taken_for_a_content_digest() -> None:
+    message_id = next(f"m{i}" for i in range(1000) if message_digest(f"m{i}").hex()[0] == "c")
+    stored = b'{"s":"lead","t":[0,0],"c":{},"m":["%s"]}' % message_digest(message_id).hex().encode()
+    assert decode_state("p1", stored).seen == [message_digest(message_id)]
+
+
+def test_format_1_positional_lists_become_declared_records() -> None:
+    stored = (
+        b'{"s":"lead","t":[0,9],"c":{},"m":[],"ft":["spring","google","cpc",5],'
+        b'"lt":["fall","mail","email",9],"mf":[["x",3]],"mr":[["y","conflicting_user_id",4]],'
+        b'"rl":[7,2,1]}'
+    )
+    p = decode_state("p1", stored)
+    assert p.first_touch == Touch("spring", "google", "cpc", 5)
+    assert p.last_touch == Touch("fall", "mail", "email", 9)
+    assert p.merged_from == [Absorbed("x", 3)]
+    assert p.refused == [RefusedMerge("y", "conflicting_user_id", 4)]
+    assert p.rate == RateWindow(7, 2, flooded=True) and p.work is None
+    assert decode_state("p1", encode_state(p)) == p
+
+
+def test_a_tombstone_keeps_only_its_erasure_time_and_outbox() -> None:
+    p = PersonState("p1", erased_ms=NOW_MS, outbox=[["ab", [["lifecycle", {"to": "erased"}]]]])
+    fields = stored_fields(encode_state(p))
+    assert fields.erased_ms == NOW_MS and fields.stage == "" and fields.contacts is None
+    back = decode_state("p1", encode_state(p))
+    assert back.erased_ms == NOW_MS and outbox_of(back) == [
+        ["ab", [["lifecycle", {"to": "erased"}]]]
+    ]
+
+
+def test_bytes_that_do_not_match_the_declared_fields_are_refused() -> None:
+    fields = stored_fields(encode_state(format_1_person()))
+    values = list(msgspec.structs.astuple(fields))
+    values[3] = "not a map"  # contributions
+    with pytest.raises(
+        msgspec.ValidationError, match=r"Expected `object`, got `str` - at `\$\[3\]`"
+    ):
+        decode_state("p1", STATE_FORMAT + msgspec.msgpack.encode(values))
+    with pytest.raises(msgspec.ValidationError, match="at least length 25"):
+        decode_state("p1", STATE_FORMAT + msgspec.msgpack.encode(values[:4]))
+
+
+def test_a_field_added_at_the_end_finds_states_stored_before_it() -> None:
+    fields = stored_fields(encode_state(format_1_person()))
+    # A state stored before erased_ms was declared: the array ends one field earlier.
+    shorter = msgspec.msgpack.encode(list(msgspec.structs.astuple(fields))[:-1])
+    assert decode_state("p1", STATE_FORMAT + shorter).stage == "mql"
+
+
+@given(st.lists(st.integers(0, 2**40), max_size=300).map(lambda xs: sorted(set(xs))))
+def test_input_positions_are_stored_as_runs_and_come_back(offsets: list[int]) -> None:
+    runs = positions_as_runs(offsets)
+    assert positions_from_runs(runs) == offsets
+    assert len(runs) <= 2 * len(offsets)
+    assert all(runs[i + 1] >= 1 for i in range(0, len(runs), 2))
+
+
+def test_a_busy_cookie_s_consecutive_positions_are_one_run() -> None:
+    assert positions_as_runs(list(range(1_000, 6_000))) == [1_000, 5_000]
