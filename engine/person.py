@@ -23,7 +23,7 @@ import enum
 import functools
 import hashlib
 import zlib
-from bisect import bisect_left, insort
+from bisect import bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -153,8 +153,9 @@ class PersonState:
     profile: Profile = field(default_factory=Profile)
     disqualified: str = ""  # the cleansing reason, once disqualified
     seen: list[bytes] = field(default_factory=list)  # recent message/content digests, oldest first
-    # Input source -> offsets of events applied from it that may still be replayed, ascending.
-    unsettled: dict[str, list[int]] = field(default_factory=dict)
+    # Input source -> the offsets of events applied from it that may still be replayed,
+    # as ascending runs of consecutive offsets, (first, count): see add_position.
+    unsettled: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     transitions: int = 0  # lifecycle records written so far (makes record ids stable)
     promotions: int = 0
     queue: str = ""
@@ -230,8 +231,13 @@ def stable_id(one_id: str, kind: str, n: int) -> str:
     return hashlib.blake2b(f"{one_id}:{kind}:{n}".encode(), digest_size=10).hexdigest()
 
 
+@functools.lru_cache(maxsize=4_096)
 def iso(ms: int) -> str:
-    """Epoch milliseconds as ISO-8601 UTC with millisecond precision."""
+    """Epoch milliseconds as ISO-8601 UTC with millisecond precision.
+
+    Remembered for the last 4,096 instants: a batch's records stamp the same few
+    (the batch's now, each event's time) several times each.
+    """
     return (
         datetime.fromtimestamp(ms / 1000, UTC)
         .isoformat(timespec="milliseconds")
@@ -314,7 +320,7 @@ class StoredPerson(msgspec.Struct, array_like=True):
     contributions: dict[str, dict[str, list[float | int]]]  # [points at ref_ms, last ms]
     seen: list[bytes]
     caps: dict[str, dict[str, list[int]]]
-    unsettled: dict[str, list[int]]  # runs, see positions_as_runs
+    unsettled: dict[str, list[tuple[int, int]]]  # runs (first offset, count)
     profile: dict[str, Any]  # Profile's fields that are set
     disqualified: str
     transitions: int
@@ -340,25 +346,6 @@ _STATE_ENCODER = msgspec.msgpack.Encoder()
 _STATE_DECODER = msgspec.msgpack.Decoder(StoredPerson)
 
 
-def positions_as_runs(offsets: list[int]) -> list[int]:
-    """Ascending offsets as runs of consecutive ones: ``[first, count, first, count, ...]``.
-
-    A busy cookie's thousands of positions in a partition it fills are one run.
-    """
-    runs: list[int] = []
-    for offset in offsets:
-        if runs and offset == runs[-2] + runs[-1]:
-            runs[-1] += 1
-        else:
-            runs += (offset, 1)
-    return runs
-
-
-def positions_from_runs(runs: list[int]) -> list[int]:
-    """The offsets of :func:`positions_as_runs`' runs, ascending."""
-    return [o for i in range(0, len(runs), 2) for o in range(runs[i], runs[i] + runs[i + 1])]
-
-
 def encode_state(p: PersonState) -> bytes:
     """The state as Redis keeps it (format 2, :class:`StoredPerson`).
 
@@ -382,7 +369,7 @@ def encode_state(p: PersonState) -> bytes:
             score.contributions,
             p.seen,
             score.caps,
-            {source: positions_as_runs(offsets) for source, offsets in p.unsettled.items()},
+            p.unsettled,
             # Not dataclasses.asdict: its recursive deep copy was the costliest call per batch.
             {name: v for name in PROFILE_FIELDS if (v := getattr(profile, name))},
             p.disqualified,
@@ -426,7 +413,7 @@ def decode_state(one_id: str, raw: bytes | None, version: int = 0) -> PersonStat
         profile=Profile(**d.profile),
         disqualified=d.disqualified,
         seen=d.seen,
-        unsettled={source: positions_from_runs(runs) for source, runs in d.unsettled.items()},
+        unsettled=d.unsettled,
         transitions=d.transitions,
         promotions=d.promotions,
         queue=d.queue,
@@ -477,7 +464,7 @@ def _decode_format_1(one_id: str, raw: bytes, version: int) -> PersonState:
         profile=Profile(**d.get("p", {})),
         disqualified=d.get("dq", ""),
         seen=[_digest_from_hex(h) for h in d["m"]],
-        unsettled=d.get("u", {}),
+        unsettled={source: runs_of(offsets) for source, offsets in d.get("u", {}).items()},
         transitions=transitions,
         promotions=promotions,
         queue=queue,
@@ -839,8 +826,9 @@ def absorb(
     p.submissions = sorted([*other.submissions, *p.submissions], key=lambda s: s[1])[
         -settings.limits.dedup_window :
     ]
-    for source, offsets in other.unsettled.items():
-        p.unsettled[source] = sorted({*p.unsettled.get(source, ()), *offsets})
+    for source, runs in other.unsettled.items():
+        union = {*offsets_of(p.unsettled.get(source, [])), *offsets_of(runs)}
+        p.unsettled[source] = runs_of(sorted(union))
     stage = lifecycle.further_stage(p.stage if from_stage else other.stage, other.stage)
     if other.owner and (not p.owner or (stage == other.stage and stage != p.stage)):
         p.queue, p.owner = other.queue, other.owner
@@ -1068,11 +1056,9 @@ def already_applied(p: PersonState, event: Event, digest: bytes) -> Seen:
     events the person had since (the digest window alone would miss a busy
     person's); the digest catches a client sending the same event twice.
     """
-    offsets = p.unsettled.get(event.source)
-    if offsets is not None:
-        i = bisect_left(offsets, event.offset)
-        if i < len(offsets) and offsets[i] == event.offset:
-            return Seen.REPLAY
+    runs = p.unsettled.get(event.source)
+    if runs is not None and holds_position(runs, event.offset):
+        return Seen.REPLAY
     if digest in p.seen:
         return Seen.RESEND if event.source else Seen.REPLAY
     return Seen.NEW
@@ -1087,7 +1073,53 @@ def mark_applied(p: PersonState, event: Event, digest: bytes, window: int) -> No
     """Remember that ``event`` was applied, by messageId digest and by input position."""
     see(p, digest, window)
     if event.source:
-        insort(p.unsettled.setdefault(event.source, []), event.offset)
+        add_position(p.unsettled.setdefault(event.source, []), event.offset)
+
+
+def _first(run: tuple[int, int]) -> int:
+    return run[0]
+
+
+def holds_position(runs: list[tuple[int, int]], offset: int) -> bool:
+    """Whether ``offset`` is in one of the ascending runs ``(first, count)``."""
+    i = bisect_right(runs, offset, key=_first)
+    return i > 0 and offset < runs[i - 1][0] + runs[i - 1][1]
+
+
+def add_position(runs: list[tuple[int, int]], offset: int) -> None:
+    """Add ``offset`` to the ascending runs, extending or joining runs it touches.
+
+    Positions are kept as runs because a busy cookie's events can fill a partition for
+    a while: its thousands of positions are then one run, checked, grown and saved in
+    constant time, not a list re-encoded at every save.
+    """
+    i = bisect_right(runs, offset, key=_first)  # runs[:i] start at or before offset
+    if i and offset < runs[i - 1][0] + runs[i - 1][1]:
+        return  # already there
+    after_previous = i > 0 and runs[i - 1][0] + runs[i - 1][1] == offset
+    before_next = i < len(runs) and runs[i][0] == offset + 1
+    if after_previous and before_next:
+        runs[i - 1] = (runs[i - 1][0], runs[i - 1][1] + 1 + runs[i][1])
+        del runs[i]
+    elif after_previous:
+        runs[i - 1] = (runs[i - 1][0], runs[i - 1][1] + 1)
+    elif before_next:
+        runs[i] = (offset, runs[i][1] + 1)
+    else:
+        runs.insert(i, (offset, 1))
+
+
+def runs_of(offsets: list[int]) -> list[tuple[int, int]]:
+    """Ascending offsets as runs of consecutive ones, ``(first, count)``."""
+    runs: list[tuple[int, int]] = []
+    for offset in offsets:
+        add_position(runs, offset)
+    return runs
+
+
+def offsets_of(runs: list[tuple[int, int]]) -> list[int]:
+    """The offsets of ascending runs, ascending."""
+    return [offset for first, count in runs for offset in range(first, first + count)]
 
 
 def settle(p: PersonState, done: Mapping[str, int]) -> None:
@@ -1098,12 +1130,16 @@ def settle(p: PersonState, done: Mapping[str, int]) -> None:
     never read again from below it, so those positions can never be replayed.
     """
     for source in list(p.unsettled):
-        offsets = p.unsettled[source]
-        cut = bisect_left(offsets, done.get(source, 0))
-        if cut == len(offsets):
+        runs = p.unsettled[source]
+        cut = done.get(source, 0)
+        i = bisect_right(runs, cut, key=_first)  # runs[i:] start above cut: all kept
+        if i and runs[i - 1][0] + runs[i - 1][1] > cut:  # the run holding cut: trimmed
+            first, count = runs[i - 1]
+            runs[i - 1] = (cut, first + count - cut)
+            i -= 1
+        del runs[:i]
+        if not runs:
             del p.unsettled[source]
-        elif cut:
-            del offsets[:cut]
 
 
 def remember(p: PersonState, digest: bytes, outputs: list[Output], size: int) -> None:

@@ -29,7 +29,9 @@ from engine.person import (
     encode_state,
     erase,
     message_digest,
+    offsets_of,
     outbox_of,
+    runs_of,
     settle,
 )
 from engine.sales import complete_routing, route_promotion
@@ -270,23 +272,23 @@ def test_a_replay_from_the_input_is_recognised_by_its_position_after_the_window(
     apply_event(p, views[0], small, NOW_MS)  # Bytewax replaying after a crash
     assert encode_state(p) == before
     restored = decode_state("p1", before)
-    assert restored.unsettled == {"ab0": list(range(100, 110))}
+    assert restored.unsettled == {"ab0": [(100, 10)]}  # one run of ten positions
     # The same offset of another partition is another event.
     other = replace(event("x", "Pricing Viewed"), source="ab1", offset=100)
     apply_event(p, other, small, NOW_MS)
-    assert p.unsettled["ab1"] == [100]
+    assert p.unsettled["ab1"] == [(100, 1)]
 
 
 def test_settled_positions_are_forgotten_and_absorbed_ones_kept() -> None:
-    p = PersonState("p1", unsettled={"ab0": [5, 7, 9], "ab1": [3]})
+    p = PersonState("p1", unsettled={"ab0": runs_of([5, 7, 9]), "ab1": [(3, 1)]})
     settle(p, {"ab0": 8, "ab1": 4, "zz0": 100})
-    assert p.unsettled == {"ab0": [9]}
+    assert p.unsettled == {"ab0": [(9, 1)]}
     settle(p, {"ab0": 10})
     assert p.unsettled == {}
-    survivor, absorbed = known_buyer(), PersonState("p2", unsettled={"ab0": [4, 12]})
-    survivor.unsettled = {"ab0": [11, 12]}
+    survivor, absorbed = known_buyer(), PersonState("p2", unsettled={"ab0": runs_of([4, 12])})
+    survivor.unsettled = {"ab0": runs_of([11, 12])}
     absorb(survivor, absorbed, event("m", "Pricing Viewed"), RULES, NOW_MS)
-    assert survivor.unsettled == {"ab0": [4, 11, 12]}
+    assert survivor.unsettled == {"ab0": [(4, 1), (11, 2)]}
     replayed = replace(event("late", "Pricing Viewed"), source="ab0", offset=4)
     assert already_applied(survivor, replayed, message_digest("late"))
 
@@ -379,7 +381,7 @@ def test_a_flood_keeps_neither_its_positions_nor_its_refusals() -> None:
     ]
     refused = [apply_event(p, e, RULES, NOW_MS)[0] for e in flood]
     assert p.disqualified == "rate_limited" and p.stage == "disqualified"
-    positions = sum(len(v) for v in p.unsettled.values())
+    positions = sum(len(offsets_of(v)) for v in p.unsettled.values())
     # The demo, the 118 views within the limit of 120 (the identify and the demo count
     # too), and the view that disqualified; none of the 181 refused after it.
     assert positions == 1 + 118 + 1
@@ -387,7 +389,7 @@ def test_a_flood_keeps_neither_its_positions_nor_its_refusals() -> None:
     # A replay of the refused views (after a crash) refuses them again, unchanged.
     again = [apply_event(p, e, RULES, NOW_MS)[0] for e in flood[200:]]
     assert [[o.value for o in r] for r in again] == [[o.value for o in r] for r in refused[200:]]
-    assert sum(len(v) for v in p.unsettled.values()) == positions
+    assert sum(len(offsets_of(v)) for v in p.unsettled.values()) == positions
 
 
 def test_an_absorbed_mql_brings_its_work_and_timers() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from itertools import pairwise
 from pathlib import Path
 
 import msgspec
@@ -20,14 +21,17 @@ from engine.person import (
     RefusedMerge,
     Seen,
     Touch,
+    add_position,
     already_applied,
     apply_event,
     decode_state,
     encode_state,
+    holds_position,
     message_digest,
+    offsets_of,
     outbox_of,
-    positions_as_runs,
-    positions_from_runs,
+    runs_of,
+    settle,
 )
 from tests.unit.test_person import NOW_MS, RULES, decide, event, known_buyer, stored_fields
 
@@ -54,7 +58,7 @@ def test_a_format_1_state_loads_as_the_state_the_same_events_make_today() -> Non
     assert outbox_of(old) == outbox_of(today)
     assert old == replace(today, is_new=False, version=7)
     assert old.seen == [message_digest("id"), message_digest("m1"), message_digest("m2")]
-    assert old.unsettled == {"events:0": [41, 42]}
+    assert old.unsettled == {"events:0": [(41, 2)]}
     assert all(d[:1] == b"c" and len(d) == 7 for d, _ in old.submissions)
 
 
@@ -126,13 +130,33 @@ def test_a_field_added_at_the_end_finds_states_stored_before_it() -> None:
     assert decode_state("p1", STATE_FORMAT + shorter).stage == "mql"
 
 
-@given(st.lists(st.integers(0, 2**40), max_size=300).map(lambda xs: sorted(set(xs))))
-def test_input_positions_are_stored_as_runs_and_come_back(offsets: list[int]) -> None:
-    runs = positions_as_runs(offsets)
-    assert positions_from_runs(runs) == offsets
-    assert len(runs) <= 2 * len(offsets)
-    assert all(runs[i + 1] >= 1 for i in range(0, len(runs), 2))
+@given(
+    st.lists(st.integers(0, 60), max_size=80),
+    st.lists(st.integers(0, 70), max_size=4),
+    st.lists(st.integers(0, 70), max_size=20),
+)
+def test_input_positions_kept_as_runs_behave_as_a_set_of_offsets(
+    added: list[int], cuts: list[int], asked: list[int]
+) -> None:
+    p, model = PersonState("p1"), set()
+    for offset in added:
+        add_position(p.unsettled.setdefault("ev0", []), offset)
+        model.add(offset)
+    for cut in cuts:
+        settle(p, {"ev0": cut})
+        model = {o for o in model if o >= cut}
+    runs = p.unsettled.get("ev0", [])
+    assert offsets_of(runs) == sorted(model) and bool(runs) == ("ev0" in p.unsettled)
+    # Ascending, disjoint and never touching: each run is as long as it can be.
+    assert all(a[0] + a[1] < b[0] for a, b in pairwise(runs))
+    assert all(count >= 1 for _, count in runs)
+    assert all(holds_position(runs, o) == (o in model) for o in asked + added)
+    assert runs_of(sorted(model)) == runs
 
 
 def test_a_busy_cookie_s_consecutive_positions_are_one_run() -> None:
-    assert positions_as_runs(list(range(1_000, 6_000))) == [1_000, 5_000]
+    p = PersonState("p1")
+    for n in range(5_000):
+        add_position(p.unsettled.setdefault("ev0", []), 1_000 + n)
+    assert p.unsettled == {"ev0": [(1_000, 5_000)]}
+    assert stored_fields(encode_state(p)).unsettled == {"ev0": [(1_000, 5_000)]}
