@@ -309,8 +309,8 @@ class StoredPerson(msgspec.Struct, array_like=True):
 
     A msgpack array in this order (no field names stored). New fields go at the end
     with a default, so states stored before them keep loading. Digests are bytes,
-    input positions runs (``[first, count, first, count, ...]``), the outbox deflated
-    JSON (inflated only by a replay or a merge). A tombstone holds only ``erased_ms``
+    input positions runs ``(first offset, count)``, the outbox deflated JSON (inflated
+    only by a replay or a merge). A tombstone holds only ``erased_ms``
     and its outbox.
     """
 
@@ -396,8 +396,8 @@ def encode_state(p: PersonState) -> bytes:
 def decode_state(one_id: str, raw: bytes | None, version: int = 0) -> PersonState:
     """The state stored for ``one_id`` at ``version``, or a fresh lead when there is none.
 
-    Raises ``msgspec.ValidationError`` (a ``ValueError``) when the bytes do not match
-    the declared :class:`StoredPerson`.
+    Raises ``msgspec.DecodeError`` (a ``ValueError``; ``msgspec.ValidationError`` when a
+    field has the wrong type) when the bytes are not a :class:`StoredPerson`.
     """
     if raw is None:
         return PersonState(one_id, is_new=True, version=version)
