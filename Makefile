@@ -60,9 +60,12 @@ clean:
 QUIX_STAMP := .venv-quix/.installed
 
 # The Quix Streams peer pins an older confluent-kafka: it gets its own environment.
-$(QUIX_STAMP):
+# The peer runs the engine's own rules (engine/), so it needs the engine's libraries too;
+# re-made when this file changes.
+$(QUIX_STAMP): Makefile
 	$(PYTHON) -m venv .venv-quix
-	.venv-quix/bin/python -m pip install --quiet quixstreams==3.28.1 numpy==2.4.6 orjson==3.13.0
+	.venv-quix/bin/python -m pip install --quiet quixstreams==3.28.1 numpy==2.4.6 orjson==3.13.0 \
+	  msgspec==0.23.0
 	touch $(QUIX_STAMP)
 
 bench: $(STAMP) $(QUIX_STAMP)  ## the benchmark suite: limits, throughput, memory, peers, latency, collector
