@@ -37,6 +37,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from engine.events import Event
 from engine.identity import digest, normalise_email, normalise_phone
 from engine.settings import CHANNELS, ConsentSettings, IdentitySettings
@@ -154,27 +156,36 @@ def _text(value: Any) -> str:
     return value[:_MAX_TEXT] if isinstance(value, str) else ""
 
 
-def apply_consent(consent: dict[str, list[Any]], updates: list[ConsentUpdate], at_ms: int) -> bool:
-    """Record ``updates`` made at ``at_ms`` unless a later statement is kept; True if any applied.
+class ConsentStatement(msgspec.Struct, array_like=True, frozen=True):
+    """The statement kept for one channel: the latest by event time (stored as is)."""
 
-    A record is ``[status, at_ms, source, basis, pre_ticked (0/1)]``.
-    """
+    status: str  # granted, denied, revoked
+    at_ms: int  # event time of the statement
+    source: str  # who recorded it (a consent manager, a preference centre, ...)
+    basis: str  # its legal basis, when given
+    pre_ticked: bool  # given through a pre-ticked box: no consent where opt-in rules
+
+
+def apply_consent(
+    consent: dict[str, ConsentStatement], updates: list[ConsentUpdate], at_ms: int
+) -> bool:
+    """Record ``updates`` made at ``at_ms`` unless a later statement is kept; True if any did."""
     changed = False
     for u in updates:
         kept = consent.get(u.channel)
-        if kept is not None and kept[1] > at_ms:
+        if kept is not None and kept.at_ms > at_ms:
             continue
-        consent[u.channel] = [u.status, at_ms, u.source, u.basis, int(u.pre_ticked)]
+        consent[u.channel] = ConsentStatement(u.status, at_ms, u.source, u.basis, u.pre_ticked)
         changed = True
     return changed
 
 
-def merge_consent(into: dict[str, list[Any]], other: Mapping[str, list[Any]]) -> None:
+def merge_consent(into: dict[str, ConsentStatement], other: Mapping[str, ConsentStatement]) -> None:
     """Unite two people's consent: per channel the later statement wins."""
-    for channel, record in other.items():
+    for channel, statement in other.items():
         kept = into.get(channel)
-        if kept is None or record[1] > kept[1]:
-            into[channel] = list(record)
+        if kept is None or statement.at_ms > kept.at_ms:
+            into[channel] = statement
 
 
 def contact_points(known: list[str], mobile: bool) -> set[str]:
@@ -188,7 +199,7 @@ def contact_points(known: list[str], mobile: bool) -> set[str]:
 
 
 def channel_permissions(
-    consent: Mapping[str, list[Any]],
+    consent: Mapping[str, ConsentStatement],
     points: set[str],
     country: str,
     settings: ConsentSettings,
@@ -199,8 +210,8 @@ def channel_permissions(
     permitted: list[str] = []
     withheld: dict[str, str] = {}
     for channel in CHANNELS:
-        record = consent.get(channel)
-        status = record[0] if record else UNKNOWN
+        statement = consent.get(channel)
+        status = statement.status if statement else UNKNOWN
         # The first reason that applies, lists first: they hold whatever consent says.
         if channel not in points:
             withheld[channel] = NO_CONTACT
@@ -212,7 +223,7 @@ def channel_permissions(
             withheld[channel] = status
         elif channel in policy.opt_in and status == UNKNOWN:
             withheld[channel] = NO_CONSENT
-        elif channel in policy.opt_in and record and record[4]:
+        elif channel in policy.opt_in and statement and statement.pre_ticked:
             withheld[channel] = PRE_TICKED
         else:
             permitted.append(channel)

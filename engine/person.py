@@ -34,7 +34,7 @@ import orjson
 
 from engine import lifecycle
 from engine.cleansing import Cleanser
-from engine.consent import apply_consent, consent_updates, merge_consent
+from engine.consent import ConsentStatement, apply_consent, consent_updates, merge_consent
 from engine.events import Event
 from engine.fit import FitFactor, FitModel
 from engine.grade import lead_grade
@@ -171,8 +171,7 @@ class PersonState:
     erased_ms: int = 0  # a tombstone: erased at this time; everything else is empty
     work: Work | None = None  # the current sales work item, while an MQL is worked
     timers: dict[str, int] = field(default_factory=dict)  # timer kind -> due epoch ms
-    # Channel -> [status, event ms, source, basis, pre-ticked 0/1] (see engine.consent).
-    consent: dict[str, list[Any]] = field(default_factory=dict)
+    consent: dict[str, ConsentStatement] = field(default_factory=dict)  # channel -> latest
     rate: RateWindow | None = None  # untrusted events in the latest broker minute
     # Recent track submissions: [[content digest (bytes), event ms], ...] (is_duplicate_submission)
     submissions: list[list[Any]] = field(default_factory=list)
@@ -335,7 +334,7 @@ class StoredPerson(msgspec.Struct, array_like=True):
     last_touch: Touch | None
     work: Work | None
     timers: dict[str, int]
-    consent: dict[str, list[Any]]
+    consent: dict[str, ConsentStatement]
     rate: RateWindow | None
     submissions: list[list[Any]]  # [[content digest, event ms], ...]
     contacts: list[str] | None
@@ -477,7 +476,10 @@ def _decode_format_1(one_id: str, raw: bytes, version: int) -> PersonState:
         last_touch=Touch(*d["lt"]) if d.get("lt") else None,
         work=_work_from_format_1(d["w"]) if d.get("w") else None,
         timers=d.get("tm", {}),
-        consent=d.get("cn", {}),
+        consent={
+            channel: ConsentStatement(status, at_ms, source, basis, bool(pre_ticked))
+            for channel, (status, at_ms, source, basis, pre_ticked) in d.get("cn", {}).items()
+        },
         rate=RateWindow(d["rl"][0], d["rl"][1], d["rl"][2:] == [1]) if d.get("rl") else None,
         submissions=[[_digest_from_hex(h), ms] for h, ms in d.get("sb", [])],
         contacts=d.get("ct"),

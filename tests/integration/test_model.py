@@ -176,7 +176,7 @@ class Engine:
             "owner": p.owner,
             "timers": dict(p.timers),
             "profile": p.profile,
-            "consent": {c: record[0] for c, record in p.consent.items()},
+            "consent": {c: statement.status for c, statement in p.consent.items()},
         }
 
 

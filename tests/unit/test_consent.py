@@ -12,6 +12,7 @@ from engine.consent import (
     NO_CONTACT,
     PRE_TICKED,
     BadListEntry,
+    ConsentStatement,
     Suppression,
     apply_consent,
     channel_permissions,
@@ -57,7 +58,7 @@ def override(message_id: str, t_ms: int, channel: str, status: str) -> Event:
     )
 
 
-def permitted(consent: dict[str, list[Any]], country: str, **suppressed: bool) -> list[str]:
+def permitted(consent: dict[str, ConsentStatement], country: str, **suppressed: bool) -> list[str]:
     return channel_permissions(consent, ALL, country, CONSENT, Suppression(**suppressed))[0]
 
 
@@ -70,7 +71,7 @@ def test_the_shipped_policies_cover_gdpr_uk_and_china() -> None:
 
 @pytest.mark.parametrize("country", ["DE", "FR", "GB", "CN"])
 def test_an_opt_in_country_needs_a_grant_that_was_not_pre_ticked(country: str) -> None:
-    consent: dict[str, list[Any]] = {}
+    consent: dict[str, ConsentStatement] = {}
     permissions = channel_permissions(consent, ALL, country, CONSENT, Suppression())
     assert permissions == ([], dict.fromkeys(("email", "sms", "phone", "push"), NO_CONSENT))
     pre = identify("m1", 1, consent={"email": {"status": "granted", "pre_ticked": True}})
@@ -80,11 +81,11 @@ def test_an_opt_in_country_needs_a_grant_that_was_not_pre_ticked(country: str) -
     real = identify("m2", 2, consent={"email": {"status": "granted", "basis": "consent"}})
     apply_consent(consent, consent_updates(real), 2)
     assert permitted(consent, country) == ["email"]
-    assert consent["email"] == ["granted", 2, "", "consent", 0]
+    assert consent["email"] == ConsentStatement("granted", 2, "", "consent", pre_ticked=False)
 
 
 def test_elsewhere_email_and_phone_are_permitted_unless_denied_sms_and_push_need_a_grant() -> None:
-    consent: dict[str, list[Any]] = {}
+    consent: dict[str, ConsentStatement] = {}
     assert permitted(consent, "US") == ["email", "phone"]
     apply_consent(consent, consent_updates(identify("m", 1, consent={"phone": "denied"})), 1)
     assert permitted(consent, "US") == ["email"]
@@ -96,10 +97,11 @@ def test_statements_apply_in_event_time_order_whatever_the_arrival_order() -> No
     grant = identify("g", 10, consent={"email": "granted"})
     revoke = override("r", 20, "email", "revoked")
     for order in ([grant, revoke], [revoke, grant]):
-        consent: dict[str, list[Any]] = {}
+        consent: dict[str, ConsentStatement] = {}
         for e in order:
             apply_consent(consent, consent_updates(e), e.event_ms)
-        assert consent["email"][:3] == ["revoked", 20, "preference_centre"]
+        assert (consent["email"].status, consent["email"].at_ms) == ("revoked", 20)
+        assert consent["email"].source == "preference_centre"
         assert "email" not in permitted(consent, "US")
 
 
@@ -112,7 +114,8 @@ def test_unreadable_statements_are_skipped_never_guessed() -> None:
 
 def test_suppression_lists_withhold_email_and_phone_and_need_a_contact_point() -> None:
     assert permitted({}, "US", unsubscribed=True) == ["phone"]
-    assert permitted({"sms": ["granted", 1, "", "", 0]}, "US", do_not_call=True) == ["email"]
+    granted = ConsentStatement("granted", 1, "", "", pre_ticked=False)
+    assert permitted({"sms": granted}, "US", do_not_call=True) == ["email"]
     assert contact_points(["email"], mobile=False) == {"email"}
     assert contact_points(["phone"], mobile=True) == {"phone", "sms"}
     _, withheld = channel_permissions({}, {"email"}, "US", CONSENT, Suppression())

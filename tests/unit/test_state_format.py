@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from engine.consent import ConsentStatement
 from engine.person import (
     DECISION,
     LIFECYCLE,
@@ -90,7 +91,7 @@ def test_format_1_positional_lists_become_declared_records() -> None:
     stored = (
         b'{"s":"lead","t":[0,9],"c":{},"m":[],"ft":["spring","google","cpc",5],'
         b'"lt":["fall","mail","email",9],"mf":[["x",3]],"mr":[["y","conflicting_user_id",4]],'
-        b'"rl":[7,2,1]}'
+        b'"rl":[7,2,1],"cn":{"email":["granted",5,"cmp","consent",1]}}'
     )
     p = decode_state("p1", stored)
     assert p.first_touch == Touch("spring", "google", "cpc", 5)
@@ -98,6 +99,7 @@ def test_format_1_positional_lists_become_declared_records() -> None:
     assert p.merged_from == [Absorbed("x", 3)]
     assert p.refused == [RefusedMerge("y", "conflicting_user_id", 4)]
     assert p.rate == RateWindow(7, 2, flooded=True) and p.work is None
+    assert p.consent == {"email": ConsentStatement("granted", 5, "cmp", "consent", pre_ticked=True)}
     assert decode_state("p1", encode_state(p)) == p
 
 
