@@ -141,7 +141,8 @@ def complete_routing(
 ) -> list[Output]:
     """Emit the decision for the SDR assigned, or record that the lead waits, and why."""
     p, work = r.person, r.person.work
-    assert work is not None, "routed without a work item"  # route_promotion or fire_timer made it
+    # route_promotion opened the work item; only acceptance (no more routing) closes its record.
+    assert work is not None and work.record is not None, "routed without an open work item"
     queue = rules.settings.routing.queue(r.queue)
     if sdr is None:
         due = next_available_ms(roster.for_queue(r.queue), now_ms + 1) or now_ms + RETRY_MS
@@ -162,7 +163,7 @@ def complete_routing(
             r.suppression,
         )
         decision: dict[str, Any] = {
-            **(work.record or {}),
+            **work.record,
             "channels": permitted,
             "channels_withheld": withheld,
             "contactable": bool(permitted),
