@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import random
 import shutil
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+log = logging.getLogger(__name__)
 # How long a server may take to accept connections before we call it broken.
 READY_TIMEOUT_S = 20.0
 _PR_SET_PDEATHSIG = 1
@@ -145,10 +147,10 @@ class LocalServer:
 
     def start(self) -> LocalServer:
         """Start the server and wait until it accepts connections."""
-        with self.log_path.open("ab") as log:
+        with self.log_path.open("ab") as server_log:
             self.proc = subprocess.Popen(  # our own binaries, no shell
                 self.command(),
-                stdout=log,
+                stdout=server_log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=self.workdir,
@@ -160,15 +162,21 @@ class LocalServer:
                 raise ServerError(
                     f"{self.name} exited with {self.proc.returncode}; log: {self.log_path}"
                 )
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
+            if self.answers():
+                return self
+            time.sleep(0.05)
         self.stop()
         raise ServerError(
             f"{self.name} did not listen on port {self.port} within {READY_TIMEOUT_S}s"
         )
+
+    def answers(self) -> bool:
+        """Whether the server accepts connections on its port."""
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
 
     def restart(self, down_s: float = 0.0) -> None:
         """Stop the server (gracefully), wait ``down_s``, start it on the same port and dir."""
@@ -289,6 +297,19 @@ class LocalRedis(LocalServer):
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}{self.host}:{self.port}/0"
 
+    def answers(self) -> bool:
+        """Whether our server answers PING on its port (``-NOAUTH`` counts as an answer).
+
+        A bare connect is not enough: a port another process took after it was picked
+        accepts connections too, while our server has failed to bind it.
+        """
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.2) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16)[:1] in (b"+", b"-")
+        except OSError:
+            return False
+
     def command(self) -> list[str]:
         """The server on our port, loopback only, persistence as asked."""
         cmd = [
@@ -345,7 +366,7 @@ class LocalRedisCluster:
     def start(self) -> LocalRedisCluster:
         """Start the nodes, create the cluster and wait until every slot is served."""
         for node in self.nodes:
-            node.start()
+            self._start_node(node)
         auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
         created = subprocess.run(
             [self.cli(), *auth, "--cluster", "create",
@@ -370,6 +391,27 @@ class LocalRedisCluster:
                     raise ServerError(f"cluster node {node.port} not ready: {info[:300]}")
                 time.sleep(0.1)
         return self
+
+    def _start_node(self, node: LocalRedis, attempts: int = 5) -> None:
+        """Start one node on a port pair no other node uses, moving it if its port was taken.
+
+        Ports are picked free before the nodes start, so another node's bus port, or an
+        ephemeral port some client opened meanwhile, can take one first (seen once in
+        300 runs): the node then exits with "Address already in use" and moves.
+        """
+        for attempt in range(attempts):
+            taken = {p for n in self.nodes if n is not node for p in (n.port, n.port + 10_000)}
+            while node.port in taken or node.port + 10_000 in taken:
+                node.port = free_cluster_port()
+            try:
+                node.start()
+                return
+            except ServerError:
+                in_use = "Address already in use" in node.log_path.read_text(errors="replace")
+                if not in_use or attempt == attempts - 1:
+                    raise
+                log.warning("cluster node port %d was taken; moving the node", node.port)
+                node.port = free_cluster_port()
 
     def stop(self) -> None:
         """Stop every node."""

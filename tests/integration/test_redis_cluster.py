@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import orjson
+import redis
 
 from leadflow.servers import LocalRedisCluster, stop_process
 from leadflow.topics import create_topics
@@ -121,6 +123,24 @@ def test_a_dead_seed_node_does_not_stop_start_up() -> None:
             assert store.apply_roster(b'{"sdrs": []}') == 1
         finally:
             store.close()
+
+
+def test_a_cluster_node_whose_port_was_taken_meanwhile_moves_to_another() -> None:
+    cluster = LocalRedisCluster("redis")
+    node = cluster.nodes[2]
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", node.port))
+        squatter.listen()
+        taken = node.port
+        with cluster:
+            assert node.port != taken
+            assert "Address already in use" in node.log_path.read_text(errors="replace")
+            client = redis.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
+            try:
+                client.set("{moved}k", "v")
+                assert client.get("{moved}k") == b"v"
+            finally:
+                client.close()
 
 
 def test_a_master_killed_mid_stream_is_ridden_out(tmp_path: Path, clean: Ending) -> None:
