@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -70,6 +72,19 @@ class TlsRedis(LocalRedis):
         c = self.certificates
         return [*cmd, "--tls-cert-file", str(c.cert), "--tls-key-file", str(c.key),
                 "--tls-ca-cert-file", str(c.ca), "--tls-auth-clients", "no"]  # fmt: skip
+
+    def answers(self) -> bool:
+        """PING over TLS, verified against our CA: a TLS-only port never answers plaintext."""
+        context = ssl.create_default_context(cafile=str(self.certificates.ca))
+        try:
+            with (
+                socket.create_connection((self.host, self.port), timeout=0.5) as raw,
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as conn,
+            ):
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16)[:1] in (b"+", b"-")
+        except OSError:  # refused, or the handshake failed (ssl.SSLError)
+            return False
 
     def tls_url(self, ca: Path) -> str:
         return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={ca}"
