@@ -55,7 +55,8 @@ from benchmarks import workload
 from engine.identity import identifiers_of
 from engine.person import PersonState, Rulebook, apply_event, decode_state, encode_state
 from engine.sales import complete_routing, route_promotion
-from engine.settings import Settings, load_settings
+from engine.settings import RedisSettings, Settings, load_settings
+from engine.store import IdentityWrites, RedisStore
 from leadflow.servers import LocalBroker, LocalRedis, free_port
 
 LEADFLOW = [sys.executable, "-m", "leadflow.cli"]
@@ -322,18 +323,23 @@ def redis_people(redis_url: str, prefix: str = "lf:") -> tuple[int, float]:
 
 
 def memory_at_scale(redis_url: str, sample: list[bytes], people: int) -> float:
-    """Bytes per person with ``people`` people laid out as the engine lays them out."""
+    """Bytes per person with ``people`` people laid out as the engine lays them out.
+
+    Each person is known by one cookie, the person named after it, as the resolver
+    writes a new visitor (its own :class:`IdentityWrites`), with a state from ``sample``.
+    """
     client = redis.Redis.from_url(redis_url, socket_timeout=300)
+    store = RedisStore(RedisSettings(url=redis_url), client)
     client.flushall()
     base = int(client.info("memory")["used_memory"])
     for chunk in range(0, people, 5_000):
+        writes = IdentityWrites(store)
         pipe = client.pipeline(transaction=False)
         for i in range(chunk, min(chunk + 5_000, people)):
-            one_id = f"{i:016x}"
             cookie = f"{(i * 2654435761) % (1 << 64):016x}"
-            pipe.set(f"lf:p:{{{one_id}}}", b"1|" + sample[i % len(sample)])
-            pipe.set(f"lf:id:{{{cookie}}}", one_id)
-            pipe.hset(f"lf:ids:{{{one_id}}}", f"anon:{cookie}", "")
+            writes.claim(cookie, "anon", cookie)
+            pipe.set(store.person_key(cookie), b"1|" + sample[i % len(sample)])
+        store.write_graph(writes)
         pipe.execute()
     used = int(client.info("memory")["used_memory"])
     client.flushall()

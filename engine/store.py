@@ -4,9 +4,11 @@ Key layout (``P`` = ``redis.key_prefix``, default ``lf:``). Every key carries a
 hash tag; keys of one person share that person's tag:
 
 ==============================  ==============================================
-``P id:{<identifier digest>}``  One-ID owning that identifier
+``P id:{<identifier digest>}``  One-ID owning that identifier, or ``:<kind>``
+                                when it is its owner's founding identifier
 ``P e:{<identifier digest>}``   erasure time (ms) of that identifier; expires
-``P ids:{<one_id>}``            the person's identifiers, ``kind:digest`` (a hash)
+``P ids:{<one_id>}``            the person's other identifiers, ``kind:digest``
+                                (a hash; absent while the founding one is all)
 ``P p:{<one_id>}``              the person's state: ``<version>|<state>`` (engine.person)
 ``P r:{<one_id>}``              One-ID that absorbed this person (a redirect); expires
 ``P pend:{<one_id>}``           people merged into this one, to absorb (a set)
@@ -23,6 +25,14 @@ hash tag; keys of one person share that person's tag:
                                 ``delivered``; expires (``leadflow alerts``)
 ``P alerts:redrives``           parked alerts sent again, per ``queue|outcome``
 ==============================  ==============================================
+
+A new person is named after the digest of their strongest identifier
+(engine.identity.anchor), so that identifier's key is in the person's hash slot
+and says its owner by saying ``:<kind>``: a person known by one identifier, most
+people, needs no ``ids`` hash (about 120 bytes each at a million people). A
+person's identifiers are the ``ids`` hash and, when ``id:{<one_id>}`` says so,
+the founding one. Keys written as ``<one_id>`` plus an ``ids`` entry, as before
+this, read the same.
 
 The identity graph (``id``, ``e``, ``ids``, ``r``, ``pend``) has one writer,
 the identity resolver (:class:`IdentityWrites`), which the dataflow runs on a
@@ -67,6 +77,9 @@ T = TypeVar("T")
 ASSIGNMENT_TTL_S = 30 * 86_400
 # A company's owner in a queue stays its owner this long after its last lead.
 COMPANY_OWNER_TTL_S = 180 * 86_400
+# An identifier key's value starts with this when the identifier founded its owner (the
+# owner's One-ID is the identifier's digest); the kind follows. One-IDs are hex: no clash.
+FOUNDER = ":"
 # Backoff between Redis retries: doubles from the first value up to the cap.
 RETRY_FIRST_S = 0.05
 RETRY_CAP_S = 5.0
@@ -304,8 +317,11 @@ class IdentityWrites:
     def claim(self, one_id: str, kind: str, digest: str) -> None:
         """Give an identifier nobody owns to ``one_id``."""
         s = self.store
-        self.commands.append(("set", s.identifier_key(digest), one_id, None))
-        self.commands.append(("hset", s.identifiers_key(one_id), f"{kind}:{digest}", ""))
+        if digest == one_id:  # the founding identifier: its key says so, no ids entry
+            self.commands.append(("set", s.identifier_key(digest), FOUNDER + kind, None))
+        else:
+            self.commands.append(("set", s.identifier_key(digest), one_id, None))
+            self.commands.append(("hset", s.identifiers_key(one_id), f"{kind}:{digest}", ""))
 
     def merge(
         self, absorbed: str, survivor: str, ids: Iterable[tuple[str, str]], pending: Iterable[str]
@@ -315,8 +331,7 @@ class IdentityWrites:
         self.commands.append(("set", s.redirect_key(absorbed), survivor, self.redirect_ttl_s))
         self.commands.append(("sadd", s.pending_key(survivor), absorbed, *pending))
         for k, d in sorted(ids):
-            self.commands.append(("set", s.identifier_key(d), survivor, None))
-            self.commands.append(("hset", s.identifiers_key(survivor), f"{k}:{d}", ""))
+            self.claim(survivor, k, d)
         self.commands.append(("delete", s.identifiers_key(absorbed)))
 
     def erase(
@@ -411,7 +426,7 @@ class RedisStore:
         return f"{self.prefix}p:{{{one_id}}}"
 
     def identifiers_key(self, one_id: str) -> str:
-        """Key of a person's identifiers: a hash of ``kind:digest`` -> ''.
+        """Key of a person's identifiers but the founding one: a hash of ``kind:digest`` -> ''.
 
         A hash, not a set: Redis before 7.2 stores small sets as hash tables
         (256 bytes for one member) but small hashes as a ziplist (112 bytes).
@@ -452,7 +467,8 @@ class RedisStore:
         keys = [self.identifier_key(d) for d in digests] + [self.erasure_key(d) for d in digests]
         values = self._mget(keys)
         n = len(digests)
-        return [_text(v) for v in values[:n]], [int(v) if v else 0 for v in values[n:]]
+        owners = [_owner(d, v) for d, v in zip(digests, values[:n], strict=True)]
+        return owners, [int(v) if v else 0 for v in values[n:]]
 
     def graph(self, one_ids: Sequence[str]) -> list[GraphNode]:
         """Each person's identifiers, pending absorptions and redirect, in one round trip."""
@@ -463,19 +479,20 @@ class RedisStore:
             pipe = self.client.pipeline(transaction=False)
             for o in one_ids:
                 pipe.hkeys(self.identifiers_key(o))
+                pipe.get(self.identifier_key(o))
                 pipe.smembers(self.pending_key(o))
                 pipe.get(self.redirect_key(o))
             return cast(list[Any], pipe.execute())
 
         rows = self._retry(read)
-        return [
-            GraphNode(
-                {_pair(m) for m in rows[3 * i]},
-                {m.decode() for m in rows[3 * i + 1]},
-                _text(rows[3 * i + 2]),
-            )
-            for i in range(len(one_ids))
-        ]
+        nodes = []
+        for i, o in enumerate(one_ids):
+            ids, founding, pending, redirect = rows[4 * i : 4 * i + 4]
+            held = {_pair(m) for m in ids}
+            if founding is not None and founding.startswith(FOUNDER.encode()):
+                held.add((founding[1:].decode(), o))
+            nodes.append(GraphNode(held, {m.decode() for m in pending}, _text(redirect)))
+        return nodes
 
     def identifiers(self, one_id: str) -> list[tuple[str, str]]:
         """A person's identifiers as ``(kind, digest)``, sorted."""
@@ -920,6 +937,13 @@ def _refused_credentials(e: redis.RedisError) -> bool:
     """A wrong or missing password or ACL user (redis-py raises several kinds)."""
     text = str(e)
     return isinstance(e, redis.AuthenticationError) or text.startswith(("NOAUTH", "WRONGPASS"))
+
+
+def _owner(digest: str, value: bytes | None) -> str | None:
+    """The One-ID an ``id`` key names: its own digest when it says ``:<kind>``."""
+    if value is None:
+        return None
+    return digest if value.startswith(FOUNDER.encode()) else value.decode()
 
 
 def _text(value: bytes | None) -> str | None:

@@ -307,3 +307,73 @@ def _final(store: RedisStore, one_id: str) -> str:
     while (redirect := store.load_people([one_id])[0].redirect) is not None:
         one_id = redirect
     return one_id
+
+
+def test_one_identifier_people_need_no_identifier_hash_and_the_old_layout_reads_the_same(
+    redis_url: str,
+) -> None:
+    """A new visitor's cookie key says it founded them (no ``ids`` hash). People stored
+    the way the store wrote them before (the One-ID in the cookie key, the cookie in an
+    ``ids`` hash) are read, extended and merged exactly as people stored the new way."""
+    base = load_settings(env={"LEADFLOW_REDIS_URL": redis_url})
+    cfg = replace(base, redis=replace(base.redis, key_prefix=f"t{next(_prefixes)}:"))
+    store = RedisStore(cfg.redis)
+    client, p = store.client, cfg.redis.key_prefix
+
+    def event(n: int, anon: str, email: str = "") -> dict[str, Any]:
+        raw: dict[str, Any] = {"type": "page", "messageId": f"m{n}", "anonymousId": anon}
+        if email:
+            raw |= {"type": "identify", "traits": {"email": email}}
+        return raw | {"timestamp": _iso(n * 1000)}
+
+    def strongest(raw: dict[str, Any]) -> str:
+        return identifiers_of(decode(raw, 0), cfg.identity)[0].digest
+
+    def cookie(anon: str) -> str:
+        return strongest(event(0, anon))
+
+    identity = IdentityStage(cfg, store)
+    new, old = cookie("new-visitor"), cookie("old-visitor")
+    (first,) = identity([decode(event(0, "new-visitor"), 0)])
+    assert first.one_id == new
+    assert client.get(f"{p}id:{{{new}}}") == b":anon"
+    assert not client.exists(f"{p}ids:{{{new}}}")
+    assert store.identifiers(new) == [("anon", new)]
+    assert store.owners([new]) == ([new], [0])
+
+    # Written as before: the One-ID in the cookie key, the cookie in the ids hash.
+    client.set(f"{p}id:{{{old}}}", old)
+    client.hset(f"{p}ids:{{{old}}}", f"anon:{old}", "")
+    assert store.identifiers(old) == [("anon", old)]
+    assert store.owners([old]) == ([old], [0])
+
+    # The new visitor gives an e-mail; then each cookie is seen with it: the old-layout
+    # person, then a third, new-layout person, are merged into the new visitor.
+    third = cookie("third-visitor")
+    resolved = identity(
+        [
+            decode(event(1, "new-visitor", "a@acme.example"), 1),
+            decode(event(2, "third-visitor"), 2),
+            decode(event(3, "old-visitor", "a@acme.example"), 3),
+            decode(event(4, "third-visitor", "a@acme.example"), 4),
+        ]
+    )
+    assert [(r.one_id, r.merges) for r in resolved] == [
+        (new, ()),
+        (third, ()),
+        (new, (old,)),
+        (new, (third,)),
+    ]
+    email = strongest(event(0, "x", "a@acme.example"))
+    assert store.owners([new, old, third, email]) == ([new] * 4, [0] * 4)
+    assert set(store.identifiers(new)) == {
+        ("anon", new),
+        ("anon", old),
+        ("anon", third),
+        ("email", email),
+    }
+    assert client.get(f"{p}id:{{{new}}}") == b":anon"  # still the founder
+    assert client.get(f"{p}id:{{{third}}}") == new.encode()
+    assert not client.exists(f"{p}ids:{{{old}}}", f"{p}ids:{{{third}}}")
+    assert [n.redirect for n in store.graph([old, third])] == [new, new]
+    store.close()

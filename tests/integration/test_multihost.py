@@ -37,6 +37,7 @@ from typing import Any, cast
 import pytest
 
 from engine.person import Rulebook, current_scores, decode_state
+from engine.store import RedisStore
 from leadflow.servers import stop_process
 from leadflow.topics import create_topics
 from tests.integration.hosts import Hosts, hosts, why_no_hosts
@@ -91,8 +92,9 @@ def comparable(r: Rig, end: Ending) -> Comparable:
     rules = Rulebook(r.settings)
     people: dict[frozenset[str], dict[str, Any]] = {}
     merged: set[str] = set()
+    store = RedisStore(r.settings.redis, client)
     for one_id in end.people:
-        held = cast(dict[bytes, bytes], client.hgetall(f"lf:ids:{{{one_id}}}"))
+        held = [f"{kind}:{d}" for kind, d in store.identifiers(one_id)]
         raw = cast(bytes, client.get(f"lf:p:{{{one_id}}}"))
         view = _person_view(one_id, raw)
         if view["merged_from"]:
@@ -100,9 +102,7 @@ def comparable(r: Rig, end: Ending) -> Comparable:
         version, _, body = raw.partition(b"|")
         state = decode_state(one_id, body, int(version))
         scores = {dim: round(v, 4) for dim, v in current_scores(state, rules).items()}
-        people[frozenset(k.decode() for k in held)] = {
-            k: v for k, v in view.items() if k not in _ORDER_DEPENDENT
-        } | {
+        people[frozenset(held)] = {k: v for k, v in view.items() if k not in _ORDER_DEPENDENT} | {
             "queue": view["owner"][0],
             "sdr_assigned": bool(view["owner"][1]),
             "scores": scores,
