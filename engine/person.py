@@ -161,7 +161,9 @@ class PersonState:
     queue: str = ""
     owner: str = ""
     channels: list[str] = field(default_factory=list)
-    # [[event digest, [[kind, record], ...]], ...], oldest first; read it with outbox_of()
+    # [[event digest, [[kind, record], ...]], ...], oldest first; read it with outbox_of().
+    # A first event's lifecycle record alone is kept as [digest, recorded ms(, One-ID)]
+    # and rebuilt from the event when it is replayed (see remember).
     outbox: list[list[Any]] = field(default_factory=list)
     outbox_stored: bytes = b""  # the outbox as stored (deflated), until outbox_of() opens it
     merged_from: list[Absorbed] = field(default_factory=list)  # latest first
@@ -260,7 +262,8 @@ def epoch_ms(value: object) -> float | None:
 # and saves pass it through untouched. A preset dictionary of the records' own
 # vocabulary shrinks a first-event lifecycle record from 277 to 104 bytes. Never change
 # a format's dictionary: stored outboxes need it; add a format instead.
-OUTBOX_FORMAT = b"1"
+OUTBOX_FORMAT = b"2"  # "1": every entry's records in full; "2" adds first-event entries
+_OUTBOX_FORMATS = (b"1", OUTBOX_FORMAT)  # one dictionary for both
 _OUTBOX_DICTIONARY = (
     b'"decision_id":"","trigger":{"type":"track","event":"","message_id":"","promoted_at":"'
     b'"fit":{"score":,"fit_minimum":,"fit_reasons":[{"factor":"","points":'
@@ -283,7 +286,7 @@ def _deflate(outbox: list[list[Any]]) -> bytes:
 
 
 def _inflate(stored: bytes) -> list[list[Any]]:
-    if stored[:1] != OUTBOX_FORMAT:
+    if stored[:1] not in _OUTBOX_FORMATS:
         raise ValueError(f"unknown outbox format {stored[:1]!r}")
     unpacker = zlib.decompressobj(_DEFLATE_WBITS, _OUTBOX_DICTIONARY)
     return list(orjson.loads(unpacker.decompress(stored[1:])))
@@ -487,15 +490,20 @@ def _decode_format_1(one_id: str, raw: bytes, version: int) -> PersonState:
     )
 
 
-def replayed_outputs(p: PersonState, digest: bytes) -> list[Output]:
-    """Records an already-applied event produced, in order, for re-emission."""
+def replayed_outputs(p: PersonState, event: Event, digest: bytes) -> list[Output]:
+    """Records an already-applied event (``event`` again) produced, in order, for re-emission."""
     key = digest.hex()  # the outbox is JSON inside: its digests are hex
-    return [
-        Output(kind, p.one_id, value, replayed=True)
-        for entry_digest, records in outbox_of(p)
-        if entry_digest == key
-        for kind, value in records
-    ]
+    out = []
+    for entry in outbox_of(p):
+        if entry[0] != key:
+            continue
+        if isinstance(entry[1], int):  # a first event's record, kept as its time
+            one_id = entry[2] if len(entry) > 2 else p.one_id
+            record = first_event_record(one_id, event, entry[1])
+            out.append(Output(LIFECYCLE, p.one_id, record, replayed=True))
+        else:
+            out += [Output(kind, p.one_id, value, replayed=True) for kind, value in entry[1]]
+    return out
 
 
 def current_scores(p: PersonState, rules: Rulebook) -> dict[str, float]:
@@ -518,11 +526,11 @@ def apply_event(
         if event.event_ms <= p.erased_ms:
             # Events from before an erasure cannot bring the person back; the erasure
             # itself, replayed, sends its record again.
-            return replayed_outputs(p, message_digest(event.message_id)), None
+            return replayed_outputs(p, event, message_digest(event.message_id)), None
         _revive(p)
     digest = message_digest(event.message_id)
     if seen := already_applied(p, event, digest):
-        return outputs_again(p, seen, digest), None
+        return outputs_again(p, event, seen, digest), None
     if not event.trusted and over_rate(p, event, settings.limits.max_events_per_minute):
         # No person sends that much: a bot. Its events stop counting, and it is
         # disqualified once, so what it scored before the limit buys nothing.
@@ -583,7 +591,7 @@ def apply_event(
         if settings.lifecycle.alert_late_promotions or not is_late(p, verdict, rules, now_ms):
             return outputs, promote(p, event, rules, verdict, "score_threshold", outputs, now_ms)
         outputs.append(late_promotion(p, verdict, event, rules, now_ms))
-    remember(p, digest, outputs, settings.limits.outbox_size)
+    remember(p, digest, outputs, settings.limits.outbox_size, event, now_ms)
     return outputs, None
 
 
@@ -850,7 +858,11 @@ def absorb(
     else:
         p.contacts = None  # a legacy state on either side: the identity graph stands in
     merge_consent(p.consent, other.consent)
-    p.outbox = (outbox_of(other) + outbox_of(p))[-settings.limits.outbox_size :]
+    absorbed = [
+        [*entry[:2], other.one_id] if isinstance(entry[1], int) and len(entry) == 2 else entry
+        for entry in outbox_of(other)
+    ]
+    p.outbox = (absorbed + outbox_of(p))[-settings.limits.outbox_size :]
     p.merged_from += [Absorbed(other.one_id, now_ms), *other.merged_from]
     touches = [t for t in (p.first_touch, other.first_touch, p.last_touch, other.last_touch) if t]
     if touches:
@@ -1066,9 +1078,9 @@ def already_applied(p: PersonState, event: Event, digest: bytes) -> Seen:
     return Seen.NEW
 
 
-def outputs_again(p: PersonState, seen: Seen, digest: bytes) -> list[Output]:
+def outputs_again(p: PersonState, event: Event, seen: Seen, digest: bytes) -> list[Output]:
     """The records to emit for an event seen before: a replay's again, a resend's none."""
-    return replayed_outputs(p, digest) if seen is Seen.REPLAY else []
+    return replayed_outputs(p, event, digest) if seen is Seen.REPLAY else []
 
 
 def mark_applied(p: PersonState, event: Event, digest: bytes, window: int) -> None:
@@ -1144,9 +1156,47 @@ def settle(p: PersonState, done: Mapping[str, int]) -> None:
             del p.unsettled[source]
 
 
-def remember(p: PersonState, digest: bytes, outputs: list[Output], size: int) -> None:
-    """Keep the records an event produced, to re-emit them if it is replayed."""
-    if outputs:
-        outbox = outbox_of(p)
-        outbox.append([digest.hex(), [[o.kind, o.value] for o in outputs]])
-        del outbox[:-size]
+def remember(
+    p: PersonState,
+    digest: bytes,
+    outputs: list[Output],
+    size: int,
+    event: Event | None = None,
+    now_ms: int = 0,
+) -> None:
+    """Keep the records an event produced, to re-emit them if it is replayed.
+
+    Given the ``event`` and ``now_ms``, a first event's lifecycle record, when it is all
+    the event produced, is kept as its time alone: the replayed event rebuilds it
+    (:func:`first_event_record`), checked here to give the very same record. Nearly
+    every person keeps that record, so this is most of the outbox's bytes.
+    """
+    if not outputs:
+        return
+    outbox = outbox_of(p)
+    entry: list[Any] = [digest.hex(), [[o.kind, o.value] for o in outputs]]
+    if event is not None and len(outputs) == 1 and outputs[0].kind == LIFECYCLE:
+        record = outputs[0].value
+        if record.get("cause") == "first_event" and list(record.items()) == list(
+            first_event_record(p.one_id, event, now_ms).items()
+        ):
+            entry[1] = now_ms
+    outbox.append(entry)
+    del outbox[:-size]
+
+
+def first_event_record(one_id: str, event: Event, now_ms: int) -> dict[str, Any]:
+    """The lifecycle record a new person's first event makes, as :func:`apply_event` makes it."""
+    return {
+        "record_id": stable_id(one_id, LIFECYCLE, 1),
+        "one_id": one_id,
+        "from": None,
+        "to": lifecycle.LEAD,
+        "cause": "first_event",
+        "actor": "engine",
+        "message_id": event.message_id,
+        "event_time": iso(event.event_ms),
+        "recorded_at": iso(now_ms),
+        "score": 0.0,
+        "attribution": attribution(event),
+    }

@@ -213,7 +213,7 @@ def apply_feedback(p: PersonState, event: Event, rules: Rulebook, now_ms: int) -
         return [Output(DLQ, p.one_id, refusal(event, "illegal_transition", detail))]
     digest = message_digest(event.message_id)
     if seen := already_applied(p, event, digest):
-        return outputs_again(p, seen, digest)
+        return outputs_again(p, event, seen, digest)
     mark_applied(p, event, digest, settings.limits.dedup_window)
     props = event.payload.get("properties") or {}
     actor = str(props.get("actor") or props.get("sdr") or "sales")[:100]
@@ -264,7 +264,7 @@ def fire_timer(
     kind, due = event.name, event.event_ms
     digest = message_digest(event.message_id)
     if seen := already_applied(p, event, digest):
-        return outputs_again(p, seen, digest), None, None
+        return outputs_again(p, event, seen, digest), None, None
     if p.timers.get(kind) != due:
         return [], None, None  # cancelled or moved since it was scheduled
     mark_applied(p, event, digest, rules.settings.limits.dedup_window)

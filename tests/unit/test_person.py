@@ -28,6 +28,7 @@ from engine.person import (
     decode_state,
     encode_state,
     erase,
+    iso,
     message_digest,
     offsets_of,
     outbox_of,
@@ -226,14 +227,49 @@ def test_state_round_trips_through_its_encoding() -> None:
 
 
 def test_a_replay_after_a_reload_re_emits_the_stored_records() -> None:
-    p = PersonState("p1", is_new=True)
-    first, _ = apply_event(p, event("m1", "Demo Requested"), RULES, NOW_MS)
-    apply_event(p, event("m2", "Pricing Viewed"), RULES, NOW_MS)
+    p = known_buyer()
+    apply_event(p, event("m1", "Demo Requested", plan="enterprise"), RULES, NOW_MS)
+    show = event("m2", "Trade Show Visited")
+    _, promotion = apply_event(p, show, RULES, NOW_MS)
+    assert promotion is not None
+    decided = decide(promotion)  # the promotion's records and its decision
     stored = encode_state(p)
     outbox = stored_fields(stored).outbox
-    assert b"first_event" not in stored and len(outbox) < len(orjson.dumps(outbox_of(p))) / 2
-    again, _ = apply_event(decode_state("p1", stored), event("m1", "Demo Requested"), RULES, NOW_MS)
-    assert [o.value for o in again] == [o.value for o in first]
+    assert b"score_threshold" not in outbox and len(outbox) < len(orjson.dumps(outbox_of(p))) / 2
+    again, _ = apply_event(decode_state("p1", stored), show, RULES, NOW_MS + 1)
+    assert [orjson.dumps(o.value) for o in again] == [orjson.dumps(o.value) for o in decided]
+
+
+def test_a_first_events_record_is_kept_as_its_time_and_rebuilt_the_same_on_replay() -> None:
+    """Nearly every person keeps their first event's record: as the time it was recorded
+    (a few bytes), rebuilt from the replayed event; also once the person is absorbed."""
+    context = {"campaign": {"name": "spring", "source": "ads"}, "page": {"path": "/pricing"}}
+    first = replace(event("m1", "Pricing Viewed"), payload={"context": context})
+    p = PersonState("p1", is_new=True)
+    made, _ = apply_event(p, first, RULES, NOW_MS)
+    assert [o.value["cause"] for o in made] == ["first_event"]
+    assert outbox_of(p) == [[message_digest("m1").hex(), NOW_MS]]
+    stored = encode_state(p)
+    assert b"first_event" not in stored and b"spring" not in stored_fields(stored).outbox
+    again, _ = apply_event(decode_state("p1", stored), first, RULES, NOW_MS + 60_000)
+    assert [orjson.dumps(o.value) for o in again] == [orjson.dumps(o.value) for o in made]
+    assert again[0].replayed and again[0].value["recorded_at"] == iso(NOW_MS)
+
+    survivor = known_buyer()
+    absorb(survivor, decode_state("p1", stored), event("join", type_="identify"), RULES, NOW_MS)
+    survivor = decode_state("p0", encode_state(survivor))
+    again, _ = apply_event(survivor, first, RULES, NOW_MS + 60_000)
+    assert [o.value for o in again] == [o.value for o in made]  # still p1's record
+    assert made[0].value["one_id"] == "p1" and survivor.one_id == "p0"
+
+
+def test_a_first_event_that_makes_more_than_its_record_keeps_them_all() -> None:
+    p = PersonState("p1", is_new=True)
+    made, promotion = apply_event(p, event("mm", "manual_mql", trusted=True), RULES, NOW_MS)
+    assert promotion is not None
+    made = decide(promotion)
+    ((_, kept),) = outbox_of(p)
+    assert kept == [[o.kind, o.value] for o in made] and kept[0][1]["cause"] == "first_event"
 
 
 def test_an_unknown_outbox_format_is_refused() -> None:
