@@ -278,14 +278,26 @@ _OUTBOX_DICTIONARY = (
 _DEFLATE_WBITS = -12  # raw deflate, 4 KiB window: cheap to set up, room for the dictionary
 
 
+# An outbox this short (a first event's entry: its digest and time) is kept as plain JSON
+# behind OUTBOX_PLAIN: deflate would not shrink it, and setting up a compressor costs more
+# than the rest of the save.
+_PLAIN_UP_TO = 64
+OUTBOX_PLAIN = b"0"
+
+
 def _deflate(outbox: list[list[Any]]) -> bytes:
+    text = orjson.dumps(outbox)
+    if len(text) <= _PLAIN_UP_TO:
+        return OUTBOX_PLAIN + text
     packer = zlib.compressobj(
         6, zlib.DEFLATED, _DEFLATE_WBITS, 4, zlib.Z_DEFAULT_STRATEGY, _OUTBOX_DICTIONARY
     )
-    return OUTBOX_FORMAT + packer.compress(orjson.dumps(outbox)) + packer.flush()
+    return OUTBOX_FORMAT + packer.compress(text) + packer.flush()
 
 
 def _inflate(stored: bytes) -> list[list[Any]]:
+    if stored[:1] == OUTBOX_PLAIN:
+        return list(orjson.loads(stored[1:]))
     if stored[:1] not in _OUTBOX_FORMATS:
         raise ValueError(f"unknown outbox format {stored[:1]!r}")
     unpacker = zlib.decompressobj(_DEFLATE_WBITS, _OUTBOX_DICTIONARY)
@@ -300,10 +312,12 @@ def outbox_of(p: PersonState) -> list[list[Any]]:
     return p.outbox
 
 
-# How a person's state is stored. Format 2 (this byte, then a msgpack array declared by
-# StoredPerson) since 1 Dec 2026; format 1 (compact JSON, then NUL and the deflated
-# outbox) is still read and becomes format 2 at the person's next save.
-STATE_FORMAT = b"\x02"
+# How a person's state is stored. Format 3 (this byte, then a msgpack array declared by
+# StoredPerson, its score compact: see _compact_score) since 1 Dec 2026. Format 2 (the
+# same array, the score as nested maps) and format 1 (compact JSON, then NUL and the
+# deflated outbox) are still read, and become format 3 at the person's next save.
+STATE_FORMAT = b"\x03"
+_FORMAT_2 = b"\x02"
 
 
 class StoredPerson(msgspec.Struct, array_like=True):
@@ -319,9 +333,16 @@ class StoredPerson(msgspec.Struct, array_like=True):
     stage: str
     ref_ms: int
     last_ms: int
-    contributions: dict[str, dict[str, list[float | int]]]  # [points at ref_ms, last ms]
+    # Format 3: [(dimension, [(rule, points at ref_ms, last award - last_ms), ...]), ...],
+    # a rule being its index in score_rules. Format 2: dimension -> rule -> [points, ms].
+    contributions: (
+        list[tuple[str, list[tuple[int, float | int, int]]]]
+        | dict[str, dict[str, list[float | int]]]
+    )
     seen: list[bytes]
-    caps: dict[str, dict[str, list[int]]]
+    # Format 3: [(rule, [(period, [award - last_ms, ...]), ...]), ...]. Format 2: rule ->
+    # str(period) -> [award ms, ...].
+    caps: list[tuple[int, list[tuple[int, list[int]]]]] | dict[str, dict[str, list[int]]]
     unsettled: dict[str, list[tuple[int, int]]]  # runs (first offset, count)
     profile: dict[str, Any]  # Profile's fields that are set
     disqualified: str
@@ -342,6 +363,7 @@ class StoredPerson(msgspec.Struct, array_like=True):
     submissions: list[list[Any]]  # [[content digest, event ms], ...]
     contacts: list[str] | None
     erased_ms: int = 0
+    score_rules: list[str] = msgspec.field(default_factory=list)  # format 3: rule names
 
 
 _STATE_ENCODER = msgspec.msgpack.Encoder()
@@ -349,7 +371,7 @@ _STATE_DECODER = msgspec.msgpack.Decoder(StoredPerson)
 
 
 def encode_state(p: PersonState) -> bytes:
-    """The state as Redis keeps it (format 2, :class:`StoredPerson`).
+    """The state as Redis keeps it (format 3, :class:`StoredPerson`).
 
     A changed outbox is deflated here and kept deflated on the state
     (``outbox_stored``): a state kept between batches (engine.state_cache) is then
@@ -359,18 +381,19 @@ def encode_state(p: PersonState) -> bytes:
         p.outbox_stored, p.outbox = _deflate(p.outbox), []
     if p.erased_ms:
         stored = StoredPerson(
-            "", 0, 0, {}, [], {}, {}, {}, "", 0, 0, "", "", [], p.outbox_stored,
+            "", 0, 0, [], [], [], {}, {}, "", 0, 0, "", "", [], p.outbox_stored,
             [], [], None, None, None, {}, {}, None, [], None, p.erased_ms,
         )  # fmt: skip
     else:
         score, profile = p.score, p.profile
+        rules, contributions, caps = _compact_score(score)
         stored = StoredPerson(
             p.stage,
             score.ref_ms,
             score.last_ms,
-            score.contributions,
+            contributions,
             p.seen,
-            score.caps,
+            caps,
             p.unsettled,
             # Not dataclasses.asdict: its recursive deep copy was the costliest call per batch.
             {name: v for name in PROFILE_FIELDS if (v := getattr(profile, name))},
@@ -391,8 +414,68 @@ def encode_state(p: PersonState) -> bytes:
             p.rate,
             p.submissions,
             p.contacts,
+            0,
+            rules,
         )
     return STATE_FORMAT + _STATE_ENCODER.encode(stored)
+
+
+def _compact_score(
+    score: BehaviorScore,
+) -> tuple[
+    list[str],
+    list[tuple[str, list[tuple[int, float | int, int]]]],
+    list[tuple[int, list[tuple[int, list[int]]]]],
+]:
+    """The score as format 3 stores it: rule names once, times from the latest event.
+
+    A rule's name appears in every dimension it scores and in its caps, and its times
+    are near the person's latest event: named once and counted from ``last_ms``, a
+    typical visitor's score takes half the bytes.
+    """
+    names: dict[str, int] = {}
+    index = names.setdefault
+    base = score.last_ms
+    contributions = []
+    for dim, rules in score.contributions.items():
+        entries = []
+        for rule, (points, at) in rules.items():
+            # Whole points (no decay yet) as integers: exact below 2**53, one byte not nine.
+            whole = points.is_integer() and -_WHOLE_BELOW < points < _WHOLE_BELOW
+            entries.append((index(rule, len(names)), int(points) if whole else points, at - base))
+        contributions.append((dim, entries))
+    caps = [
+        (
+            index(rule, len(names)),
+            [(int(period), [at - base for at in times]) for period, times in periods.items()],
+        )
+        for rule, periods in score.caps.items()
+    ]
+    return list(names), contributions, caps
+
+
+_WHOLE_BELOW = 2.0**53
+
+
+def _score_of(d: StoredPerson) -> BehaviorScore:
+    """The score of a format-3 (or format-2) stored state, as the rules hold it."""
+    if isinstance(d.contributions, dict) and isinstance(d.caps, dict):  # format 2
+        return BehaviorScore(d.ref_ms, d.last_ms, d.contributions, d.caps)
+    if isinstance(d.contributions, dict) or isinstance(d.caps, dict):
+        raise msgspec.ValidationError("contributions and caps of different formats")
+    names, base = d.score_rules, d.last_ms
+    try:
+        contributions = {
+            dim: {names[rule]: [float(points), base + at] for rule, points, at in rules}
+            for dim, rules in d.contributions
+        }
+        caps = {
+            names[rule]: {str(period): [base + at for at in times] for period, times in periods}
+            for rule, periods in d.caps
+        }
+    except IndexError:
+        raise msgspec.ValidationError("a score names a rule missing from score_rules") from None
+    return BehaviorScore(d.ref_ms, d.last_ms, contributions, caps)
 
 
 def decode_state(one_id: str, raw: bytes | None, version: int = 0) -> PersonState:
@@ -403,7 +486,7 @@ def decode_state(one_id: str, raw: bytes | None, version: int = 0) -> PersonStat
     """
     if raw is None:
         return PersonState(one_id, is_new=True, version=version)
-    if raw[:1] != STATE_FORMAT:
+    if raw[:1] not in (STATE_FORMAT, _FORMAT_2):
         return _decode_format_1(one_id, raw, version)
     d = _STATE_DECODER.decode(raw[1:])
     if d.erased_ms:
@@ -411,7 +494,7 @@ def decode_state(one_id: str, raw: bytes | None, version: int = 0) -> PersonStat
     return PersonState(
         one_id=one_id,
         stage=d.stage,
-        score=BehaviorScore(d.ref_ms, d.last_ms, d.contributions, d.caps),
+        score=_score_of(d),
         profile=Profile(**d.profile),
         disqualified=d.disqualified,
         seen=d.seen,

@@ -15,6 +15,7 @@ from engine.person import (
     DECISION,
     LIFECYCLE,
     OUTBOX_FORMAT,
+    OUTBOX_PLAIN,
     STATE_FORMAT,
     Output,
     PersonState,
@@ -81,7 +82,7 @@ def event(
 
 
 def stored_fields(raw: bytes) -> StoredPerson:
-    """The fields of a state as encode_state stores it (format 2)."""
+    """The fields of a state as encode_state stores it (format 3)."""
     assert raw[:1] == STATE_FORMAT
     return msgspec.msgpack.decode(raw[1:], type=StoredPerson)
 
@@ -251,6 +252,7 @@ def test_a_first_events_record_is_kept_as_its_time_and_rebuilt_the_same_on_repla
     assert outbox_of(p) == [[message_digest("m1").hex(), NOW_MS]]
     stored = encode_state(p)
     assert b"first_event" not in stored and b"spring" not in stored_fields(stored).outbox
+    assert stored_fields(stored).outbox[:1] == OUTBOX_PLAIN  # too short to deflate
     again, _ = apply_event(decode_state("p1", stored), first, RULES, NOW_MS + 60_000)
     assert [orjson.dumps(o.value) for o in again] == [orjson.dumps(o.value) for o in made]
     assert again[0].replayed and again[0].value["recorded_at"] == iso(NOW_MS)
@@ -273,7 +275,8 @@ def test_a_first_event_that_makes_more_than_its_record_keeps_them_all() -> None:
 
 
 def test_an_unknown_outbox_format_is_refused() -> None:
-    stored = stored_fields(encode_state(PersonState("p1", outbox=[["d", [["lifecycle", {}]]]])))
+    record = {"record_id": "r1", "cause": "score_threshold", "to": "mql"}
+    stored = stored_fields(encode_state(PersonState("p1", outbox=[["d", [["lifecycle", record]]]])))
     assert stored.outbox[:1] == OUTBOX_FORMAT
     unknown = msgspec.structs.replace(stored, outbox=b"9" + stored.outbox[1:])
     broken = decode_state("p1", STATE_FORMAT + msgspec.msgpack.encode(unknown))

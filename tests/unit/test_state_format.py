@@ -1,4 +1,4 @@
-"""How a person's state is stored: format 2 (msgpack, StoredPerson), and format 1 still read."""
+"""How a person's state is stored: format 3 (msgpack, StoredPerson); formats 1 and 2 still read."""
 
 from __future__ import annotations
 
@@ -48,6 +48,8 @@ from tests.unit.test_person import (
 
 # Written by the format-1 encoder (commit c656455) for the person `format_1_person` builds.
 FORMAT_1 = Path(__file__).with_name("state_format_1.bin").read_bytes()
+# Written by the format-2 encoder (commit e8231a9) for the same person.
+FORMAT_2 = Path(__file__).with_name("state_format_2.bin").read_bytes()
 
 
 def format_1_person() -> PersonState:
@@ -62,11 +64,9 @@ def format_1_person() -> PersonState:
     return p
 
 
-def test_a_format_1_state_loads_as_the_state_the_same_events_make_today() -> None:
-    assert FORMAT_1[:1] == b"{"  # JSON: stored before format 2
-    old = decode_state("p1", FORMAT_1, 7)
-    today = format_1_person()
-    # The outboxes re-emit the same records (today's keeps the first event's as its time).
+def assert_same_person(old: PersonState, today: PersonState) -> None:
+    """The same person, and their outboxes re-emit the same records (today's may keep the
+    first event's record as its time)."""
     ids = [message_digest(m).hex() for m in ("id", "m2")]
     assert [entry[0] for entry in outbox_of(old)] == [entry[0] for entry in outbox_of(today)] == ids
     for e in (event("id", type_="identify", traits=COMPANY), event("m2", "Trade Show Visited")):
@@ -74,14 +74,31 @@ def test_a_format_1_state_loads_as_the_state_the_same_events_make_today() -> Non
         assert [orjson.dumps(o.value) for o in replayed_outputs(old, e, digest)] == [
             orjson.dumps(o.value) for o in replayed_outputs(today, e, digest)
         ]
-    old.outbox = today.outbox = []
-    assert old == replace(today, is_new=False, version=7)
+    assert old == replace(today, is_new=False, version=old.version, outbox=old.outbox)
+
+
+def test_a_format_1_state_loads_as_the_state_the_same_events_make_today() -> None:
+    assert FORMAT_1[:1] == b"{"  # JSON: stored before format 2
+    old = decode_state("p1", FORMAT_1, 7)
+    assert old.version == 7
+    assert_same_person(old, format_1_person())
     assert old.seen == [message_digest("id"), message_digest("m1"), message_digest("m2")]
     assert old.unsettled == {"events:0": [(41, 2)]}
     assert all(d[:1] == b"c" and len(d) == 7 for d, _ in old.submissions)
 
 
-def test_a_format_1_state_is_saved_as_format_2_and_keeps_its_memory() -> None:
+def test_a_format_2_state_loads_as_the_state_the_same_events_make_today() -> None:
+    assert FORMAT_2[:1] == b"\x02"
+    old = decode_state("p1", FORMAT_2)
+    assert_same_person(old, format_1_person())
+    points = [c[0] for rules in old.score.contributions.values() for c in rules.values()]
+    assert points and all(type(x) is float for x in points)
+    migrated = encode_state(old)
+    assert migrated[:1] == STATE_FORMAT and len(migrated) < len(FORMAT_2)
+    assert_same_person(decode_state("p1", migrated), format_1_person())
+
+
+def test_a_format_1_state_is_saved_in_todays_format_and_keeps_its_memory() -> None:
     migrated = encode_state(decode_state("p1", FORMAT_1))
     assert migrated[:1] == STATE_FORMAT and len(migrated) < len(FORMAT_1)
     p = decode_state("p1", migrated)
@@ -136,7 +153,7 @@ def test_bytes_that_do_not_match_the_declared_fields_are_refused() -> None:
     values = list(msgspec.structs.astuple(fields))
     values[3] = "not a map"  # contributions
     with pytest.raises(
-        msgspec.ValidationError, match=r"Expected `object`, got `str` - at `\$\[3\]`"
+        msgspec.ValidationError, match=r"Expected `object \| array`, got `str` - at `\$\[3\]`"
     ):
         decode_state("p1", STATE_FORMAT + msgspec.msgpack.encode(values))
     with pytest.raises(msgspec.ValidationError, match="at least length 25"):
@@ -144,10 +161,53 @@ def test_bytes_that_do_not_match_the_declared_fields_are_refused() -> None:
 
 
 def test_a_field_added_at_the_end_finds_states_stored_before_it() -> None:
-    fields = stored_fields(encode_state(format_1_person()))
-    # A state stored before erased_ms was declared: the array ends one field earlier.
-    shorter = msgspec.msgpack.encode(list(msgspec.structs.astuple(fields))[:-1])
-    assert decode_state("p1", STATE_FORMAT + shorter).stage == "mql"
+    # A format-2 state stored before erased_ms was declared: the array ends one field earlier.
+    shorter = msgspec.msgpack.encode(msgspec.msgpack.decode(FORMAT_2[1:])[:-1])
+    assert decode_state("p1", FORMAT_2[:1] + shorter).stage == "mql"
+
+
+def test_a_score_naming_a_rule_it_does_not_list_is_refused() -> None:
+    values = list(msgspec.structs.astuple(stored_fields(encode_state(format_1_person()))))
+    values[-1] = values[-1][:1]  # score_rules: one name left
+    with pytest.raises(msgspec.ValidationError, match="missing from score_rules"):
+        decode_state("p1", STATE_FORMAT + msgspec.msgpack.encode(values))
+    values[5] = {}  # caps in format 2's shape beside format 3's contributions
+    with pytest.raises(msgspec.ValidationError, match="different formats"):
+        decode_state("p1", STATE_FORMAT + msgspec.msgpack.encode(values))
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["", "analytics", "routing"]),
+        st.dictionaries(
+            st.sampled_from(["page_view", "pricing_page", "demo"]),
+            st.tuples(
+                st.one_of(st.floats(-1e6, 1e6), st.integers(-1000, 1000).map(float)),
+                st.integers(NOW_MS - 10**10, NOW_MS),
+            ),
+        ),
+    ),
+    st.dictionaries(
+        st.sampled_from(["page_view", "webinar"]),
+        st.dictionaries(
+            st.integers(0, 30_000).map(str),
+            st.lists(st.integers(NOW_MS - 10**10, NOW_MS), max_size=4),
+        ),
+    ),
+)
+def test_a_compact_score_gives_back_exactly_the_score_it_was_made_of(
+    contributions: dict[str, dict[str, tuple[float, int]]], caps: dict[str, dict[str, list[int]]]
+) -> None:
+    p = PersonState("p1")
+    p.score.ref_ms, p.score.last_ms = NOW_MS - 5, NOW_MS
+    p.score.contributions = {
+        dim: {rule: [points, at] for rule, (points, at) in rules.items()}
+        for dim, rules in contributions.items()
+    }
+    p.score.caps = caps
+    back = decode_state("p1", encode_state(p)).score
+    assert back == p.score
+    assert all(type(c[0]) is float for rules in back.contributions.values() for c in rules.values())
 
 
 @given(
