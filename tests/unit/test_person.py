@@ -14,6 +14,7 @@ from engine.events import Event
 from engine.person import (
     DECISION,
     LIFECYCLE,
+    OUTBOX_FIRST,
     OUTBOX_FORMAT,
     OUTBOX_PLAIN,
     STATE_FORMAT,
@@ -252,14 +253,18 @@ def test_a_first_events_record_is_kept_as_its_time_and_rebuilt_the_same_on_repla
     assert outbox_of(p) == [[message_digest("m1").hex(), NOW_MS]]
     stored = encode_state(p)
     assert b"first_event" not in stored and b"spring" not in stored_fields(stored).outbox
-    assert stored_fields(stored).outbox[:1] == OUTBOX_PLAIN  # too short to deflate
+    assert stored_fields(stored).outbox == OUTBOX_FIRST + message_digest("m1") + bytes.fromhex(
+        f"{NOW_MS:012x}"
+    )
     again, _ = apply_event(decode_state("p1", stored), first, RULES, NOW_MS + 60_000)
     assert [orjson.dumps(o.value) for o in again] == [orjson.dumps(o.value) for o in made]
     assert again[0].replayed and again[0].value["recorded_at"] == iso(NOW_MS)
 
-    survivor = known_buyer()
+    survivor = PersonState("p0")
     absorb(survivor, decode_state("p1", stored), event("join", type_="identify"), RULES, NOW_MS)
+    assert outbox_of(survivor) == [[message_digest("m1").hex(), NOW_MS, "p1"]]
     survivor = decode_state("p0", encode_state(survivor))
+    assert stored_fields(encode_state(survivor)).outbox[:1] == OUTBOX_PLAIN  # short: not deflated
     again, _ = apply_event(survivor, first, RULES, NOW_MS + 60_000)
     assert [o.value for o in again] == [o.value for o in made]  # still p1's record
     assert made[0].value["one_id"] == "p1" and survivor.one_id == "p0"
