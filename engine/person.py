@@ -27,7 +27,7 @@ from bisect import bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import orjson
@@ -288,8 +288,9 @@ OUTBOX_PLAIN = b"0"
 
 
 def _deflate(outbox: list[list[Any]]) -> bytes:
-    if len(outbox) == 1 and len(entry := outbox[0]) == 2 and isinstance(entry[1], int):
-        return OUTBOX_FIRST + bytes.fromhex(entry[0]) + entry[1].to_bytes(6, "big")
+    if len(outbox) == 1 and len(entry := outbox[0]) == 2 and _fits_first(*entry):
+        digest, recorded_ms = cast(tuple[str, int], entry)
+        return OUTBOX_FIRST + bytes.fromhex(digest) + recorded_ms.to_bytes(6, "big")
     text = orjson.dumps(outbox)
     if len(text) <= _PLAIN_UP_TO:
         return OUTBOX_PLAIN + text
@@ -297,6 +298,11 @@ def _deflate(outbox: list[list[Any]]) -> bytes:
         6, zlib.DEFLATED, _DEFLATE_WBITS, 4, zlib.Z_DEFAULT_STRATEGY, _OUTBOX_DICTIONARY
     )
     return OUTBOX_FORMAT + packer.compress(text) + packer.flush()
+
+
+def _fits_first(digest: str, recorded: object) -> bool:
+    """Whether an entry is a first event's that OUTBOX_FIRST holds (6-byte digest and time)."""
+    return len(digest) == 12 and isinstance(recorded, int) and 0 <= recorded < 2**48
 
 
 def _inflate(stored: bytes) -> list[list[Any]]:
