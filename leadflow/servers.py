@@ -269,6 +269,12 @@ def redis_server_binary(flavor: str = "") -> str:
     )
 
 
+def answers_ping(conn: socket.socket) -> bool:
+    """Whether a Redis server answers PING on ``conn`` (an error such as ``-NOAUTH`` counts)."""
+    conn.sendall(b"PING\r\n")
+    return conn.recv(16)[:1] in (b"+", b"-")
+
+
 class LocalRedis(LocalServer):
     """A Redis (or Valkey) server; no persistence unless ``appendonly``."""
 
@@ -305,8 +311,7 @@ class LocalRedis(LocalServer):
         """
         try:
             with socket.create_connection((self.host, self.port), timeout=0.2) as conn:
-                conn.sendall(b"PING\r\n")
-                return conn.recv(16)[:1] in (b"+", b"-")
+                return answers_ping(conn)
         except OSError:
             return False
 

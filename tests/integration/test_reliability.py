@@ -195,6 +195,20 @@ class Ending:
     dlq: set[tuple[str, bytes]] = field(default_factory=set)
     queue_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     repeated_outputs: int = 0
+    # Each record's bytes as first read (record or decision id -> value), and the ids
+    # of the records read again with other bytes: a replay must repeat, not recompute.
+    first_read: dict[str, bytes] = field(default_factory=dict)
+    differing: list[str] = field(default_factory=list)
+
+    def read(self, record_id: str, value: bytes) -> bool:
+        """Note a record read from an output topic; whether it was read before."""
+        first = self.first_read.get(record_id)
+        if first is None:
+            self.first_read[record_id] = value
+            return False
+        if first != value:
+            self.differing.append(record_id)
+        return True
 
 
 def _person_view(one_id: str, raw: bytes) -> dict[str, Any]:
@@ -280,11 +294,11 @@ def ending(r: Rig) -> Ending:
                 end.dlq.add((reason, value))
             elif msg.topic() == topics.lifecycle:
                 record_id = orjson.loads(value)["record_id"]
-                end.repeated_outputs += record_id in end.lifecycle
+                end.repeated_outputs += end.read(record_id, value)
                 end.lifecycle.add(record_id)
             else:
                 d = orjson.loads(value)
-                end.repeated_outputs += d["decision_id"] in end.decisions
+                end.repeated_outputs += end.read(d["decision_id"], value)
                 end.decisions.setdefault(d["decision_id"], set()).add(d["sdr"])
                 end.decided_for[d["decision_id"]] = d["one_id"]
     consumer.close()
@@ -325,6 +339,7 @@ def assert_same_end(got: Ending, clean: Ending) -> None:
     assert got.queue_counts == clean.queue_counts  # each promotion counted once
     assert got.lifecycle == clean.lifecycle
     assert got.dlq == clean.dlq
+    assert not got.differing, f"records re-emitted with other content: {got.differing[:5]}"
 
 
 def redis_client(r: Rig) -> Any:

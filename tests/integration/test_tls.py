@@ -21,7 +21,14 @@ from pathlib import Path
 import pytest
 
 from engine.settings import Settings, load_settings
-from leadflow.servers import LocalBroker, LocalRedis, free_port, stop_process, wait_listening
+from leadflow.servers import (
+    LocalBroker,
+    LocalRedis,
+    answers_ping,
+    free_port,
+    stop_process,
+    wait_listening,
+)
 from leadflow.topics import create_topics
 from tests.integration.flow import hot_lead, outputs, person_of, run_flow, send
 
@@ -81,8 +88,7 @@ class TlsRedis(LocalRedis):
                 socket.create_connection((self.host, self.port), timeout=0.5) as raw,
                 context.wrap_socket(raw, server_hostname="127.0.0.1") as conn,
             ):
-                conn.sendall(b"PING\r\n")
-                return conn.recv(16)[:1] in (b"+", b"-")
+                return answers_ping(conn)
         except OSError:  # refused, or the handshake failed (ssl.SSLError)
             return False
 
