@@ -56,7 +56,7 @@ from engine.identity import identifiers_of
 from engine.person import PersonState, Rulebook, apply_event, decode_state, encode_state
 from engine.sales import complete_routing, route_promotion
 from engine.settings import RedisSettings, Settings, load_settings
-from engine.store import IdentityWrites, RedisStore
+from engine.store import IdentityWrites, RedisStore, next_version
 from leadflow.servers import LocalBroker, LocalRedis, free_port
 
 LEADFLOW = [sys.executable, "-m", "leadflow.cli"]
@@ -303,20 +303,25 @@ def _redis_cpu_s(client: redis.Redis) -> float:
 
 
 def memory_at_million(redis_url: str) -> float:
-    """Bytes per person at 1,000,000 people with the states of every person stored now.
+    """Bytes per person at 1,000,000 people with the states of every person stored now."""
+    log("Redis memory at 1,000,000 people")
+    return memory_at_scale(redis_url, stored_states(redis_url), 1_000_000)
+
+
+def stored_states(redis_url: str) -> list[bytes]:
+    """Every person's state stored now, without its version.
 
     Every state, not the first thousand a SCAN returns: those are no random sample
-    (SCAN walks the hash table in bucket order), and the figure moved by 50 bytes from
-    one run of the same code to the next with them.
+    (SCAN walks the hash table in bucket order), and the 1M figure moved by 50 bytes
+    from one run of the same code to the next with them.
     """
-    log("Redis memory at 1,000,000 people")
     client = redis.Redis.from_url(redis_url)
     keys = list(client.scan_iter("lf:p:*", count=10_000))
     states: list[bytes | None] = []
     for chunk in range(0, len(keys), 10_000):
         states += cast(list[bytes | None], client.mget(keys[chunk : chunk + 10_000]))
     client.close()
-    return memory_at_scale(redis_url, [v.partition(b"|")[2] for v in states if v], 1_000_000)
+    return [v.partition(b"|")[2] for v in states if v]
 
 
 def redis_people(redis_url: str, prefix: str = "lf:") -> tuple[int, float]:
@@ -328,11 +333,21 @@ def redis_people(redis_url: str, prefix: str = "lf:") -> tuple[int, float]:
     return people, used / max(people, 1)
 
 
-def memory_at_scale(redis_url: str, sample: list[bytes], people: int) -> float:
+def memory_at_scale(
+    redis_url: str,
+    sample: list[bytes],
+    people: int,
+    identity: bool = True,
+    states: bool = True,
+    ttl_ms: int = 0,
+) -> float:
     """Bytes per person with ``people`` people laid out as the engine lays them out.
 
     Each person is known by one cookie, the person named after it, as the resolver
-    writes a new visitor (its own :class:`IdentityWrites`), with a state from ``sample``.
+    writes a new visitor (its own :class:`IdentityWrites`), with a state from ``sample``
+    behind a version as the engine writes it (a new person's: 15 digits or so).
+    ``identity`` / ``states`` leave out the identity keys / the state keys (to weigh
+    each alone); ``ttl_ms`` sets the state keys' TTL, as the engine's retention does.
     """
     client = redis.Redis.from_url(redis_url, socket_timeout=300)
     store = RedisStore(RedisSettings(url=redis_url), client)
@@ -343,8 +358,11 @@ def memory_at_scale(redis_url: str, sample: list[bytes], people: int) -> float:
         pipe = client.pipeline(transaction=False)
         for i in range(chunk, min(chunk + 5_000, people)):
             cookie = f"{(i * 2654435761) % (1 << 64):016x}"
-            writes.claim(cookie, "anon", cookie)
-            pipe.set(store.person_key(cookie), b"1|" + sample[i % len(sample)])
+            if identity:
+                writes.claim(cookie, "anon", cookie)
+            if states:
+                value = b"%d|" % next_version(0) + sample[i % len(sample)]
+                pipe.set(store.person_key(cookie), value, px=ttl_ms or None)
         store.write_graph(writes)
         pipe.execute()
     used = int(client.info("memory")["used_memory"])

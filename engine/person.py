@@ -344,14 +344,14 @@ class StoredPerson(msgspec.Struct, array_like=True):
 
     stage: str
     ref_ms: int
-    last_ms: int
+    last_ms: int  # format 3: the latest event's time minus ref_ms (a byte, not nine)
     # Format 3: [(dimension, [(rule, points at ref_ms, last award - last_ms), ...]), ...],
     # a rule being its index in score_rules. Format 2: dimension -> rule -> [points, ms].
     contributions: (
         list[tuple[str, list[tuple[int, float | int, int]]]]
         | dict[str, dict[str, list[float | int]]]
     )
-    seen: list[bytes]
+    seen: bytes | list[bytes]  # format 3: the 6-byte digests joined, when all are 6 bytes
     # Format 3: [(rule, [(period, [award - last_ms, ...]), ...]), ...]. Format 2: rule ->
     # str(period) -> [award ms, ...].
     caps: list[tuple[int, list[tuple[int, list[int]]]]] | dict[str, dict[str, list[int]]]
@@ -402,9 +402,9 @@ def encode_state(p: PersonState) -> bytes:
         stored = StoredPerson(
             p.stage,
             score.ref_ms,
-            score.last_ms,
+            score.last_ms - score.ref_ms,
             contributions,
-            p.seen,
+            _joined(p.seen),
             caps,
             p.unsettled,
             # Not dataclasses.asdict: its recursive deep copy was the costliest call per batch.
@@ -467,15 +467,31 @@ def _compact_score(
 
 
 _WHOLE_BELOW = 2.0**53
+_DIGEST_BYTES = 6  # message_digest's
 
 
-def _score_of(d: StoredPerson) -> BehaviorScore:
+def _joined(seen: list[bytes]) -> bytes | list[bytes]:
+    """The seen digests as format 3 keeps them: joined (2 bytes each fewer), if all are 6."""
+    joined = b"".join(seen)
+    # Digests are 6 bytes, or 7 (a format-1 content digest): the sum tells if all are 6.
+    return joined if len(joined) == _DIGEST_BYTES * len(seen) else seen
+
+
+def _split(seen: bytes | list[bytes]) -> list[bytes]:
+    if isinstance(seen, list):
+        return seen
+    return [seen[i : i + _DIGEST_BYTES] for i in range(0, len(seen), _DIGEST_BYTES)]
+
+
+def _score_of(d: StoredPerson, stored_format: bytes) -> BehaviorScore:
     """The score of a format-3 (or format-2) stored state, as the rules hold it."""
-    if isinstance(d.contributions, dict) and isinstance(d.caps, dict):  # format 2
+    if stored_format == _FORMAT_2:
+        if not isinstance(d.contributions, dict) or not isinstance(d.caps, dict):
+            raise msgspec.ValidationError("a format-2 state with a format-3 score")
         return BehaviorScore(d.ref_ms, d.last_ms, d.contributions, d.caps)
     if isinstance(d.contributions, dict) or isinstance(d.caps, dict):
-        raise msgspec.ValidationError("contributions and caps of different formats")
-    names, base = d.score_rules, d.last_ms
+        raise msgspec.ValidationError("a format-3 state with a format-2 score")
+    names, base = d.score_rules, d.ref_ms + d.last_ms
     try:
         contributions = {
             dim: {names[rule]: [float(points), base + at] for rule, points, at in rules}
@@ -487,7 +503,7 @@ def _score_of(d: StoredPerson) -> BehaviorScore:
         }
     except IndexError:
         raise msgspec.ValidationError("a score names a rule missing from score_rules") from None
-    return BehaviorScore(d.ref_ms, d.last_ms, contributions, caps)
+    return BehaviorScore(d.ref_ms, base, contributions, caps)
 
 
 def decode_state(one_id: str, raw: bytes | None, version: int = 0) -> PersonState:
@@ -506,10 +522,10 @@ def decode_state(one_id: str, raw: bytes | None, version: int = 0) -> PersonStat
     return PersonState(
         one_id=one_id,
         stage=d.stage,
-        score=_score_of(d),
+        score=_score_of(d, raw[:1]),
         profile=Profile(**d.profile),
         disqualified=d.disqualified,
-        seen=d.seen,
+        seen=_split(d.seen),
         unsettled=d.unsettled,
         transitions=d.transitions,
         promotions=d.promotions,

@@ -47,6 +47,7 @@ MASK = "***"
 # librdkafka option names that carry secrets; their values are never printed.
 _SECRET_OPTION = re.compile(r"password|secret|sasl\.oauthbearer\.config|ssl\.key\.pem", re.I)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ONE_ID_LIKE = re.compile(r"[0-9a-f]{16}")
 
 
 class ConfigError(ValueError):
@@ -969,6 +970,9 @@ def _identity(t: _Table, env: Mapping[str, str]) -> IdentitySettings:
         kt = table.table(name)
         if not _NAME.match(name):
             raise kt.error("-", f"{name!r} is not a valid identifier kind name")
+        if _ONE_ID_LIKE.fullmatch(name):
+            # The identity keys tell a kind from a One-ID by this shape (engine.store).
+            raise kt.error("-", f"{name!r}: a kind may not be named like a One-ID (16 hex digits)")
         base = kinds.get(name)
         paths = tuple(kt.strings("paths"))
         if base is None and not paths:

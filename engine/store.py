@@ -4,7 +4,7 @@ Key layout (``P`` = ``redis.key_prefix``, default ``lf:``). Every key carries a
 hash tag; keys of one person share that person's tag:
 
 ==============================  ==============================================
-``P id:{<identifier digest>}``  One-ID owning that identifier, or ``:<kind>``
+``P id:{<identifier digest>}``  One-ID owning that identifier, or its kind
                                 when it is its owner's founding identifier
 ``P e:{<identifier digest>}``   erasure time (ms) of that identifier; expires
 ``P ids:{<one_id>}``            the person's other identifiers, ``kind:digest``
@@ -28,7 +28,7 @@ hash tag; keys of one person share that person's tag:
 
 A new person is named after the digest of their strongest identifier
 (engine.identity.anchor), so that identifier's key is in the person's hash slot
-and says its owner by saying ``:<kind>``: a person known by one identifier, most
+and says its owner by naming its kind: a person known by one identifier, most
 people, needs no ``ids`` hash (about 120 bytes each at a million people). A
 person's identifiers are the ``ids`` hash and, when ``id:{<one_id>}`` says so,
 the founding one. Keys written as ``<one_id>`` plus an ``ids`` entry, as before
@@ -53,6 +53,7 @@ import binascii
 import enum
 import logging
 import random
+import re
 import ssl
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -77,9 +78,18 @@ T = TypeVar("T")
 ASSIGNMENT_TTL_S = 30 * 86_400
 # A company's owner in a queue stays its owner this long after its last lead.
 COMPANY_OWNER_TTL_S = 180 * 86_400
-# An identifier key's value starts with this when the identifier founded its owner (the
-# owner's One-ID is the identifier's digest); the kind follows. One-IDs are hex: no clash.
-FOUNDER = ":"
+# An identifier key holds its owner's One-ID (16 hex digits), or, when the identifier
+# founded its owner (the One-ID is the identifier's digest), the identifier's kind:
+# "anon" fits Redis's smallest value allocation (24 bytes, not 32 with a marker). No kind
+# may be named like a One-ID (engine.settings refuses it).
+ONE_ID = re.compile(rb"[0-9a-f]{16}")
+
+
+def founding_kind(value: bytes) -> str | None:
+    """The kind an identifier key's value names, or None when it names a One-ID."""
+    return None if ONE_ID.fullmatch(value) else value.decode()
+
+
 # Backoff between Redis retries: doubles from the first value up to the cap.
 RETRY_FIRST_S = 0.05
 RETRY_CAP_S = 5.0
@@ -318,7 +328,7 @@ class IdentityWrites:
         """Give an identifier nobody owns to ``one_id``."""
         s = self.store
         if digest == one_id:  # the founding identifier: its key says so, no ids entry
-            self.commands.append(("set", s.identifier_key(digest), FOUNDER + kind, None))
+            self.commands.append(("set", s.identifier_key(digest), kind, None))
         else:
             self.commands.append(("set", s.identifier_key(digest), one_id, None))
             self.commands.append(("hset", s.identifiers_key(one_id), f"{kind}:{digest}", ""))
@@ -489,8 +499,8 @@ class RedisStore:
         for i, o in enumerate(one_ids):
             ids, founding, pending, redirect = rows[4 * i : 4 * i + 4]
             held = {_pair(m) for m in ids}
-            if founding is not None and founding.startswith(FOUNDER.encode()):
-                held.add((founding[1:].decode(), o))
+            if founding is not None and (kind := founding_kind(founding)) is not None:
+                held.add((kind, o))
             nodes.append(GraphNode(held, {m.decode() for m in pending}, _text(redirect)))
         return nodes
 
@@ -940,10 +950,10 @@ def _refused_credentials(e: redis.RedisError) -> bool:
 
 
 def _owner(digest: str, value: bytes | None) -> str | None:
-    """The One-ID an ``id`` key names: its own digest when it says ``:<kind>``."""
+    """The One-ID an ``id`` key names: its own digest when it names a kind."""
     if value is None:
         return None
-    return digest if value.startswith(FOUNDER.encode()) else value.decode()
+    return digest if founding_kind(value) is not None else value.decode()
 
 
 def _text(value: bytes | None) -> str | None:

@@ -336,7 +336,7 @@ def test_one_identifier_people_need_no_identifier_hash_and_the_old_layout_reads_
     new, old = cookie("new-visitor"), cookie("old-visitor")
     (first,) = identity([decode(event(0, "new-visitor"), 0)])
     assert first.one_id == new
-    assert client.get(f"{p}id:{{{new}}}") == b":anon"
+    assert client.get(f"{p}id:{{{new}}}") == b"anon"
     assert not client.exists(f"{p}ids:{{{new}}}")
     assert store.identifiers(new) == [("anon", new)]
     assert store.owners([new]) == ([new], [0])
@@ -372,7 +372,7 @@ def test_one_identifier_people_need_no_identifier_hash_and_the_old_layout_reads_
         ("anon", third),
         ("email", email),
     }
-    assert client.get(f"{p}id:{{{new}}}") == b":anon"  # still the founder
+    assert client.get(f"{p}id:{{{new}}}") == b"anon"  # still the founder
     assert client.get(f"{p}id:{{{third}}}") == new.encode()
     assert not client.exists(f"{p}ids:{{{old}}}", f"{p}ids:{{{third}}}")
     assert [n.redirect for n in store.graph([old, third])] == [new, new]

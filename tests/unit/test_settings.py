@@ -301,3 +301,17 @@ def test_known_people_are_looked_up_on_every_worker_once_there_are_several() -> 
     assert [dataflow.looks_up_identity(w) for w in (1, 2)] == [False, True]
     on, off = replace(dataflow, identity_lookup="on"), replace(dataflow, identity_lookup="off")
     assert on.looks_up_identity(1) and not off.looks_up_identity(4)
+
+
+def test_a_kind_named_like_a_one_id_is_refused(config: Path) -> None:
+    """The identity keys tell a founding identifier's kind from a One-ID by its shape."""
+    with (config / "engine.toml").open("a") as f:
+        f.write('\n[identity.kinds.0123456789abcdef]\npaths = ["traits.crm_id"]\n')
+    with pytest.raises(ConfigError) as e:
+        load_settings(config, env={})
+    assert e.value.file == str(config / "engine.toml")
+    assert "named like a One-ID" in e.value.problem
+    (config / "engine.toml").write_text(
+        (config / "engine.toml").read_text().replace("0123456789abcdef", "crm")
+    )
+    assert "crm" in {k.name for k in load_settings(config, env={}).identity.kinds}

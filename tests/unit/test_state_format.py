@@ -172,8 +172,22 @@ def test_a_score_naming_a_rule_it_does_not_list_is_refused() -> None:
     with pytest.raises(msgspec.ValidationError, match="missing from score_rules"):
         decode_state("p1", STATE_FORMAT + msgspec.msgpack.encode(values))
     values[5] = {}  # caps in format 2's shape beside format 3's contributions
-    with pytest.raises(msgspec.ValidationError, match="different formats"):
+    with pytest.raises(msgspec.ValidationError, match="a format-3 state with a format-2 score"):
         decode_state("p1", STATE_FORMAT + msgspec.msgpack.encode(values))
+    format_3 = list(msgspec.structs.astuple(stored_fields(encode_state(format_1_person()))))
+    with pytest.raises(msgspec.ValidationError, match="a format-2 state with a format-3 score"):
+        decode_state("p1", FORMAT_2[:1] + msgspec.msgpack.encode(format_3))
+
+
+def test_seen_digests_are_kept_joined_unless_one_is_not_six_bytes() -> None:
+    p = format_1_person()
+    fields = stored_fields(encode_state(p))
+    assert fields.seen == b"".join(p.seen) and len(p.seen) == 3
+    assert fields.last_ms == p.score.last_ms - p.score.ref_ms
+    assert decode_state("p1", encode_state(p)).seen == p.seen
+    p.seen.append(b"c" + bytes(6))  # a 7-byte digest (format 1 kept content digests there)
+    assert stored_fields(encode_state(p)).seen == p.seen
+    assert decode_state("p1", encode_state(p)).seen == p.seen
 
 
 @given(
