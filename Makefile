@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo up test lint typecheck unit integration bench soak profile fuzz backtest clean
+.PHONY: demo up test lint typecheck unit integration bench memory soak profile fuzz backtest clean
 
 # Create the virtual environment and install the project with the embedded
 # broker/Redis binaries and the dev tools; re-run when pyproject.toml changes.
@@ -71,6 +71,9 @@ $(QUIX_STAMP): Makefile
 bench: $(STAMP) $(QUIX_STAMP)  ## the benchmark suite: limits, throughput, memory, peers, latency, collector
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m benchmarks.suite
+
+memory: $(STAMP)  ## where each byte of Redis goes per person: one engine run, 1M people laid out
+	$(BIN)/python -m benchmarks.memory
 
 soak: $(STAMP)  ## 30 minutes at a steady rate; engine RSS and Redis memory sampled (MINUTES=N to shorten)
 	$(BIN)/python -m benchmarks.soak --minutes $(or $(MINUTES),30) $(SOAK_ARGS)
