@@ -272,9 +272,9 @@ def test_a_first_events_record_is_kept_as_its_time_and_rebuilt_the_same_on_repla
 
 def test_a_first_event_that_makes_more_than_its_record_keeps_them_all() -> None:
     p = PersonState("p1", is_new=True)
-    made, promotion = apply_event(p, event("mm", "manual_mql", trusted=True), RULES, NOW_MS)
+    _, promotion = apply_event(p, event("mm", "manual_mql", trusted=True), RULES, NOW_MS)
     assert promotion is not None
-    made = decide(promotion)
+    made = decide(promotion)  # the first event's record, the promotion's and the decision
     ((_, kept),) = outbox_of(p)
     assert kept == [[o.kind, o.value] for o in made] and kept[0][1]["cause"] == "first_event"
 
