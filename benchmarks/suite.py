@@ -52,11 +52,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks import collector as collector_bench
 from benchmarks import identity as identity_bench
 from benchmarks import workload
+from engine.batch import next_version
 from engine.identity import identifiers_of
 from engine.person import PersonState, Rulebook, apply_event, decode_state, encode_state
 from engine.sales import complete_routing, route_promotion
 from engine.settings import RedisSettings, Settings, load_settings
-from engine.store import IdentityWrites, RedisStore, next_version
+from engine.store import IdentityWrites, RedisStore
 from leadflow.servers import LocalBroker, LocalRedis, free_port
 
 LEADFLOW = [sys.executable, "-m", "leadflow.cli"]

@@ -21,7 +21,8 @@ the person stage, so their cost (~1 us per item and step) is paid per batch::
                      key, and Redis once per shard: that is why to_owner is separate)
     records, output  merge, then the sink (one producer per worker; waits for acks)
 
-Redis round trips of a batch (one worker; counted from dataflows.stages):
+Redis round trips of a batch (one worker; counted from dataflows.stages and
+engine.batch, the rule for a batch):
 
 * typical (no promotion): identity lookup MGET x1 (only with > 1 worker);
   resolver: owners and erasures MGET x1, identifiers of people whose graph may
@@ -42,7 +43,7 @@ skip it, found by a read on the worker that read them
 (dataflows.stages.IdentityLookup), so what the resolver carries is the graph's
 changes, not the stream. Keying by a shard of the One-ID then gives every
 person one home worker (a merge moves events across workers, under
-compare-and-set, see dataflows.stages.PersonStage). Each stage adds its events
+compare-and-set, see engine.batch). Each stage adds its events
 to ``leadflow_stage_latency_seconds`` (dataflows.metrics.StageLatency).
 """
 
@@ -80,9 +81,9 @@ from dataflows.stages import (
     IdentityLookup,
     IdentityStage,
     PersonStage,
-    Resolved,
 )
 from dataflows.timers import TimerSource
+from engine.batch import Resolved
 from engine.events import Event, Rejection
 from engine.settings import MEMBER_ERRORS, Settings, load_settings
 from engine.store import RedisStore

@@ -20,8 +20,8 @@ import orjson
 import redis
 
 from dataflows.metrics import metrics, observed_store
-from engine.consent import LISTS, suppression_of
-from engine.events import Event, Origin, Rejection, decode_event, pickled_by_fields
+from engine.batch import Batch, Resolved, Tally, batch_work
+from engine.events import Event, Origin, Rejection, decode_event
 from engine.identity import anchor, identifiers_of, reborn_id, resolve
 from engine.person import (
     DECISION,
@@ -30,34 +30,14 @@ from engine.person import (
     Output,
     PersonState,
     Rulebook,
-    Seen,
-    absorb,
-    already_applied,
-    apply_event,
-    decode_state,
-    encode_state,
-    erase,
-    message_digest,
     refusal,
-    refuse_merge,
-    remember,
-    settle,
 )
-from engine.routing import Assignment
 from engine.sales import (
-    FEEDBACK,
     TIMER,
-    Routing,
-    apply_feedback,
-    candidates,
-    complete_routing,
-    fire_timer,
-    route_promotion,
-    withhold_from_sales,
 )
 from engine.settings import ConfigError, RosterSettings, Settings, check_roster, roster_data
 from engine.state_cache import StateCache
-from engine.store import IdentityWrites, RedisStore, SaveStatus, StoreUnavailable, next_version
+from engine.store import IdentityWrites, RedisStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]
@@ -73,30 +53,6 @@ class RawMessage:
     value: bytes | None
     origin: Origin
     timestamp_ms: int
-
-
-@pickled_by_fields
-@dataclass(slots=True)  # not frozen: one per event, see engine.events.Event
-class Resolved:
-    """An event and the person it belongs to, with the merges it made or was refused.
-
-    ``home`` is the person its batch ends with: ``one_id`` itself, or the survivor
-    that absorbs ``one_id`` later in the same batch. Every event of a batch with
-    the same home goes to the home's worker, in order, so the merges of a batch
-    happen at their events, as one event at a time would (see :class:`_Round`).
-    """
-
-    one_id: str
-    event: Event
-    refusals: tuple[tuple[str, str], ...] = ()
-    merges: tuple[str, ...] = ()  # people absorbed into one_id at this event
-    home: str = ""
-    looked_up: bool = False  # found by IdentityLookup, not the resolver
-
-    @property
-    def key(self) -> str:
-        """Whose work this is: the home, or the person when nobody absorbs them."""
-        return self.home or self.one_id
 
 
 class Decoder:
@@ -361,8 +317,6 @@ class _Graph:
         writes.merge(absorbed, survivor, ids, pending)
 
 
-# Lost compare-and-set races before one person's events count as failing (see PersonStage).
-MAX_ROUNDS = 20
 PROCESSING_ERROR = "processing_error"  # the DLQ reason of a quarantined person's events
 # Failures of the servers, not of a person's events: the flow stops and restarts from
 # recovery (nothing is lost) rather than send good events to the DLQ.
@@ -378,23 +332,10 @@ def _without_pii(text: str) -> str:
 class PersonStage(_LazyStore):
     """Score, qualify and route people; absorb the people merged into them.
 
-    A batch is processed in rounds (:class:`_Round`). Each round loads the people
-    the events were routed to, with their pending absorptions (following the
-    redirects of people merged meanwhile), absorbs those pending people (their
-    states are final: the resolver redirected them, and a redirected person's
-    state cannot be saved), applies the events, timers and sales feedback in
-    order, assigns SDRs (one script call per assignment, one round trip) and
-    saves every person only if unchanged and not redirected. What lost a race
-    is done again next round from fresh reads, and its outputs are not emitted.
-
-    Decoded states stay in :attr:`states` between batches (engine.state_cache):
-    the load tells Redis which version this worker holds and gets the bytes only
-    of people someone changed since.
-
-    Every step can be repeated after a crash with the same effect: an absorbed
-    person stays readable behind its redirect until its survivor records it in
-    ``merged_from``, and each event's messageId digest makes its second
-    application a replay of its records.
+    The rule for a batch is :class:`engine.batch.Batch`; this stage gives it the
+    Redis store, this worker's state cache, the roster and the input's done
+    offsets, turns its tally into metrics, and guards the flow against a person
+    whose events raise (see :meth:`__call__`).
     """
 
     def __init__(
@@ -410,7 +351,6 @@ class PersonStage(_LazyStore):
         self._roster = settings.roster
         self._done: dict[str, int] = {}
         self._done_read_at = -INPUTS_DONE_REFRESH_S
-        self._unfinished: dict[str, list[Resolved]] = {}  # the people of the current round
         # Worker threads of one process share this stage: each keeps its own states.
         self._local = threading.local()
 
@@ -459,12 +399,9 @@ class PersonStage(_LazyStore):
         person whose events raise again alone is quarantined (:meth:`quarantine`)
         instead of stopping the flow, unless ``limits.on_processing_error = "stop"``.
         """
-        work: dict[str, list[Resolved]] = {}
-        for item in items:
-            work.setdefault(item.key, []).append(item)
-        outputs: list[Output] = []
+        batch = self._batch()
         try:
-            self._rounds(work, outputs)
+            return self._applied(batch, batch_work(items))
         except INFRASTRUCTURE:
             raise
         except Exception as e:
@@ -473,31 +410,36 @@ class PersonStage(_LazyStore):
             log.warning(
                 "batch failed (%s); applying its %d people one at a time",
                 type(e).__name__,
-                len(self._unfinished),
+                len(batch.unfinished),
             )
-            for one_id, mine in list(self._unfinished.items()):
-                alone: list[Output] = []
+            outputs = batch.outputs  # of the rounds saved before the failure
+            for one_id, mine in list(batch.unfinished.items()):
                 try:
-                    self._rounds({one_id: mine}, alone)
+                    outputs += self._applied(self._batch(), {one_id: mine})
                 except INFRASTRUCTURE:
                     raise
                 except Exception as error:
-                    alone = self.quarantine(one_id, mine, error)
-                outputs.extend(alone)
-        return outputs
+                    outputs += self.quarantine(one_id, mine, error)
+            return outputs
 
-    def _rounds(self, work: dict[str, list[Resolved]], outputs: list[Output]) -> None:
-        """Round after round until nobody is left; a person lost races MAX_ROUNDS times: raise."""
-        conflicts: dict[str, int] = {}
-        while work:
-            self._unfinished = work
-            done_round = _Round(self, work)
-            work = done_round.run(outputs)
-            for one_id in done_round.conflicted:
-                conflicts[one_id] = conflicts.get(one_id, 0) + 1
-                if conflicts[one_id] >= MAX_ROUNDS:
-                    raise RuntimeError(f"person still contended after {MAX_ROUNDS} rounds")
-        self._unfinished = {}
+    def _batch(self) -> Batch:
+        return Batch(
+            self.settings,
+            self.rules,
+            self.store,
+            self.states,
+            self.roster,
+            self.inputs_done(),
+            self.clock,
+            self.event_time,
+        )
+
+    def _applied(self, batch: Batch, work: dict[str, list[Resolved]]) -> list[Output]:
+        """Apply ``work``; count what it did, also when it raises (its saved rounds stand)."""
+        try:
+            return batch.apply(work)
+        finally:
+            count_batch(batch.tally, int(self.clock() * 1000))
 
     def quarantine(self, one_id: str, items: list[Resolved], error: Exception) -> list[Output]:
         """Send a person's events to the DLQ as ``processing_error``; their state stays as it was.
@@ -529,17 +471,33 @@ class PersonStage(_LazyStore):
         ]
 
 
-def count_record(
+def count_batch(tally: Tally, now_ms: int) -> None:
+    """Count what a batch did in the metrics (a decision is logged too); replays are not counted.
+
+    A new decision is one assigned in this batch (its id is among the tally's
+    triggers); a record re-emitted from the outbox says so (``Output.replayed``).
+    """
+    m = metrics()
+    m.state_loads.labels("kept").inc(tally.states_kept)
+    m.state_loads.labels("read").inc(tally.states_read)
+    if tally.erased_events:
+        m.erased_events.inc(tally.erased_events)
+    if tally.erasures:
+        m.erasures.inc(tally.erasures)
+    if tally.resends:
+        m.resends.inc(tally.resends)
+    for kind, n in tally.timers_fired.items():
+        m.timers_fired.labels(kind).inc(n)
+    for records, person in tally.emitted:
+        for record in records:
+            if not record.replayed:
+                _count_record(record, person, tally.triggers, now_ms)
+
+
+def _count_record(
     record: Output, person: PersonState, triggers: dict[str, Event], now_ms: int
 ) -> None:
-    """Count a record in the metrics (a decision is logged too), unless it is a replay.
-
-    A new decision is one assigned in this round (its id is among the round's
-    routings); a record re-emitted from the outbox says so (``Output.replayed``).
-    """
     m, value = metrics(), record.value
-    if record.replayed:
-        return
     if record.kind == DLQ:
         m.rejected.labels(value["reason"]).inc()
     elif record.kind == DECISION:
@@ -567,333 +525,3 @@ def count_record(
             m.merges_refused.labels(cause.removeprefix("merge_refused:")).inc()
         elif cause == "sla_breached":
             m.sla_breaches.labels(person.queue).inc()
-
-
-class _Round:
-    """One round of :class:`PersonStage` over the people of a batch.
-
-    A person's events are applied in order until one needs an SDR: the rest of
-    that person's events wait for the next round, which reads the state saved
-    with the assignment. The batch then does exactly what the same events do
-    one at a time (a promotion is routed before the acceptance, the
-    disqualification or the next promotion that follows it in the batch).
-    """
-
-    def __init__(self, stage: PersonStage, work: dict[str, list[Resolved]]):
-        self.stage = stage
-        self.settings, self.store, self.rules = stage.settings, stage.store, stage.rules
-        self.wall_ms = int(stage.clock() * 1000)  # for the latency metrics
-        self.now_ms = self.wall_ms  # or each event's time: see at()
-        self.work = work
-        self.retry: dict[str, list[Resolved]] = {}
-        self.later: dict[str, list[Resolved]] = {}  # events after a routing: next round
-        self.conflicted: set[str] = set()  # people whose save lost a race this round
-        self.people: dict[str, PersonState] = {}
-        self.loaded: dict[str, bytes | None] = {}
-        self.timers_loaded: dict[str, dict[str, int]] = {}
-        self.replayed: set[str] = set()  # people with an event already applied (a replay)
-        self.resends = 0  # events a client sent twice (applied once, emitted once)
-        self.frozen: dict[str, bytes | None] = {}  # absorbed people's states, as stored
-        self.pending: dict[str, list[str]] = {}  # person -> frozen people to absorb
-        self.absorbing: dict[str, list[PersonState]] = {}  # person -> people absorbed now
-        self.produced: dict[str, list[Output]] = {}
-        self.routings: list[tuple[str, Routing]] = []  # (home, routing) waiting for an SDR
-        self.triggers: dict[str, Event] = {}  # decision id -> its event, for the metrics
-        self.assigned: dict[str, list[tuple[Assignment, str]]] = {}  # person -> SDRs taken
-        # Timers fired: (person, (one_id as scheduled, kind, due ms)).
-        self.fired: list[tuple[str, tuple[str, str, int]]] = []
-        self.erased: dict[str, list[str]] = {}  # erased person -> people it had absorbed
-
-    def run(self, outputs: list[Output]) -> dict[str, list[Resolved]]:
-        """Do the round; add the records of people saved to ``outputs``; return what to retry."""
-        self._load()
-        self._apply()
-        self._save(outputs)
-        return self.retry
-
-    def at(self, event: Event) -> None:
-        """Under event time, make ``event``'s time the round's now (else keep the wall clock's)."""
-        if self.stage.event_time:
-            self.now_ms = event.event_ms
-
-    def _again(self, one_id: str, items: list[Resolved]) -> None:
-        self.retry.setdefault(one_id, []).extend(items)
-
-    def _load(self) -> None:
-        """Load the people, then the frozen states of those they have yet to absorb."""
-        wanted: dict[str, set[str]] = {}
-        done_offsets = self.stage.inputs_done()
-        cache = self.stage.states
-        one_ids = list(self.work)
-        stored_people = self.store.load_people(one_ids, True, cache.versions(one_ids))
-        kept = sum(1 for stored in stored_people if stored.unchanged)
-        metrics().state_loads.labels("kept").inc(kept)
-        metrics().state_loads.labels("read").inc(len(stored_people) - kept)
-        for one_id, stored in zip(one_ids, stored_people, strict=True):
-            # Taken out while this round works on the state; put back once it is saved.
-            cached = cache.take(one_id, stored.unchanged)
-            if stored.redirect:
-                self._again(stored.redirect, self.work[one_id])
-                continue
-            if cached is not None:
-                person = self.people[one_id] = cached.state
-                self.loaded[one_id] = cached.stored
-            else:
-                person = self.people[one_id] = decode_state(one_id, stored.state, stored.version)
-                self.loaded[one_id] = stored.state
-            settle(person, done_offsets)
-            self.timers_loaded[one_id] = dict(person.timers)
-            done = {m.one_id for m in person.merged_from} | {one_id}
-            wanted[one_id] = {o for o in stored.pending if o not in done}
-        others = sorted(set().union(*wanted.values()))
-        self.frozen = {
-            o: st.state
-            for o, st in zip(others, self.store.load_people(others), strict=True)
-            if st.redirect  # not frozen yet: its merge is still being written; absorbed later
-        }
-        for one_id, pending in wanted.items():
-            self.pending[one_id] = sorted(o for o in pending if o in self.frozen)
-
-    def _apply(self) -> None:
-        """Apply each person's events in order, merging people at the events that merge them."""
-        for one_id in self.people:
-            self._apply_person(one_id)
-        self._assign(self.routings)
-
-    def _apply_person(self, one_id: str) -> None:
-        """Absorb and apply, in order, one home's events (and those of whom it absorbs)."""
-        items = self.work[one_id]
-        live = self._absorbable(one_id, items)
-        out = self.produced[one_id] = []
-        for n, item in enumerate(items):
-            start = len(out)
-            waits = self._apply_item(one_id, n, item, live, out)
-            for record in out[start:]:  # for the stage latency (count_record)
-                record.ingested_ms = item.event.ingested_ms
-            if waits and n + 1 < len(items):
-                self.later[one_id] = items[n + 1 :]
-                break
-
-    def _apply_item(
-        self, one_id: str, n: int, item: Resolved, live: dict[str, PersonState], out: list[Output]
-    ) -> bool:
-        """Apply a home's ``n``-th event; True when its routing waits for the round's SDRs."""
-        person = self.people[one_id]
-        self.at(item.event)
-        target = live.get(item.one_id, person)
-        self._merge_and_note(one_id, n, item, target, live, out)
-        event = item.event
-        if item.looked_up and 0 < target.erased_ms < event.event_ms:
-            # Its owner was read before the erasure: dropped as if it had come just
-            # before it (which wipes it), never reviving the erased One-ID.
-            metrics().erased_events.inc()
-            return False
-        if event.trusted and event.name == ERASE and not target.erased_ms:
-            # The people the erased one had absorbed are dropped once it is saved.
-            self.erased.setdefault(one_id, []).extend(m.one_id for m in target.merged_from)
-            out.append(erase(target, event, self.rules, self.now_ms))
-            return False
-        if not self._step(target, event, out, one_id):
-            return False
-        if live or target is not person:
-            # People still to be merged in this batch hold changes that can only be
-            # saved with this home: the SDR is assigned now, so nothing waits a round.
-            self._assign([self.routings.pop()])
-            return False
-        return True
-
-    def _absorbable(self, one_id: str, items: list[Resolved]) -> dict[str, PersonState]:
-        """The people this home absorbs: at its first event, or (``live``) at their merge's."""
-        if not self.pending[one_id]:  # nearly everyone
-            self.absorbing[one_id] = []
-            return {}
-        merged_here = {o for item in items for o in item.merges}
-        states = {o: decode_state(o, self.frozen[o]) for o in self.pending[one_id]}
-        for o in states:  # redirected for good: their cached states, if any, are stale
-            self.stage.states.drop(o)
-        for o, st in states.items():  # as scheduled: struck off once absorbed
-            self.timers_loaded[o] = dict(st.timers)
-        # A pending person already absorbed by another pending one comes with it.
-        inner = {m.one_id for st in states.values() for m in st.merged_from}
-        live = {o: st for o, st in states.items() if o in merged_here}
-        self.absorbing[one_id] = [
-            st for o, st in states.items() if o not in inner and o not in live
-        ]
-        return live
-
-    def _merge_and_note(
-        self,
-        one_id: str,
-        n: int,
-        item: Resolved,
-        target: PersonState,
-        live: dict[str, PersonState],
-        out: list[Output],
-    ) -> None:
-        """The merges and refusals an event brings, and whether it was seen before."""
-        event = item.event
-        digest = message_digest(event.message_id)
-        before = len(out)
-        if n == 0:
-            for other in self.absorbing[one_id]:
-                out.append(absorb(self.people[one_id], other, event, self.rules, self.now_ms))
-        for other in [live.pop(o) for o in item.merges if o in live]:
-            out.append(absorb(target, other, event, self.rules, self.now_ms))
-            self.absorbing[one_id].append(other)
-        seen = already_applied(target, event, digest)
-        if seen is Seen.REPLAY:
-            self.replayed.add(one_id)
-        elif seen is Seen.RESEND:
-            self.resends += 1
-        else:
-            for other_id, reason in item.refusals:
-                out.append(refuse_merge(target, other_id, reason, event, self.rules, self.now_ms))
-        # Merge and refusal records go in the outbox under the event that caused
-        # them, or a crash before they are sent would lose them (the replay finds
-        # the merge done and the event seen).
-        if len(out) > before:
-            remember(target, digest, out[before:], self.settings.limits.outbox_size)
-
-    def _step(self, person: PersonState, event: Event, out: list[Output], home: str) -> bool:
-        """Apply one event, timer or sales feedback; True when it needs an SDR (queued)."""
-        routing, promotion = None, None
-        if event.type == TIMER:
-            # Named as scheduled: a timer of a person since merged away fires for the survivor.
-            _, scheduled_for, kind, due = event.message_id.split("|")
-            self.fired.append((home, (scheduled_for, kind, int(due))))
-            records, routing, promotion = fire_timer(person, event, self.rules, self.now_ms)
-        elif event.trusted and event.name in FEEDBACK:
-            records = apply_feedback(person, event, self.rules, self.now_ms)
-        else:
-            records, promotion = apply_event(person, event, self.rules, self.now_ms)
-        if promotion is not None:
-            routing = route_promotion(promotion, self.rules, self.now_ms)
-        if routing is None:
-            out.extend(records)
-            return False
-        self.routings.append((home, routing))
-        return True
-
-    def _assign(self, routings: list[tuple[str, Routing]]) -> None:
-        """Assign routings to SDRs, in one round trip; their records go to their homes."""
-        if not routings:
-            return
-        # In event-time order, not the order people were processed in: who gets which
-        # lead then does not depend on how the input was cut into batches (nor on a replay).
-        routings.sort(key=lambda hr: (hr[1].event.event_ms, hr[1].event.message_id))
-        people = [
-            (r.person.one_id, r.person.profile.email_domain, r.person.contacts) for _, r in routings
-        ]
-        routed = []
-        for (home, r), on_lists in zip(
-            routings, self.store.lists_holding(people, tuple(LISTS)), strict=True
-        ):
-            self.at(r.event)
-            r.suppression = suppression_of(on_lists)
-            if r.suppression.blacklisted:
-                withheld = withhold_from_sales(r, self.rules, self.now_ms)
-                for record in withheld:
-                    record.ingested_ms = r.event.ingested_ms
-                self.produced[home].extend(withheld)
-            else:
-                routed.append((home, r))
-        if not routed:
-            return
-        roster = self.stage.roster()
-        requests = []
-        for _, r in routed:
-            self.at(r.event)
-            requests.append(
-                Assignment(
-                    r.queue, r.key, r.company, candidates(roster, r.queue, self.now_ms, r.exclude)
-                )
-            )
-        sdrs = {s.id: s for s in roster.sdrs}
-        answers = self.store.assign(requests)
-        for (home, routing), request, sdr_id in zip(routed, requests, answers, strict=True):
-            sdr = sdrs.get(sdr_id) if sdr_id else None
-            if sdr_id:
-                self.assigned.setdefault(home, []).append((request, sdr_id))
-            self.triggers[routing.key] = routing.event
-            self.at(routing.event)
-            records = complete_routing(routing, sdr, roster, self.rules, self.now_ms)
-            for record in records:
-                record.ingested_ms = routing.event.ingested_ms
-            self.produced[home].extend(records)
-
-    def _save(self, outputs: list[Output]) -> None:
-        """Save whoever changed; emit the records of those saved; losers go round again."""
-        block_ms = self.settings.identity.erasure_block_days * 86_400_000
-        # Saved at every event: a person expires retention_days after their last one.
-        retention_ms = self.settings.limits.retention_days * 86_400_000
-        cache = self.stage.states
-        saves, done = [], []
-        for one_id in self.produced:
-            person = self.people[one_id]
-            raw = encode_state(person)
-            loaded = self.loaded[one_id]
-            if raw == loaded or person.is_new:
-                done.append(one_id)  # replays, or nobody: nothing to save, records to (re-)emit
-                if loaded is not None:
-                    cache.keep(one_id, person.version, loaded, person)
-            else:
-                ttl_ms = block_ms if person.erased_ms else retention_ms
-                saves.append((one_id, person.version, next_version(person.version), raw, ttl_ms))
-        lost: list[tuple[Assignment, str]] = []
-        for (one_id, _, version, raw, _), status in zip(
-            saves, self.store.save_people(saves), strict=True
-        ):
-            if status is SaveStatus.SAVED:
-                done.append(one_id)
-                self.people[one_id].version = version
-                cache.keep(one_id, version, raw, self.people[one_id])
-            else:
-                self.conflicted.add(one_id)
-                self._again(one_id, self.work[one_id])
-                lost.extend(self.assigned.get(one_id, ()))
-        if lost:
-            # Their decisions are not emitted: the SDRs must not be charged for them.
-            self.store.release(lost)
-        for one_id in done:
-            if one_id in self.later:
-                self._again(one_id, self.later[one_id])
-        self._emit(done, outputs)
-
-    def _emit(self, done: list[str], outputs: list[Output]) -> None:
-        """Emit the records of the people saved; bring Redis' side records up to date."""
-        triggers = self.triggers
-        m = metrics()
-        for one_id in done:
-            person = self.people[one_id]
-            outputs.extend(self.produced[one_id])
-            for record in self.produced[one_id]:
-                count_record(record, person, triggers, self.wall_ms)
-            if one_id in self.erased:
-                self.store.drop_people(self.erased[one_id])
-                m.erasures.inc()
-        if self.resends:
-            m.resends.inc(self.resends)
-        self.store.absorbed([(o, [s.one_id for s in self.absorbing[o]]) for o in done])
-        saved = set(done)
-        for one_id, (_, kind, _) in self.fired:
-            if one_id in saved:
-                m.timers_fired.labels(kind).inc()
-        # Timers set or moved since loaded are scheduled (all of them for a person whose
-        # events are replayed: a crash may have come between the save and this call);
-        # timers fired, moved, cancelled, or held by a person absorbed are struck off,
-        # so the set holds live timers only and stale entries never crowd out due ones.
-        scheduled, removed = [], [t for o, t in self.fired if o in saved]
-        for o in done:
-            now_set, before = self.people[o].timers, self.timers_loaded[o]
-            scheduled += [
-                (o, kind, due)
-                for kind, due in now_set.items()
-                if o in self.replayed or before.get(kind) != due
-            ]
-            removed += [(o, kind, due) for kind, due in before.items() if now_set.get(kind) != due]
-            removed += [
-                (a.one_id, k, due)
-                for a in self.absorbing[o]
-                for k, due in self.timers_loaded[a.one_id].items()
-            ]
-        self.store.sync_timers(scheduled, removed)

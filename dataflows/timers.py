@@ -19,7 +19,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
 from dataflows.kafka_io import STOPPING
 from dataflows.metrics import metrics
-from dataflows.stages import Resolved
+from engine.batch import Resolved
 from engine.sales import timer_event
 from engine.store import RedisStore
 

@@ -3,22 +3,24 @@
 Queue: the ordered rules of ``routing.toml`` (:func:`choose_queue`); the first
 whose every condition holds wins, else the default queue.
 
-SDR: the choice itself is made atomically in Redis (see
-:meth:`engine.store.RedisStore.assign`) so that it is fair across every worker
-and process: among the SDRs of the queue who are available now
-(:func:`is_available`: working days and hours in their own time zone, not out
-of office) and under their daily and weekly caps, the one with the fewest leads
-relative to their weight gets the lead, ties going to roster order. So N equal
-SDRs get leads in turn, weights 2:1:1 get 2:1:1, an SDR joining mid-month
-starts level with the others instead of receiving everything, and an SDR away
-is levelled up on return rather than flooded. A company that already has an
-owner in the queue goes to that owner while they are available.
+SDR: :func:`assign_lead` is the rule. Production applies it atomically in Redis
+(:meth:`engine.store.RedisStore.assign`, its Lua twin, tested to choose the same
+SDRs) so that it is fair across every worker and process: among the SDRs of the
+queue who are available now (:func:`is_available`: working days and hours in
+their own time zone, not out of office) and under their daily and weekly caps,
+the one with the fewest leads relative to their weight gets the lead, ties going
+to roster order. So N equal SDRs get leads in turn, weights 2:1:1 get 2:1:1, an
+SDR joining mid-month starts level with the others instead of receiving
+everything, and an SDR away is levelled up on return rather than flooded. A
+company that already has an owner in the queue goes to that owner while they
+are available.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
@@ -159,3 +161,98 @@ def capacity_periods(sdr: Sdr, at_ms: int) -> tuple[str, str]:
 def company_of(profile: Profile) -> str:
     """The company a lead belongs to, for sticky owners: its company e-mail domain, or ''."""
     return profile.email_domain if profile.email_kind == "company" else ""
+
+
+@dataclass(slots=True)
+class QueueBooks:
+    """A queue's assignment books: what :func:`assign_lead` reads and writes.
+
+    Redis keeps them under the queue's keys (engine.store), with expiries this
+    in-memory form does not have: a decision's assignment and a company's owner
+    are kept for days, cap counters for a few days past their period.
+    """
+
+    leads: dict[str, int] = field(default_factory=dict)  # SDR -> leads assigned
+    assigned: dict[str, str] = field(default_factory=dict)  # decision id -> SDR
+    company_owners: dict[str, str] = field(default_factory=dict)  # company -> SDR
+    day_leads: dict[tuple[str, str], int] = field(default_factory=dict)  # (SDR, day)
+    week_leads: dict[tuple[str, str], int] = field(default_factory=dict)  # (SDR, ISO week)
+
+
+def assign_lead(books: QueueBooks, request: Assignment) -> str | None:
+    """The SDR who gets a decision's lead, or None when nobody can take it now (it waits).
+
+    Once per decision: asked again, it answers the SDR it chose. The company's
+    owner gets it while available and under their caps; otherwise the available
+    SDR under their caps with the fewest leads relative to their weight, ties to
+    roster order. An SDR seen for the first time starts level with the lowest of
+    the others, and SDRs away are levelled up to the winner, so neither a newcomer
+    nor a returning SDR is flooded.
+    """
+    done = books.assigned.get(request.decision_id)
+    if done:
+        return done
+    owner = books.company_owners.get(request.company) if request.company else None
+    level = min(
+        (books.leads[c.sdr] / c.weight for c in request.candidates if c.sdr in books.leads),
+        default=0.0,
+    )
+    for c in request.candidates:
+        if c.sdr not in books.leads:
+            books.leads[c.sdr] = math.floor(level * c.weight)
+    best: Candidate | None = None
+    best_value = 0.0
+    for c in request.candidates:
+        if not c.available or _capped(books, c):
+            continue
+        value = -1.0 if c.sdr == owner else books.leads[c.sdr] / c.weight
+        if best is None or value < best_value:
+            best, best_value = c, value
+    if best is None:
+        return None
+    books.leads[best.sdr] += 1
+    if best_value >= 0:  # not the company's owner: level up who is away
+        for c in request.candidates:
+            if not c.available and books.leads[c.sdr] / c.weight < best_value:
+                books.leads[c.sdr] = math.ceil(best_value * c.weight)
+    day, week = (best.sdr, best.day), (best.sdr, best.week)
+    books.day_leads[day] = books.day_leads.get(day, 0) + 1
+    books.week_leads[week] = books.week_leads.get(week, 0) + 1
+    books.assigned[request.decision_id] = best.sdr
+    if request.company and not any(c.sdr == owner for c in request.candidates):
+        books.company_owners[request.company] = best.sdr  # the first, or the last left the queue
+    return best.sdr
+
+
+def release_lead(books: QueueBooks, request: Assignment, sdr: str) -> bool:
+    """Give back a lead :func:`assign_lead` gave ``sdr`` for a decision never emitted.
+
+    Only while the decision is still assigned to that SDR, so twice is once.
+    """
+    if books.assigned.get(request.decision_id) != sdr:
+        return False
+    books.leads[sdr] = books.leads.get(sdr, 0) - 1
+    day, week = capped_periods(request, sdr)
+    for counter, period in ((books.day_leads, day), (books.week_leads, week)):
+        if counter.get((sdr, period), 0) > 0:
+            counter[(sdr, period)] -= 1
+    del books.assigned[request.decision_id]
+    return True
+
+
+def capped_periods(request: Assignment, sdr: str) -> tuple[str, str]:
+    """The day and week whose cap counters the assignment of ``request`` to ``sdr`` raised.
+
+    ``("", "")``, no counter, when ``sdr`` is not among the request's candidates:
+    the decision was assigned by an earlier attempt that was never saved (a crash,
+    a lost race whose release failed), since when the SDR left the queue. Its lead
+    is given back; the counters of a period unknown here expire on their own.
+    """
+    c = next((c for c in request.candidates if c.sdr == sdr), None)
+    return (c.day, c.week) if c else ("", "")
+
+
+def _capped(books: QueueBooks, c: Candidate) -> bool:
+    day = books.day_leads.get((c.sdr, c.day), 0)
+    week = books.week_leads.get((c.sdr, c.week), 0)
+    return bool((c.daily_cap and day >= c.daily_cap) or (c.weekly_cap and week >= c.weekly_cap))

@@ -50,9 +50,7 @@ hash slot, so no command ever spans two slots.
 from __future__ import annotations
 
 import binascii
-import enum
 import logging
-import random
 import re
 import ssl
 import time
@@ -66,8 +64,9 @@ import redis
 from redis.cluster import ClusterNode
 from redis.commands.core import Script
 
+from engine.batch import SaveStatus, Stored
 from engine.identity import Identifier
-from engine.routing import Assignment
+from engine.routing import Assignment, capped_periods
 from engine.settings import RedisSettings
 
 log = logging.getLogger(__name__)
@@ -93,14 +92,6 @@ def founding_kind(value: bytes) -> str | None:
 # Backoff between Redis retries: doubles from the first value up to the cap.
 RETRY_FIRST_S = 0.05
 RETRY_CAP_S = 5.0
-
-
-class SaveStatus(enum.IntEnum):
-    """What a compare-and-set save of a person did (the save script's answer)."""
-
-    SAVED = 0
-    CONFLICT = 1  # someone saved another version since it was read: do it again
-    REDIRECTED = 2  # merged into another person meanwhile: its events go there
 
 
 # What :meth:`RedisStore.claim_alert` answers besides the milliseconds another sender
@@ -282,22 +273,6 @@ return out
 
 class StoreUnavailable(RuntimeError):
     """Redis could not be reached after all retries."""
-
-
-@dataclass(slots=True)  # not frozen: one per event, see engine.events.Event
-class Stored:
-    """A person as read: version, state, redirect (None if none), pending absorptions.
-
-    ``pending`` (read on request) names the people merged into this one that it
-    may not have absorbed yet.
-    """
-
-    version: int
-    state: bytes | None
-    redirect: str | None
-    pending: tuple[str, ...] = ()
-    # Still at the version the caller holds decoded (load_people's ``held``): state is None.
-    unchanged: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -602,8 +577,8 @@ class RedisStore:
         items = []
         for r, sdr in assignments:
             q = self.queue_key(r.queue)
-            c = next(c for c in r.candidates if c.sdr == sdr)  # assign chose among them
-            day, week = f"{q}:d:{sdr}:{c.day}", f"{q}:w:{sdr}:{c.week}"
+            day, week = capped_periods(r, sdr)
+            day, week = f"{q}:d:{sdr}:{day}", f"{q}:w:{sdr}:{week}"
             items.append(([q, f"{q}:a:{r.decision_id}", day, week], [sdr]))
         return sum(int(v) for v in self._script("release", items, one_call_each=True))
 
@@ -967,19 +942,6 @@ def _texts(members: list[bytes]) -> list[str]:
 def _pair(member: bytes) -> tuple[str, str]:
     kind, _, digest = member.decode().partition(":")
     return kind, digest
-
-
-_versions = random.Random()  # seeded from the OS: unique, not secret
-
-
-def next_version(read: int) -> int:
-    """The version a save writes over ``read``: one more, or a fresh random one for a new person.
-
-    Random, not 1, so that a person created again (after expiring or being
-    deleted) never comes back at a version a worker's cache still holds for its
-    earlier life (engine.state_cache). Below 2**52, so Lua's doubles count it exactly.
-    """
-    return read + 1 if read else _versions.getrandbits(48) + 1
 
 
 def _stored(state: bytes | None, redirect: bytes | None) -> Stored:

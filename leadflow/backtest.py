@@ -56,7 +56,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 from tqdm import tqdm
 
 from dataflows.kafka_io import client_options
-from dataflows.stages import Decoder, IdentityStage, PersonStage, RawMessage, Resolved
+from dataflows.stages import Decoder, IdentityStage, PersonStage, RawMessage
 from engine.backtest import (
     OUTCOMES,
     WON,
@@ -66,6 +66,7 @@ from engine.backtest import (
     sdr_load,
     weeks_spanned,
 )
+from engine.batch import Resolved
 from engine.events import RESERVED_EVENTS, Event, Origin, Rejection
 from engine.funnel import funnel, grades, journeys, merges, sdr_performance, survivors
 from engine.identity import digest

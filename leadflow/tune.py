@@ -41,8 +41,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from dataflows.stages import Resolved
 from engine.backtest import WON, auc, weeks_spanned
+from engine.batch import Resolved
 from engine.funnel import journeys, merges, survivors
 from engine.person import Rulebook
 from engine.scoring import _lookup

@@ -31,7 +31,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dataflows.pipeline import person_shard
-from dataflows.stages import IdentityLookup, IdentityStage, PersonStage, Resolved
+from dataflows.stages import IdentityLookup, IdentityStage, PersonStage
+from engine.batch import Resolved
 from engine.events import Event, Origin, decode_event
 from engine.identity import identifiers_of
 from engine.person import PersonState, Rulebook, apply_event, current_scores, decode_state

@@ -68,9 +68,9 @@ from dataflows.stages import (
     IdentityStage,
     PersonStage,
     RawMessage,
-    Resolved,
 )
 from dataflows.timers import TimerPoller
+from engine.batch import Resolved
 from engine.consent import LISTS, list_member, suppression_of
 from engine.events import RESERVED_EVENTS, Event, Origin, Rejection
 from engine.identity import identifiers_of

@@ -21,10 +21,11 @@ from bytewax.errors import BytewaxRuntimeError
 
 from dataflows.stages import IdentityStage, PersonStage
 from engine import lifecycle
+from engine.batch import SaveStatus
 from engine.events import Event, Origin, decode_event
 from engine.person import DECISION, decode_state, encode_state
 from engine.settings import Settings
-from engine.store import RedisStore, SaveStatus
+from engine.store import RedisStore
 from leadflow.servers import free_port
 from leadflow.topics import create_topics
 from tests.integration.flow import hot_lead, outputs, person_of, queue_counts, run_flow, send

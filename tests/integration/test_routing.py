@@ -1,4 +1,8 @@
-"""SDR assignment on the real dataflow (2 workers), a real broker and a real Redis."""
+"""SDR assignment on the real dataflow (2 workers), a real broker and a real Redis.
+
+The last test checks the Lua script that assigns in Redis against the rule it
+implements, engine.routing.assign_lead, over random sequences.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
 from dataflows.stages import IdentityStage, PersonStage
 from engine.events import Event, Origin, decode_event
-from engine.settings import Settings
+from engine.routing import Assignment, Candidate, QueueBooks, assign_lead, release_lead
+from engine.settings import RedisSettings, Settings
+from engine.store import RedisStore
 from leadflow.roster import apply_roster
+from leadflow.servers import LocalRedis
 from tests.integration.flow import hot_lead, outputs, person_of, queue_counts, run_flow, send
 
 EQUAL = [{"id": s, "name": s, "queue": "inbound"} for s in ("sdr-ana", "sdr-bruno", "sdr-chen")]
@@ -137,3 +148,59 @@ def _event(raw: dict[str, Any], n: int) -> Event:
     )
     assert isinstance(event, Event)
     return event
+
+
+SDRS = ("sdr-a", "sdr-b", "sdr-c", "sdr-d")
+candidate = st.builds(
+    lambda name, weight, available, cap, day: Candidate(
+        name, weight, available, cap, 0, f"2026-12-0{day}", "2026-W49"
+    ),
+    st.sampled_from(SDRS),
+    st.sampled_from([0.5, 1.0, 2.0, 3.0]),
+    st.booleans(),
+    st.integers(0, 3),
+    st.integers(1, 2),
+)
+step = st.one_of(
+    st.tuples(
+        st.just("assign"),
+        st.integers(0, 12),  # the decision: repeats are asked again
+        st.sampled_from(["", "acme.example", "globex.example"]),
+        st.lists(candidate, min_size=1, max_size=4, unique_by=lambda c: c.sdr),
+    ),
+    st.tuples(st.just("release"), st.integers(0, 30)),
+)
+
+
+@hypothesis_settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(steps=st.lists(step, min_size=5, max_size=30))
+def test_the_lua_assignment_chooses_as_assign_lead(
+    redis_server: LocalRedis, steps: list[tuple[Any, ...]]
+) -> None:
+    """Redis' atomic twin of the rule answers, counts and levels exactly as engine.routing does."""
+    store = RedisStore(RedisSettings(url=redis_server.url))
+    queue = f"q{time.monotonic_ns()}"  # a queue of its own per example: no flush needed
+    books = QueueBooks()
+    given_out: list[tuple[Assignment, str]] = []
+    try:
+        for kind, *args in steps:
+            if kind == "assign":
+                number, company, sdrs = args
+                request = Assignment(queue, f"d{number}", company, tuple(sdrs))
+                (in_redis,) = store.assign([request])
+                assert in_redis == assign_lead(books, request), steps
+                if in_redis:
+                    given_out.append((request, in_redis))
+            elif given_out:
+                request, sdr = given_out[args[0] % len(given_out)]
+                assert store.release([(request, sdr)]) == int(release_lead(books, request, sdr))
+            assert store.queue_counts(queue) == books.leads
+        q = store.queue_key(queue)
+        for (sdr, day), n in books.day_leads.items():
+            assert int(store.client.get(f"{q}:d:{sdr}:{day}") or 0) == n
+        for company, owner in books.company_owners.items():
+            assert store.client.get(f"{q}:co:{company}") == owner.encode()
+    finally:
+        store.close()

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.batch import next_version
 from engine.events import Event
 from engine.person import PersonState, apply_event, decode_state, encode_state
 from engine.state_cache import StateCache
-from engine.store import next_version
 from tests.unit.test_person import COMPANY, NOW_MS, RULES, SCORED, decide, event
 
 
