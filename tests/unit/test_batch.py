@@ -75,10 +75,11 @@ class Engine:
         self.store = store or MemoryStore()
         self.states = StateCache(cache_size)
         self.clock_s = T0 / 1000
+        self.last: Batch | None = None  # the last batch applied, with its tally
 
     def apply(self, items: Sequence[Resolved]) -> list[Output]:
         """Apply one batch at event time."""
-        batch = Batch(
+        batch = self.last = Batch(
             SETTINGS,
             RULES,
             self.store,
