@@ -39,6 +39,7 @@ def main() -> None:
     bootstrap, inp, out, count, state_dir = sys.argv[1:6]
     group = sys.argv[6] if len(sys.argv) > 6 else f"quix-peer-{time.time_ns()}"
     progress = Path(state_dir) / "progress"
+    partial = Path(state_dir) / "progress.partial"
     settings = load_settings(env={})
     rules = Rulebook(settings)
     roster = settings.roster
@@ -61,7 +62,9 @@ def main() -> None:
         if limit and seen["n"] >= limit:
             app.stop()
         if seen["n"] % 1000 == 0:
-            progress.write_text(f"{seen['n']} {seen['first']} {time.time()}")
+            # Replaced whole, never truncated in place: the suite reads it meanwhile.
+            partial.write_text(f"{seen['n']} {seen['first']} {time.time()}")
+            partial.replace(progress)
         now_ms = int(time.time() * 1000)
         event = workload.decode(value, inp, now_ms)
         if event is None:
