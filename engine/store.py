@@ -825,7 +825,10 @@ class RedisStore:
 
         One call for the batch on a standalone server; one call per hash slot in a cluster
         (and one per item for scripts whose items share keys, such as a queue's counts).
-        A standalone server gets them in one pipeline: one round trip.
+        A standalone server gets them in one round trip: one ``EVALSHA``, or a pipeline of
+        them. Not redis-py's pipelined ``Script``, which asks ``SCRIPT EXISTS`` before
+        every pipeline, a second round trip each time; a server that lost its scripts
+        (restarted, ``SCRIPT FLUSH``) answers ``NOSCRIPT``, and they are loaded again.
         """
         if not items:
             return []
@@ -846,10 +849,22 @@ class RedisStore:
             return script(keys=keys, args=args, client=client)
 
         def run() -> list[Any]:
-            pipe = self.client.pipeline(transaction=False)
-            for group in groups:
-                call(group, pipe)
-            return cast(list[Any], pipe.execute())
+            if len(groups) == 1:
+                return [call(groups[0], self.client)]  # EVALSHA, loaded again on NOSCRIPT
+
+            def pipelined() -> list[Any]:
+                pipe = self.client.pipeline(transaction=False)
+                for group in groups:
+                    keys = [k for i in group for k in items[i][0]]
+                    args = [a for i in group for a in items[i][1]]
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                return cast(list[Any], pipe.execute())
+
+            try:
+                return pipelined()
+            except redis.exceptions.NoScriptError:  # every call failed alike: none ran
+                self.client.script_load(script.script)
+                return pipelined()
 
         if self.cluster:
             # A cluster pipeline refuses EVALSHA: one direct call per slot group (the

@@ -22,6 +22,7 @@ from dataflows.metrics import metrics
 from dataflows.stages import IdentityStage, PersonStage
 from engine.events import Event, Origin, decode_event
 from engine.person import DECISION, Output
+from engine.routing import Assignment, Candidate
 from engine.settings import Settings
 from engine.state_cache import StateCache
 from engine.store import RedisStore
@@ -67,6 +68,17 @@ class Counted:
         return calls
 
 
+def server_calls(store: RedisStore) -> Counter[str]:
+    """Commands the server was sent by clients, by name, so far (``INFO commandstats``).
+
+    What the store's observer cannot see: a client library's own extra round trips,
+    such as redis-py's ``SCRIPT EXISTS`` before every pipeline holding a script.
+    Commands that scripts run count too; these tests look only at the client's.
+    """
+    stats = store.client.info("commandstats")
+    return Counter({name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()})
+
+
 def kept_loads() -> float:
     """``leadflow_state_loads_total{how="kept"}`` in this process."""
     metrics()  # registered on first use
@@ -89,8 +101,13 @@ def test_a_batch_of_known_people_costs_three_round_trips_and_decodes_nobody(
     kept = kept_loads()
 
     again = decoded([page(f"b{i}", f"c{i}", "/pricing") for i in range(COOKIES)], COOKIES)
+    before = server_calls(counted.store)
     counted(again)
     calls = counted.take()
+    sent = server_calls(counted.store) - before
+    # On the wire too: one MGET and two EVALSHA, and no SCRIPT EXISTS before them.
+    assert (sent["mget"], sent["evalsha"]) == (1, 2), sent
+    assert not [name for name in sent if name.startswith("script")], sent
     # Resolver: owners and erasures, one MGET (1), nothing to change in the graph (0). Person
     # stage: load (1), save (1). The done offsets were read less than a second ago.
     assert calls == Counter({"mget": 1, "load": 1, "save": 1}), calls
@@ -118,3 +135,19 @@ def test_each_worker_thread_keeps_its_own_states(counted: Counted) -> None:
     worker.start()
     worker.join()
     assert counted.people.states is mine and theirs[0] is not mine
+
+
+def test_scripts_the_server_lost_are_loaded_again(counted: Counted) -> None:
+    """After a restart or SCRIPT FLUSH, the next script call loads it, alone or pipelined."""
+    raw = [*hot_lead("one"), *hot_lead("two", t=1)]
+    counted.store.client.script_flush()
+    out = counted(decoded(raw, 0))
+    assert len([o for o in out if o.kind == DECISION]) == 2
+    counted.store.client.script_flush()
+    # Two assignments: one pipeline of two EVALSHA, both refused, then loaded and sent again.
+    requests = [
+        Assignment("inbound", f"d{n}", "", (Candidate("sdr-x", 1.0, True, 0, 0, "d", "w"),))
+        for n in range(2)
+    ]
+    assert counted.store.assign(requests) == ["sdr-x", "sdr-x"]
+    assert counted.store.queue_counts("inbound")["sdr-x"] == 2
