@@ -23,18 +23,8 @@ from dataflows.metrics import metrics, observed_store
 from engine.batch import Batch, Resolved, Tally, batch_work
 from engine.events import Event, Origin, Rejection, decode_event
 from engine.identity import anchor, identifiers_of, reborn_id, resolve
-from engine.person import (
-    DECISION,
-    DLQ,
-    ERASE,
-    Output,
-    PersonState,
-    Rulebook,
-    refusal,
-)
-from engine.sales import (
-    TIMER,
-)
+from engine.person import DECISION, DLQ, ERASE, Output, PersonState, Rulebook, refusal
+from engine.sales import TIMER
 from engine.settings import ConfigError, RosterSettings, Settings, check_roster, roster_data
 from engine.state_cache import StateCache
 from engine.store import IdentityWrites, RedisStore, StoreUnavailable

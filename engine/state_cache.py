@@ -7,7 +7,7 @@ stored version differs (engine.store.RedisStore.load_people), which it does
 after any write by anyone (a merge or an erasure written by another worker, a
 rebalance, a crash and restart with another owner): every save raises the
 version, and a person created again after being deleted or expiring starts at
-a fresh random version (engine.store.first_version), never at one a stale entry
+a fresh random version (engine.batch.next_version), never at one a stale entry
 could hold.
 
 A state is taken out of the cache while a batch works on it and put back only

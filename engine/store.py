@@ -578,8 +578,8 @@ class RedisStore:
         for r, sdr in assignments:
             q = self.queue_key(r.queue)
             day, week = capped_periods(r, sdr)
-            day, week = f"{q}:d:{sdr}:{day}", f"{q}:w:{sdr}:{week}"
-            items.append(([q, f"{q}:a:{r.decision_id}", day, week], [sdr]))
+            counters = [f"{q}:d:{sdr}:{day}", f"{q}:w:{sdr}:{week}"]
+            items.append(([q, f"{q}:a:{r.decision_id}", *counters], [sdr]))
         return sum(int(v) for v in self._script("release", items, one_call_each=True))
 
     def queue_counts(self, queue: str) -> dict[str, int]:
@@ -843,9 +843,11 @@ class RedisStore:
         else:
             groups = [list(range(len(items)))]
 
+        def flat(group: list[int]) -> tuple[list[str], list[Any]]:
+            return [k for i in group for k in items[i][0]], [a for i in group for a in items[i][1]]
+
         def call(group: list[int], client: Any) -> Any:
-            keys = [k for i in group for k in items[i][0]]
-            args = [a for i in group for a in items[i][1]]
+            keys, args = flat(group)
             return script(keys=keys, args=args, client=client)
 
         def run() -> list[Any]:
@@ -855,8 +857,7 @@ class RedisStore:
             def pipelined() -> list[Any]:
                 pipe = self.client.pipeline(transaction=False)
                 for group in groups:
-                    keys = [k for i in group for k in items[i][0]]
-                    args = [a for i in group for a in items[i][1]]
+                    keys, args = flat(group)
                     pipe.evalsha(script.sha, len(keys), *keys, *args)
                 return cast(list[Any], pipe.execute())
 
