@@ -11,7 +11,8 @@ events were routed to, with their pending absorptions (following the redirects o
 people merged meanwhile), absorbs those pending people (their states are final:
 the resolver redirected them, and a redirected person's state cannot be saved),
 applies the events, timers and sales feedback in order, assigns SDRs (one call
-for the whole round) and saves every person only if unchanged and not redirected
+for the round's routings; at once for a person still absorbing others in the batch)
+and saves every person only if unchanged and not redirected
 (compare-and-set on the version). What lost a race is done again next round from
 fresh reads, its SDRs are given back and its records are not emitted.
 
