@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
+
+from msgspec.structs import replace
 
 from benchmarks import workload
 from dataflows.stages import IdentityLookup, IdentityStage

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 
 import bytewax.operators as op
 import orjson
@@ -25,6 +24,7 @@ from bytewax.connectors.kafka import KafkaSinkMessage
 from bytewax.dataflow import Dataflow
 from bytewax.testing import run_main
 from confluent_kafka import Producer
+from msgspec.structs import replace
 
 from dataflows.kafka_io import SinkMessage, SourceItem, client_options, kafka_sink, kafka_source
 from dataflows.pipeline import build_flow

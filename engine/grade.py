@@ -8,6 +8,7 @@ bands are in ``scoring.toml`` (``[grade]``); the decision carries the grade and 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,11 +37,13 @@ class Grade:
         }
 
 
-def _band(score: float, bands: tuple[tuple[str, float], ...]) -> tuple[str, float]:
-    for name, minimum in bands:
+def _band(score: float, bands: Mapping[str, float]) -> tuple[str, float]:
+    """The first band (best first) whose minimum ``score`` reaches."""
+    for name, minimum in bands.items():
         if score >= minimum:
             return name, minimum
-    return bands[-1]  # a negative score (inactivity penalties): the lowest band
+    name = list(bands)[-1]  # a negative score (inactivity penalties): the lowest band
+    return name, bands[name]
 
 
 def lead_grade(fit: float, behavior_score: float, settings: GradeSettings) -> Grade:

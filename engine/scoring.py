@@ -78,9 +78,9 @@ class ScoringModel:
         self.half_life_ms = {TOTAL: settings.half_life_days * DAY_MS}
         # Rebase once the newest event is one shortest half-life past the reference.
         self.threshold = {TOTAL: settings.mql_threshold}
-        for d in settings.dimensions:
-            self.half_life_ms[d.name] = d.half_life_days * DAY_MS
-            self.threshold[d.name] = d.mql_threshold
+        for name, d in settings.dimensions.items():
+            self.half_life_ms[name] = d.half_life_days * DAY_MS
+            self.threshold[name] = d.mql_threshold
         self.rebase_after_ms = min(self.half_life_ms.values())
         self.rules = {rule.name: rule for rule in settings.rules}
         self._page_cache: dict[str, list[ScoringRule]] = {}
@@ -100,7 +100,9 @@ class ScoringModel:
             candidates = self._page_rules(event.path)
         else:
             return []
-        return [r for r in candidates if all(_lookup(event.payload, p) in vs for p, vs in r.where)]
+        return [
+            r for r in candidates if all(_lookup(event.payload, p) in vs for p, vs in r.conditions)
+        ]
 
     def _page_rules(self, path: str) -> list[ScoringRule]:
         rules = self._page_cache.get(path)

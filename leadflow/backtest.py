@@ -47,12 +47,13 @@ import csv
 import logging
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from msgspec.structs import replace
 from tqdm import tqdm
 
 from dataflows.kafka_io import client_options
@@ -540,9 +541,10 @@ def scaled_thresholds(settings: Settings, factor: float) -> Settings:
         scoring=replace(
             scoring,
             mql_threshold=scoring.mql_threshold * factor,
-            dimensions=tuple(
-                replace(d, mql_threshold=d.mql_threshold * factor) for d in scoring.dimensions
-            ),
+            dimensions={
+                name: replace(d, mql_threshold=d.mql_threshold * factor)
+                for name, d in scoring.dimensions.items()
+            },
         ),
     )
 

@@ -585,7 +585,7 @@ def _roster(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+    from msgspec.structs import replace
 
     from dataflows.kafka_io import kafka_cluster
     from leadflow.preflight import preflight

@@ -9,7 +9,6 @@ current level, and someone removed simply stops receiving leads.
 from __future__ import annotations
 
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +16,11 @@ import orjson
 
 from engine.routing import capacity_periods, is_available
 from engine.settings import (
-    ConfigError,
     RosterSettings,
     Settings,
-    _Table,
     check_roster,
+    read_toml,
     roster_data,
-    roster_from,
     roster_to_data,
 )
 from engine.store import RedisStore
@@ -31,15 +28,7 @@ from engine.store import RedisStore
 
 def read_roster_file(path: Path, settings: Settings) -> RosterSettings:
     """Read and validate a roster file against the configured queues."""
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(str(path), "-", "file not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(str(path), "-", f"not valid TOML: {e}") from None
-    table = _Table(str(path), "", data)
-    roster = roster_from(table)
-    table.done()
+    roster = roster_data(read_toml(path), str(path))
     check_roster(roster, settings.routing, str(path))
     return roster
 

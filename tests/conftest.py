@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import replace
 
 import pytest
+from msgspec.structs import replace
 
 from engine.settings import Settings, load_settings
 from leadflow.servers import LocalBroker, LocalRedis
@@ -42,7 +42,7 @@ def local_settings(broker: LocalBroker, redis: LocalRedis, **dataflow: object) -
             "LEADFLOW_ALERTS_METRICS_PORT": "0",
         }
     )
-    return replace(s, dataflow=replace(s.dataflow, **dataflow))  # type: ignore[arg-type]
+    return replace(s, dataflow=replace(s.dataflow, **dataflow))
 
 
 @pytest.fixture

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import orjson
 from confluent_kafka import Producer
+from msgspec.structs import replace
 
 from dataflows.kafka_io import client_options
 from engine.settings import AlertSettings, QueueSettings, Settings
@@ -124,7 +125,8 @@ def hooked(
 ) -> Settings:
     """``settings`` whose queues (named ``queues``) POST to ``url`` with ``queue`` options."""
     made = tuple(QueueSettings(name, webhook_url=url, **queue) for name in queues)
-    return replace(settings, routing=replace(settings.routing, queues=made), alerts=alerts)
+    routing = replace(settings.routing, queues=made, default_queue=made[0].name)
+    return replace(settings, routing=routing, alerts=alerts)
 
 
 def decision(n: int, queue: str = "inbound", **extra: Any) -> dict[str, Any]:

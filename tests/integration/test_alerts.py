@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import orjson
 import pytest
 from confluent_kafka import Consumer, TopicPartition
+from msgspec.structs import replace
 
 from dataflows.kafka_io import client_options
 from engine.settings import QueueSettings, Settings
@@ -233,9 +233,8 @@ def test_slack_and_teams_receive_messages_of_their_published_structure(
     teams = QueueSettings(
         "teams", webhook_url=f"{receiver.url}/ok", webhook_format="teams", lead_url=crm
     )
-    sending = replace(
-        hooked(settings, receiver.url), routing=replace(settings.routing, queues=(slack, teams))
-    )
+    routing = replace(settings.routing, queues=(slack, teams), default_queue="slack")
+    sending = replace(hooked(settings, receiver.url), routing=routing)
     graded = decision(1, "slack", grade="A")
     unknown = decision(2, "teams", lead={}, channels=[], reasons=[])  # nothing known, no channel
     emit(settings, [graded, decision(1, "teams"), unknown])

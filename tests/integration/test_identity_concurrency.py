@@ -29,6 +29,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from msgspec import structs
 
 from dataflows.pipeline import person_shard
 from dataflows.stages import IdentityLookup, IdentityStage, PersonStage
@@ -268,7 +269,9 @@ def test_concurrent_workers_end_with_one_person_per_person_and_exact_scores(
     redis_url: str, people: int, n_events: int, workers: int, rnd: random.Random
 ) -> None:
     base = load_settings(env={"LEADFLOW_REDIS_URL": redis_url})
-    cfg = replace(base, redis=replace(base.redis, key_prefix=f"t{next(_prefixes)}:"))
+    cfg = structs.replace(
+        base, redis=structs.replace(base.redis, key_prefix=f"t{next(_prefixes)}:")
+    )
     truth = {p: person_events(p, rnd, n_events) for p in range(people)}
     events = [decode(e, n) for n, e in enumerate(e for evs in truth.values() for e in evs)]
     rnd.shuffle(events)
@@ -317,7 +320,9 @@ def test_one_identifier_people_need_no_identifier_hash_and_the_old_layout_reads_
     the way the store wrote them before (the One-ID in the cookie key, the cookie in an
     ``ids`` hash) are read, extended and merged exactly as people stored the new way."""
     base = load_settings(env={"LEADFLOW_REDIS_URL": redis_url})
-    cfg = replace(base, redis=replace(base.redis, key_prefix=f"t{next(_prefixes)}:"))
+    cfg = structs.replace(
+        base, redis=structs.replace(base.redis, key_prefix=f"t{next(_prefixes)}:")
+    )
     store = RedisStore(cfg.redis)
     client, p = store.client, cfg.redis.key_prefix
 

@@ -51,7 +51,6 @@ import itertools
 import os
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -60,6 +59,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from msgspec.structs import replace
 
 from dataflows.pipeline import PERSON_SHARDS, person_shard
 from dataflows.stages import (

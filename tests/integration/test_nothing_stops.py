@@ -9,7 +9,6 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from urllib.request import urlopen
 import orjson
 import pytest
 from bytewax.errors import BytewaxRuntimeError
+from msgspec.structs import replace
 
 from dataflows.stages import IdentityStage, PersonStage
 from engine import lifecycle

@@ -13,13 +13,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from msgspec.structs import replace
 
 from dataflows.stages import IdentityStage, PersonStage
 from dataflows.timers import LEASE_S, TimerPoller

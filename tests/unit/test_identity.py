@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 import random
-from dataclasses import replace
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from msgspec.structs import replace
 
 from engine import lifecycle
 from engine.events import Event
@@ -21,7 +21,7 @@ from engine.identity import (
     resolve,
 )
 from engine.person import Absorbed, PersonState, Rulebook, absorb, apply_event, current_scores
-from engine.settings import IdentifierKind, IdentitySettings, load_settings
+from engine.settings import DeclaredKind, IdentitySettings, load_settings
 
 IDENTITY = IdentitySettings(salt="test-salt", default_calling_code="55")
 
@@ -77,8 +77,8 @@ def test_identifiers_are_ordered_by_priority_and_deduplicated() -> None:
 
 
 def test_kinds_declared_in_config_are_read_from_their_paths() -> None:
-    crm = IdentifierKind("crm_id", 2, 1, ("traits.crm_id", "context.externalIds.crm"))
-    identity = replace(IDENTITY, kinds=(*IDENTITY.kinds, crm))
+    crm = DeclaredKind(2, 1, ("traits.crm_id", "context.externalIds.crm"))
+    identity = replace(IDENTITY, declared_kinds={"crm_id": crm})
     ids = identifiers_of(event(anonymous_id="c1", payload={"traits": {"crm_id": 4711}}), identity)
     assert [i.kind for i in ids] == ["crm_id", "anon"]
 

@@ -9,6 +9,7 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from msgspec import structs
 
 from engine.events import Event
 from engine.person import (
@@ -291,8 +292,9 @@ def test_an_unknown_outbox_format_is_refused() -> None:
 
 def test_dedup_window_and_outbox_are_bounded() -> None:
     small = Rulebook(
-        replace(
-            RULES.settings, limits=replace(RULES.settings.limits, dedup_window=3, outbox_size=2)
+        structs.replace(
+            RULES.settings,
+            limits=structs.replace(RULES.settings.limits, dedup_window=3, outbox_size=2),
         )
     )
     p = PersonState("p1", is_new=True)
@@ -303,7 +305,11 @@ def test_dedup_window_and_outbox_are_bounded() -> None:
 
 
 def test_a_replay_from_the_input_is_recognised_by_its_position_after_the_window() -> None:
-    small = Rulebook(replace(RULES.settings, limits=replace(RULES.settings.limits, dedup_window=3)))
+    small = Rulebook(
+        structs.replace(
+            RULES.settings, limits=structs.replace(RULES.settings.limits, dedup_window=3)
+        )
+    )
     p = PersonState("p1", is_new=True)
     views = [
         replace(event(f"m{n}", "Pricing Viewed", n=n), source="ab0", offset=100 + n)
@@ -453,8 +459,8 @@ def test_an_absorbed_mql_brings_its_work_and_timers() -> None:
 
 
 def test_duplicate_submission_hours_0_never_calls_a_submission_a_duplicate() -> None:
-    limits = replace(RULES.settings.limits, duplicate_submission_hours=0)
-    never = Rulebook(replace(RULES.settings, limits=limits))
+    limits = structs.replace(RULES.settings.limits, duplicate_submission_hours=0)
+    never = Rulebook(structs.replace(RULES.settings, limits=limits))
     p = PersonState("p1", is_new=True)
     for n in range(2):
         apply_event(p, event(f"m{n}", "Whitepaper Downloaded", title="Same"), never, NOW_MS)

@@ -2,12 +2,12 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from dataclasses import replace
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from msgspec.structs import replace
 
 from engine.events import Event
 from engine.scoring import (
@@ -53,7 +53,7 @@ SETTINGS = ScoringSettings(
     half_life_days=30,
     mql_threshold=100,
     rules=RULES,
-    dimensions=(Dimension("analytics", 14, 60), Dimension("routing", 21, 60)),
+    dimensions={"analytics": Dimension(14, 60), "routing": Dimension(21, 60)},
 )
 MODEL = ScoringModel(SETTINGS)
 BY_NAME = {r.name: r for r in RULES}
@@ -215,7 +215,7 @@ def test_rules_match_names_exactly_paths_by_glob_and_where_conditions() -> None:
                     "track",
                     20,
                     event="Demo Requested",
-                    where=(("properties.plan", ("enterprise", "Enterprise")),),
+                    where={"properties.plan": ["enterprise", "Enterprise"]},
                 ),
             )
         )

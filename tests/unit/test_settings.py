@@ -1,10 +1,10 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from msgspec.structs import replace
 
 from engine.settings import (
     DEFAULT_CONFIG_DIR,
@@ -59,7 +59,7 @@ def test_environment_overrides_connections_and_librdkafka_options() -> None:
             'identity_lookup = "auto"',
             'identity_lookup = "sometimes"',
             "dataflow.identity_lookup",
-            "expected one of auto, on, off",
+            "'sometimes' is not one of auto, off, on",
         ),
         (
             "scoring.toml",
@@ -80,21 +80,21 @@ def test_environment_overrides_connections_and_librdkafka_options() -> None:
             'type = "track"',
             'type = "click"',
             "scoring.rules[6].type",
-            "must be 'track' or 'page'",
+            "'click' is not one of page, track",
         ),
         (
             "scoring.toml",
             "points = 15",
             'points = "15"',
             "scoring.rules[6].points",
-            "expected a number",
+            "expected a number, got str '15'",
         ),
         (
             "engine.toml",
             "dedup_window = 64",
             "dedup_window = 0",
             "limits.dedup_window",
-            "must be between",
+            "must be between 1 and 10000, got 0",
         ),
         (
             "engine.toml",
@@ -135,8 +135,8 @@ def test_environment_overrides_connections_and_librdkafka_options() -> None:
             "roster.toml",
             'name = "Chen Wei"',
             'name = "Chen Wei"\nworking_hours = ["9am", "6pm"]',
-            "sdrs[2].working_hours",
-            "HH:MM",
+            "sdrs[2].working_hours[0]",
+            "expected a time of day \"HH:MM\", got '9am'",
         ),
         (
             "roster.toml",
@@ -178,15 +178,15 @@ def test_environment_overrides_connections_and_librdkafka_options() -> None:
             "engine.toml",
             'default_opt_in = ["sms", "push"]',
             'default_opt_in = ["sms", "fax"]',
-            "consent.default_opt_in",
-            "unknown channel 'fax'",
+            "consent.default_opt_in[1]",
+            "'fax' is not one of email, phone, push, sms",
         ),
         (
             "engine.toml",
             'countries = ["CN"]',
             'countries = ["China"]',
-            "consent.policies[1].countries",
-            "not an ISO 3166 alpha-2 code",
+            "consent.policies[1].countries[0]",
+            "'China' is not an ISO 3166 alpha-2 code",
         ),
         (
             "routing.toml",
@@ -222,9 +222,28 @@ def test_environment_overrides_connections_and_librdkafka_options() -> None:
             '# [[api.keys]]\n# name = "crm-sync"\n# digest = "sha256:..."\n'
             '# scopes = ["read", "feedback"]',
             f'[[api.keys]]\nname = "crm"\ndigest = "sha256:{"0" * 64}"\nscopes = ["write"]',
-            "api.keys[0].scopes",
-            "unknown scope 'write'",
+            "api.keys[0].scopes[0]",
+            "'write' is not one of feedback, read, read_pii",
         ),
+        # A table's entries are named, though msgspec says only "[...]".
+        (
+            "scoring.toml",
+            "half_life_days = 21.0",
+            "half_life_days = -1",
+            "scoring.dimensions.analytics.half_life_days",
+            "must be > 0, got -1",
+        ),
+        ("scoring.toml", "US = 5", 'US = "five"', "fit.countries.US", "expected a number"),
+        ("scoring.toml", "budget = 5", "money = 5", "fit.bant.money", "unknown; expected one"),
+        (
+            "routing.toml",
+            "[routing.regions]",
+            "[[routing.queues]]\nsla_minutes = 5\n\n[routing.regions]",
+            "routing.queues[0].name",
+            "is required",
+        ),
+        ("engine.toml", "dedup_window = 64", "dedup_window = inf", "limits.dedup_window", "finite"),
+        ("engine.toml", "[limits]", "[limitz]", "limitz", "unknown key"),
     ],
 )
 def test_invalid_configuration_names_file_key_and_problem(
@@ -236,6 +255,31 @@ def test_invalid_configuration_names_file_key_and_problem(
     assert e.value.file == str(config / file)
     assert e.value.key == key
     assert problem in e.value.problem
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "problem"),
+    [
+        ("LEADFLOW_PROCESSES", "many", "expected an integer, got str 'many'"),
+        ("LEADFLOW_PROCESSES", "0", "must be between 1 and 256, got 0"),
+        ("LEADFLOW_METRICS_PORT", "70000", "must be between 0 and 65535, got 70000"),
+        ("LEADFLOW_REDIS_URL", "http://h:1", "must start with redis://"),
+    ],
+)
+def test_a_wrong_environment_override_names_the_variable(
+    variable: str, value: str, problem: str
+) -> None:
+    """The variable is what to fix, not the file it overrides."""
+    with pytest.raises(ConfigError) as e:
+        load_settings(env={variable: value})
+    assert (e.value.file, e.value.key) == ("env", variable)
+    assert problem in e.value.problem
+
+
+def test_an_empty_text_override_is_unset_but_an_empty_recovery_dir_turns_recovery_off() -> None:
+    s = load_settings(env={"LEADFLOW_REDIS_URL": "", "LEADFLOW_RECOVERY_DIR": ""})
+    assert s.redis.url == load_settings(env={}).redis.url
+    assert s.dataflow.recovery_dir == ""
 
 
 def test_broken_toml_and_missing_files_are_reported(config: Path) -> None:
