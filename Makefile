@@ -15,6 +15,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[local,dev]'
 	touch $(STAMP)
 
+# The engine's per-event rules compiled with mypyc into build/mypyc (leadflow/compiled.py);
+# engine/__init__.py uses them only while they match the sources. Re-made when engine/ changes.
+COMPILED := build/mypyc/sources.json
+$(COMPILED): $(STAMP) $(wildcard engine/*.py)
+	$(BIN)/python -m leadflow.compiled
+
 # The example page's analytics.js (@segment/analytics-next, pinned in examples/package-lock.json),
 # which the browser test loads in headless Chromium.
 EXAMPLES := examples/node_modules/.installed
@@ -22,13 +28,13 @@ $(EXAMPLES): examples/package.json examples/package-lock.json
 	cd examples && npm ci --no-audit --no-fund --loglevel=error
 	touch $(EXAMPLES)
 
-up: $(STAMP) $(EXAMPLES)  ## broker + Redis (kept in var/up) + engine + collector + alerts, until Ctrl-C
+up: $(STAMP) $(EXAMPLES) $(COMPILED)  ## broker + Redis (kept in var/up) + engine + collector + alerts, until Ctrl-C
 	$(BIN)/leadflow up
 
-demo: $(STAMP)  ## broker + Redis + engine + synthetic stream, live alerts and a summary
+demo: $(STAMP) $(COMPILED)  ## broker + Redis + engine + synthetic stream, live alerts and a summary
 	$(BIN)/leadflow demo
 
-test: lint typecheck $(STAMP) $(EXAMPLES)  ## ruff, mypy, then every test except slow ones
+test: lint typecheck $(STAMP) $(EXAMPLES) $(COMPILED)  ## ruff, mypy, then every test except slow ones
 	$(BIN)/pytest
 
 lint: $(STAMP)
@@ -38,16 +44,16 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+unit: $(STAMP) $(COMPILED)
 	$(BIN)/pytest tests/unit
 
-integration: $(STAMP)
+integration: $(STAMP) $(COMPILED)
 	$(BIN)/pytest tests/integration
 
 OLIST ?= ../shared/datasets/olist
 # Olist's public B2B funnel: history, outcomes and a configuration (leadflow.olist), the
 # shipped rules backtested on it, `leadflow tune`'s proposal, and the two compared.
-backtest: $(STAMP)  ## the Olist backtest and tune: var/backtest/olist/report.html
+backtest: $(STAMP) $(COMPILED)  ## the Olist backtest and tune: var/backtest/olist/report.html
 	$(BIN)/python -m leadflow.olist $(OLIST) var/olist
 	$(BIN)/leadflow tune var/olist/events.jsonl --config var/olist/config \
 	  --outcomes var/olist/outcomes.csv --out var/tune/olist --mqls-per-week 40
@@ -55,7 +61,7 @@ backtest: $(STAMP)  ## the Olist backtest and tune: var/backtest/olist/report.ht
 	  --outcomes var/olist/outcomes.csv --against var/tune/olist/config --out var/backtest/olist
 
 clean:
-	rm -rf $(VENV) .venv-quix .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-quix build .pytest_cache .mypy_cache .ruff_cache *.egg-info
 
 QUIX_STAMP := .venv-quix/.installed
 
@@ -68,20 +74,20 @@ $(QUIX_STAMP): Makefile
 	  msgspec==0.23.0
 	touch $(QUIX_STAMP)
 
-bench: $(STAMP) $(QUIX_STAMP)  ## the benchmark suite: limits, throughput, memory, peers, latency, collector
+bench: $(STAMP) $(QUIX_STAMP) $(COMPILED)  ## the benchmark suite: limits, throughput, memory, peers, latency, collector
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m benchmarks.suite
 
-memory: $(STAMP)  ## where each byte of Redis goes per person: one engine run, 1M people laid out
+memory: $(STAMP) $(COMPILED)  ## where each byte of Redis goes per person: one engine run, 1M people laid out
 	$(BIN)/python -m benchmarks.memory
 
-soak: $(STAMP)  ## 30 minutes at a steady rate; engine RSS and Redis memory sampled (MINUTES=N to shorten)
+soak: $(STAMP) $(COMPILED)  ## 30 minutes at a steady rate; engine RSS and Redis memory sampled (MINUTES=N to shorten)
 	$(BIN)/python -m benchmarks.soak --minutes $(or $(MINUTES),30) $(SOAK_ARGS)
 
-profile: $(STAMP)  ## leadflow run under py-spy: where the time goes (var/profile.txt)
+profile: $(STAMP) $(COMPILED)  ## leadflow run under py-spy: where the time goes (var/profile.txt)
 	$(BIN)/python -m benchmarks.profile
 
-fuzz: $(STAMP)  ## the model-based test with fresh seeds for MINUTES (default 10); stops at the first failure
+fuzz: $(STAMP) $(COMPILED)  ## the model-based test with fresh seeds for MINUTES (default 10); stops at the first failure
 	@end=$$(( $$(date +%s) + 60 * $(or $(MINUTES),10) )); runs=0; \
 	while [ $$(date +%s) -lt $$end ]; do \
 	  LEADFLOW_MODEL_EXAMPLES=$(or $(EXAMPLES),100) $(BIN)/pytest -q -p no:cacheprovider \

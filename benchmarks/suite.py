@@ -49,6 +49,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
+import engine
 from benchmarks import collector as collector_bench
 from benchmarks import identity as identity_bench
 from benchmarks import workload
@@ -656,6 +657,7 @@ def table(results: dict[str, Any]) -> str:
             f"{results['events']:,} events, {results['people']:,} people "
             f"({results['active_people']:,} active)",
         ),
+        ("the engine's rules", "compiled (mypyc)" if engine.compiled else "plain Python"),
         ("orjson decode of the mix", f"{lim['orjson_decode_per_s']:,.0f} /s"),
         ("Redis pipelined SET", f"{lim['redis_pipelined_set_per_s']:,.0f} /s"),
         (

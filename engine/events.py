@@ -221,9 +221,10 @@ def _check(  # one flat list of checks, in the order they apply
         raise _Invalid("no_identifier", "no userId, anonymousId, traits.email or previousId")
     name = ""
     if etype == "track":
-        name = obj.get("event")  # type: ignore[assignment]  # checked just below
-        if not isinstance(name, str) or not name.strip():
-            raise _Invalid("missing_event_name", f"event={_short(name)}")
+        event_name = obj.get("event")
+        if not isinstance(event_name, str) or not event_name.strip():
+            raise _Invalid("missing_event_name", f"event={_short(event_name)}")
+        name = event_name
         if name in RESERVED_EVENTS and not trusted:
             raise _Invalid("untrusted_source", f"reserved event {name!r} on the events topic")
     elif etype in ("page", "screen"):

@@ -27,7 +27,7 @@ from bisect import bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 import orjson
@@ -105,7 +105,7 @@ class Work(msgspec.Struct, array_like=True):
     since_ms: int  # promoted at: a queue's max_wait_minutes counts from here
     sdr: str = ""  # "" while waiting for an SDR
     assigned_ms: int = 0
-    breached: list[str] = msgspec.field(default_factory=list)  # SDRs who let the SLA lapse
+    breached: list[str] = []  # SDRs who let the SLA lapse
     reroutes: int = 0  # re-routings after an SLA breach (decision ids ``-r1``, ``-r2``...)
     record: dict[str, Any] | None = None  # the decision as promoted, until accepted
     accepted_ms: int = 0
@@ -289,7 +289,8 @@ OUTBOX_PLAIN = b"0"
 
 def _deflate(outbox: list[list[Any]]) -> bytes:
     if len(outbox) == 1 and len(entry := outbox[0]) == 2 and _fits_first(*entry):
-        digest, recorded_ms = cast(tuple[str, int], entry)
+        digest: str = entry[0]
+        recorded_ms: int = entry[1]
         return OUTBOX_FIRST + bytes.fromhex(digest) + recorded_ms.to_bytes(6, "big")
     text = orjson.dumps(outbox)
     if len(text) <= _PLAIN_UP_TO:
@@ -375,7 +376,7 @@ class StoredPerson(msgspec.Struct, array_like=True):
     submissions: list[list[Any]]  # [[content digest, event ms], ...]
     contacts: list[str] | None
     erased_ms: int = 0
-    score_rules: list[str] = msgspec.field(default_factory=list)  # format 3: rule names
+    score_rules: list[str] = []  # format 3: rule names
 
 
 _STATE_ENCODER = msgspec.msgpack.Encoder()

@@ -29,6 +29,7 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
 from prometheus_client import start_http_server
 
+import engine
 from dataflows.kafka_io import STOPPING, input_tag
 from dataflows.metrics import metrics
 from dataflows.pipeline import build_flow
@@ -229,11 +230,12 @@ def run_member(
     recovery = recovery_config(settings)
     epoch = timedelta(seconds=settings.dataflow.snapshot_interval_s)
     log.info(
-        "starting dataflow: process %s of %s, %d worker(s), recovery %s",
+        "starting dataflow: process %s of %s, %d worker(s), recovery %s, rules %s",
         process_id if process_id is not None else 0,
         len(addresses) if addresses else 1,
         settings.dataflow.workers_per_process,
         "on" if recovery else "off",
+        "compiled (mypyc)" if engine.compiled else "plain Python",
     )
     health = Health(settings)
     if settings.metrics.health_port:
