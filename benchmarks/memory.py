@@ -35,7 +35,7 @@ from benchmarks.suite import (
     run_engine,
     stored_states,
 )
-from engine.person import StoredPerson
+from engine.person_records import StoredPerson
 from engine.settings import load_settings
 from leadflow.servers import LocalBroker, LocalRedis, free_port
 

@@ -33,7 +33,6 @@ from engine.person import (
     PersonState,
     Promotion,
     Rulebook,
-    Work,
     already_applied,
     decision_record,
     iso,
@@ -47,6 +46,7 @@ from engine.person import (
     remember,
     transition,
 )
+from engine.person_records import Work
 from engine.routing import Candidate, capacity_periods, company_of, is_available, next_available_ms
 from engine.scoring import TOTAL, falls_below_ms, scale_scores
 from engine.settings import RosterSettings, Sdr

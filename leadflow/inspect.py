@@ -13,7 +13,8 @@ from typing import Any
 from engine.consent import LISTS, channel_permissions, contact_points, suppression_of
 from engine.grade import lead_grade
 from engine.identity import digest, normalise_email, normalise_phone
-from engine.person import PersonState, Rulebook, Touch, current_scores, decode_state, iso
+from engine.person import PersonState, Rulebook, current_scores, decode_state, iso
+from engine.person_records import Touch
 from engine.scoring import TOTAL, effective_score, top_contributions
 from engine.settings import Settings
 from engine.store import RedisStore

@@ -20,7 +20,8 @@ from engine.identity import (
     normalise_phone,
     resolve,
 )
-from engine.person import Absorbed, PersonState, Rulebook, absorb, apply_event, current_scores
+from engine.person import PersonState, Rulebook, absorb, apply_event, current_scores
+from engine.person_records import Absorbed
 from engine.settings import DeclaredKind, IdentitySettings, load_settings
 
 IDENTITY = IdentitySettings(salt="test-salt", default_calling_code="55")

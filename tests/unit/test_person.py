@@ -23,7 +23,6 @@ from engine.person import (
     PersonState,
     Promotion,
     Rulebook,
-    StoredPerson,
     absorb,
     already_applied,
     apply_event,
@@ -38,6 +37,7 @@ from engine.person import (
     runs_of,
     settle,
 )
+from engine.person_records import StoredPerson
 from engine.sales import complete_routing, route_promotion
 from engine.settings import load_settings
 

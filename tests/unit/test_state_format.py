@@ -17,12 +17,8 @@ from engine.person import (
     DECISION,
     LIFECYCLE,
     STATE_FORMAT,
-    Absorbed,
     PersonState,
-    RateWindow,
-    RefusedMerge,
     Seen,
-    Touch,
     add_position,
     already_applied,
     apply_event,
@@ -36,6 +32,7 @@ from engine.person import (
     runs_of,
     settle,
 )
+from engine.person_records import Absorbed, RateWindow, RefusedMerge, Touch
 from tests.unit.test_person import (
     COMPANY,
     NOW_MS,
