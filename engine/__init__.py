@@ -1,7 +1,7 @@
 """Leadflow's domain: events, identity, scoring, qualification, lifecycle, routing, store.
 
 The per-event rules (:data:`COMPILED`) may run compiled: ``make`` compiles them
-with mypyc, from these very sources, into ``build/mypyc/`` (about 40 s with the
+with mypyc, from these very sources, into ``build/mypyc/`` (about 25 s with the
 machine's C compiler), and recording each source's SHA-256 beside them. They are
 used only while every source still has the recorded digest, so an edited module
 never runs stale: the engine then runs as plain Python, the same code, and says
