@@ -61,7 +61,6 @@ from msgspec import UNSET, Meta, UnsetType
 from msgspec.structs import force_setattr, replace
 
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
-CONFIG_FILES = ("engine.toml", "scoring.toml", "routing.toml", "roster.toml")
 MASK = "***"
 # librdkafka option names that carry secrets; their values are never printed.
 _SECRET_OPTION = re.compile(r"password|secret|sasl\.oauthbearer\.config|ssl\.key\.pem", re.I)
@@ -100,13 +99,10 @@ BantAnswer = Literal["budget", "authority", "need", "timing"]
 WebhookFormat = Literal["json", "slack", "teams"]
 ApiScope = Literal["read", "feedback", "read_pii"]
 
-ON_PROCESSING_ERROR: tuple[str, ...] = get_args(OnProcessingError)
 CHANNELS: tuple[Channel, ...] = get_args(Channel)
 CLOCKS: tuple[str, ...] = get_args(Clock)
-IDENTITY_LOOKUPS: tuple[str, ...] = get_args(IdentityLookup)
 MQL_FIELDS: tuple[str, ...] = get_args(MqlField)
 BANT: tuple[str, ...] = get_args(BantAnswer)
-WEBHOOK_FORMATS: tuple[str, ...] = get_args(WebhookFormat)
 API_SCOPES: tuple[str, ...] = get_args(ApiScope)
 LEAD_URL_FIELDS = ("one_id", "decision_id", "queue", "sdr")
 SHIPPED_SALT = "leadflow"
