@@ -115,6 +115,7 @@ class Metrics:
     resends: Counter
     input_reset: Counter
     state_loads: Counter
+    owner_reads: Counter
     stage_latency: StageLatency
     build: Info
 
@@ -245,6 +246,13 @@ class Metrics:
                 f"{prefix}_state_loads",
                 "Person states loaded: kept (this worker's decoded state, unchanged in Redis) "
                 "or read (sent by Redis and decoded)",
+                ["how"],
+                registry=registry,
+            ),
+            owner_reads=Counter(
+                f"{prefix}_identity_owner_reads",
+                "Identifier owners the resolver needed: kept (in its owner cache) "
+                "or read (from Redis)",
                 ["how"],
                 registry=registry,
             ),

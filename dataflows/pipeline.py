@@ -25,11 +25,12 @@ Redis round trips of a batch (one worker; counted from dataflows.stages and
 engine.batch, the rule for a batch):
 
 * typical (no promotion): identity lookup MGET x1 (only with > 1 worker);
-  resolver: owners and erasures MGET x1, identifiers of people whose graph may
-  change x0-1, writes x0-1; person stage: load x1 (a script: states, redirects,
-  pending merges; a state this worker holds decoded comes back as "unchanged",
-  see engine.state_cache), save x1 (compare-and-set script), timers x0-1,
-  input done offsets at most once a second.
+  resolver: owners and erasures MGET x0-1 (of the identifiers its owner cache
+  does not hold: none when all were met before, engine.owner_cache), identifiers
+  of people whose graph may change x0-1, writes x0-1; person stage: load x1
+  (a script: states, redirects, pending merges; a state this worker holds
+  decoded comes back as "unchanged", see engine.state_cache), save x1
+  (compare-and-set script), timers x0-1, input done offsets at most once a second.
 * routing (a promotion in the batch) adds: suppression lists x1, roster version
   x1 (the roster itself only when its version changed), SDR assignment x1 (one
   script call per assignment, pipelined), and a second round for the events that

@@ -23,6 +23,7 @@ from dataflows.metrics import metrics, observed_store
 from engine.batch import Batch, Resolved, Tally, batch_work
 from engine.events import Event, Origin, Rejection, decode_event
 from engine.identity import anchor, identifiers_of, reborn_id, resolve
+from engine.owner_cache import OwnerCache
 from engine.person import DECISION, DLQ, ERASE, Output, PersonState, Rulebook, refusal
 from engine.sales import TIMER
 from engine.settings import ConfigError, RosterSettings, Settings, check_roster, roster_data
@@ -110,20 +111,41 @@ class IdentityStage(_LazyStore):
     The dataflow runs it on a single worker, so identity decisions are taken one
     at a time, in order, and need no locks: two workers can never both claim an
     identifier or merge the same person. A batch costs one round trip to read
-    owners and erasures, one more to read the identifiers of the people whose
-    graph may change (new identifiers, two owners, an erasure), and one to write.
+    the owners and erasures of identifiers it has not met (none when it knows
+    them all), one more to read the identifiers of the people whose graph may
+    change (new identifiers, two owners, an erasure), and one to write.
     Events older than an erasure of one of their identifiers are dropped here
     (counted), so an erased person cannot be re-created by them.
+
+    The owners it read or wrote stay in :attr:`owners` between batches (being
+    the only writer, it knows they still hold; engine.owner_cache).
     """
+
+    def __init__(self, settings: Settings, store: RedisStore | None):
+        super().__init__(settings, store)
+        # One resolver per flow, on one worker: no other thread uses this map.
+        self.owners = OwnerCache(settings.dataflow.owner_cache_size)
 
     def __call__(self, events: list[Event]) -> list[Resolved]:
         """Resolve ``events`` in order; later events of the batch see earlier decisions."""
+        try:
+            return self._resolve(events)
+        except BaseException:
+            self.owners.clear()  # its writes may have reached Redis in part
+            raise
+
+    def _resolve(self, events: list[Event]) -> list[Resolved]:
         identity = self.settings.identity
         idents = [identifiers_of(e, identity) for e in events]
         digests = list(dict.fromkeys(i.digest for ids in idents for i in ids))
-        found, erased_at = self.store.owners(digests)
-        graph = _Graph(self.store, dict(zip(digests, found, strict=True)))
-        erased = dict(zip(digests, erased_at, strict=True))
+        known, missing = self.owners.split(digests)
+        found, erased_at = self.store.owners(missing)
+        metrics().owner_reads.labels("kept").inc(len(known))
+        metrics().owner_reads.labels("read").inc(len(missing))
+        erased = dict.fromkeys(known, 0)
+        known.update(zip(missing, found, strict=True))
+        erased.update(zip(missing, erased_at, strict=True))
+        graph = _Graph(self.store, known)
         graph.load(
             o
             for e, ids in zip(events, idents, strict=True)
@@ -161,6 +183,7 @@ class IdentityStage(_LazyStore):
                 graph.merge(other, res.one_id, writes)
             out.append(Resolved(res.one_id, event, res.refusals, tuple(res.merges)))
         self.store.write_graph(writes)
+        self.owners.update(graph.owners, erased)
         for r in out:
             home = r.one_id
             while home in graph.redirects:

@@ -306,6 +306,9 @@ class DataflowSettings(_Table, frozen=True):
     # Decoded person states each worker keeps between batches (engine.state_cache), 3-6 KB
     # each with their stored bytes; 0 = none, every batch decodes what it loads.
     state_cache_size: Annotated[int, Meta(ge=0, le=10_000_000)] = 20_000
+    # Identifier owners the resolver keeps between batches (engine.owner_cache), about
+    # 170 B each; 0 = none, every batch reads its identifiers' owners from Redis.
+    owner_cache_size: Annotated[int, Meta(ge=0, le=100_000_000)] = 200_000
 
     def looks_up_identity(self, workers: int) -> bool:
         """Whether a flow of ``workers`` workers finds known people on every worker.

@@ -11,7 +11,8 @@ lookup first, and known people's events skip the resolver, as in the
 dataflow); the same events run through a reference engine one at a time, on
 the same clock, in a key space of its own. The batched engine's workers keep
 three decoded states each between batches (engine.state_cache), so states are
-reused, evicted and found stale; the reference keeps none.
+reused, evicted and found stale, and its resolver five identifier owners
+(engine.owner_cache); the reference keeps neither.
 
 Invariants, checked after every step:
 
@@ -221,8 +222,13 @@ class EngineModel(RuleBasedStateMachine):
         n = next(_prefixes)
         # The batched engine keeps few decoded states between batches, so they are evicted
         # as well as reused; the reference keeps none and decodes every state it loads.
-        batched = replace(base, dataflow=replace(base.dataflow, state_cache_size=3))
-        single = replace(base, dataflow=replace(base.dataflow, state_cache_size=0))
+        # Its resolver keeps five owners (engine.owner_cache): kept, evicted, erased, merged.
+        batched = replace(
+            base, dataflow=replace(base.dataflow, state_cache_size=3, owner_cache_size=5)
+        )
+        single = replace(
+            base, dataflow=replace(base.dataflow, state_cache_size=0, owner_cache_size=0)
+        )
         self.batched = Engine(self.with_prefix(batched, f"mb{n}:"), self.workers, self.clock)
         self.single = Engine(self.with_prefix(single, f"ms{n}:"), 1, self.clock)
         self.pending: list[tuple[dict[str, Any], bool]] = []
