@@ -1,7 +1,7 @@
 """Leadflow's domain: events, identity, scoring, qualification, lifecycle, routing, store.
 
 The per-event rules (:data:`COMPILED`) may run compiled: ``make`` compiles them
-with mypyc, from these very sources, into ``build/mypyc/`` (about 25 s with the
+with mypyc, from these very sources, into ``build/mypyc/`` (under a minute with the
 machine's C compiler), and recording each source's SHA-256 beside them. They are
 used only while every source still has the recorded digest, so an edited module
 never runs stale: the engine then runs as plain Python, the same code, and says
@@ -19,9 +19,9 @@ import os
 import sys
 from pathlib import Path
 
-# The modules mypyc compiles: the rules an event runs through. The batch, the store, the
-# settings and person_records (msgspec structs, whose declared types a compiled class
-# does not keep) stay Python.
+# The modules mypyc compiles: the rules an event runs through, the rule for a batch and
+# the caches between batches. The store, the settings and person_records (msgspec
+# structs, whose declared types a compiled class does not keep) stay Python.
 COMPILED = (
     "events",
     "identity",
@@ -36,6 +36,9 @@ COMPILED = (
     "routing",
     "sales",
     "person",
+    "batch",
+    "state_cache",
+    "owner_cache",
 )
 SOURCES = Path(__file__).resolve().parent
 BUILD = SOURCES.parent / "build" / "mypyc"

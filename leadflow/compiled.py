@@ -33,7 +33,7 @@ def compile_engine(build: Path = BUILD) -> None:
         work = Path(scratch)
         shutil.copytree(SOURCES, work / "engine", ignore=shutil.ignore_patterns("__pycache__"))
         digests = source_digests(work / "engine")  # what is compiled, even if edited meanwhile
-        print(f"mypyc: compiling {len(COMPILED)} engine modules (about 25 s)", flush=True)
+        print(f"mypyc: compiling {len(COMPILED)} engine modules (under a minute)", flush=True)
         done = subprocess.run(
             [sys.executable, "-m", "mypyc", *(f"engine/{name}.py" for name in COMPILED)],
             cwd=work,
