@@ -185,6 +185,8 @@ def test_prometheus_scrapes_what_was_sent_and_the_probes_answer(
     acknowledged = 'leadflow_stage_latency_seconds_count{stage="acknowledged"}'
     # The three people's states: read when first seen, then kept between batches.
     assert (query(prometheus, 'sum(leadflow_state_loads_total{how="read"})') or 0) >= 3
+    # And their identifiers' owners: read from Redis by the resolver when first met.
+    assert (query(prometheus, 'sum(leadflow_identity_owner_reads_total{how="read"})') or 0) >= 3
     assert wait_for("records acknowledged", lambda: (query(prometheus, acknowledged) or 0) >= 4)
     assert query(prometheus, "count(leadflow_build_info)") == 1
     p99 = query(
