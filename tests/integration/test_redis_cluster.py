@@ -152,7 +152,8 @@ def test_a_master_killed_mid_stream_is_ridden_out(tmp_path: Path, clean: Ending)
         feeder = stream(r)
         try:
             time.sleep(3.0)
-            master = next(n for n in r.redis.nodes if _role(r.redis, n.port) == "master")
+            replicas = [n for n in r.redis.nodes if _role(r.redis, n.port) == "slave"]
+            master = next(n for n in r.redis.nodes if n not in replicas)
             assert master.proc is not None
             master.proc.send_signal(signal.SIGKILL)
             killed_at = time.monotonic()
@@ -162,11 +163,18 @@ def test_a_master_killed_mid_stream_is_ridden_out(tmp_path: Path, clean: Ending)
             assert proc.wait(120) == 0, r.log.read_text()[-3000:]
         finally:
             stop_process(proc, sig=signal.SIGKILL)
+        # Counted before the run to the end, so that they are of the streaming engine.
+        promoted = [n for n in replicas if _role(r.redis, n.port) == "master"]
+        scripts_run = [_calls(r.redis, n.port, "evalsha") for n in promoted]
         finish(r)
         got = ending(r)
-        log = r.log.read_text()
     print(f"master killed {time.monotonic() - killed_at:.1f} s before the end")
-    assert "redis error" in log  # it did see the master go
+    # The kill was felt: a replica took over, and the engine saved people through it
+    # (a replica runs no script of its own: it only receives a script's writes). Whether
+    # the engine logs a "redis error" too depends on whether redis-py's own cluster
+    # retries outlast the failover, so that is not asserted.
+    assert len(promoted) == 1, [(n.port, _role(r.redis, n.port)) for n in replicas]
+    assert scripts_run[0] > 0
     assert_same_end(got, clean)
 
 
@@ -176,3 +184,15 @@ def _role(cluster: LocalRedisCluster, port: int) -> str:
         [cluster.cli(), "-p", str(port), "role"], capture_output=True, text=True, check=True
     ).stdout
     return info.split()[0]
+
+
+def _calls(cluster: LocalRedisCluster, port: int, command: str) -> int:
+    """How many times a node has run ``command`` (``INFO commandstats``)."""
+    info = subprocess.run(
+        [cluster.cli(), "-p", str(port), "info", "commandstats"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    for line in info.splitlines():
+        if line.startswith(f"cmdstat_{command}:"):
+            return int(line.split("calls=", 1)[1].split(",", 1)[0])
+    return 0
