@@ -878,6 +878,7 @@ def absorb(
     else:
         p.contacts = None  # a legacy state on either side: the identity graph stands in
     merge_consent(p.consent, other.consent)
+    p.rate = merged_rate(p.rate, other.rate)
     absorbed = [
         [*entry[:2], other.one_id] if isinstance(entry[1], int) and len(entry) == 2 else entry
         for entry in outbox_of(other)
@@ -1048,6 +1049,24 @@ def over_rate(p: PersonState, event: Event, per_minute: int) -> bool:
         rate.flooded = True  # has been refused: see above
         return True
     return False
+
+
+def merged_rate(rate: RateWindow | None, other: RateWindow | None) -> RateWindow | None:
+    """The rate window of two people merged: as if all their events had come under one id.
+
+    Counts of one broker minute add up; otherwise the later minute's count stands. A
+    flood caught on either side stays caught, so a bot cannot shed its count by
+    showing a second cookie, and an event of the absorbed person that reaches the
+    survivor after the merge is refused as it would have been before it.
+    """
+    if rate is None or other is None:
+        kept = rate or other
+        return None if kept is None else RateWindow(kept.minute, kept.count, kept.flooded)
+    flooded = rate.flooded or other.flooded
+    if rate.minute == other.minute:
+        return RateWindow(rate.minute, rate.count + other.count, flooded)
+    later = max(rate, other, key=lambda w: w.minute)
+    return RateWindow(later.minute, later.count, flooded)
 
 
 def refusal(event: Event, reason: str, detail: str) -> dict[str, Any]:

@@ -442,6 +442,29 @@ def test_a_flood_keeps_neither_its_positions_nor_its_refusals() -> None:
     assert sum(len(offsets_of(v)) for v in p.unsettled.values()) == positions
 
 
+def test_a_merge_adds_up_the_minute_of_both_people() -> None:
+    """Two cookies' 70 views each in one broker minute are one person's 140: the limit
+    (120) refuses the next view, whichever side had it; an older minute does not add."""
+    views = [event(f"v{n}", type_="page", path="/x") for n in range(141)]
+    survivor, absorbed = PersonState("p1", is_new=True), PersonState("p2", is_new=True)
+    for n, e in enumerate(views[:140]):
+        out, _ = apply_event(survivor if n % 2 else absorbed, e, RULES, NOW_MS)
+        assert "rate_limited" not in [o.value.get("reason") for o in out]
+    absorb(survivor, absorbed, event("join", type_="identify"), RULES, NOW_MS)
+    assert survivor.rate is not None and survivor.rate.count == 140
+    out, _ = apply_event(survivor, views[140], RULES, NOW_MS)
+    assert "rate_limited" in [o.value.get("reason") for o in out]
+
+    caught, fresh = PersonState("p3", is_new=True), PersonState("p4", is_new=True)
+    for n in range(122):
+        apply_event(caught, event(f"c{n}", type_="page", path="/x"), RULES, NOW_MS)
+    later = NOW_MS + 60_000
+    apply_event(fresh, event("f", type_="page", path="/x", t_ms=later), RULES, later)
+    absorb(fresh, caught, event("join2", type_="identify", t_ms=later), RULES, later)
+    assert fresh.rate is not None
+    assert (fresh.rate.count, fresh.rate.flooded) == (1, True)  # its minute; caught stays caught
+
+
 def test_an_absorbed_mql_brings_its_work_and_timers() -> None:
     mql = known_buyer()
     mql.one_id = "p2"
