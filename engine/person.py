@@ -552,22 +552,7 @@ def apply_event(
     if seen := already_applied(p, event, digest):
         return outputs_again(p, event, seen, digest), None
     if not event.trusted and over_rate(p, event, settings.limits.max_events_per_minute):
-        # No person sends that much: a bot. Its events stop counting, and it is
-        # disqualified once, so what it scored before the limit buys nothing.
-        detail = f"more than {settings.limits.max_events_per_minute} events in a minute"
-        refused = [Output(DLQ, p.one_id, refusal(event, RATE_LIMITED, detail))]
-        if not p.disqualified and lifecycle.DISQUALIFIED in lifecycle.ALLOWED[p.stage]:
-            p.disqualified = RATE_LIMITED
-            refused.append(
-                transition(p, lifecycle.DISQUALIFIED, RATE_LIMITED, event, rules, now_ms)
-            )
-            _leave_sales(p)
-            # Only the refusal that changed the person is remembered: a flood must not
-            # push real records out of the outbox, nor grow the input positions kept.
-            # The others are refused again if replayed (see over_rate), with the same ids.
-            mark_applied(p, event, digest, settings.limits.dedup_window)
-            remember(p, digest, refused, settings.limits.outbox_size)
-        return refused, None
+        return refuse_flood(p, event, digest, rules, now_ms), None
     mark_applied(p, event, digest, settings.limits.dedup_window)
     if event.email:
         note_contact(p, "email", event.email, settings)
@@ -1025,6 +1010,36 @@ def _push_token(event: Event) -> bool:
     device = context.get("device") if isinstance(context, dict) else None
     token = device.get("token") if isinstance(device, dict) else None
     return isinstance(token, str) and bool(token.strip())
+
+
+def refuse_flood(
+    p: PersonState, event: Event, digest: bytes, rules: Rulebook, now_ms: int
+) -> list[Output]:
+    """Refuse an event over the rate limit; the first refusal disqualifies the person as a bot.
+
+    No person sends that much: a bot. Its events stop counting, and it is
+    disqualified once, so what it scored before the limit buys nothing.
+    """
+    limits = rules.settings.limits
+    detail = f"more than {limits.max_events_per_minute} events in a minute"
+    refused = [Output(DLQ, p.one_id, refusal(event, RATE_LIMITED, detail))]
+    if p.disqualified or not (
+        p.stage == lifecycle.DISQUALIFIED or lifecycle.DISQUALIFIED in lifecycle.ALLOWED[p.stage]
+    ):
+        return refused
+    p.disqualified = RATE_LIMITED
+    # One already disqualified (by sales) is marked a bot all the same, with no second
+    # record, as a merge with the cookie that flooded would have marked it: what a later
+    # merge brings together then cannot qualify, whichever of the two arrived first.
+    if p.stage != lifecycle.DISQUALIFIED:
+        refused.append(transition(p, lifecycle.DISQUALIFIED, RATE_LIMITED, event, rules, now_ms))
+        _leave_sales(p)
+    # Only the refusal that changed the person is remembered: a flood must not push
+    # real records out of the outbox, nor grow the input positions kept. The others
+    # are refused again if replayed (see over_rate), with the same ids.
+    mark_applied(p, event, digest, limits.dedup_window)
+    remember(p, digest, refused, limits.outbox_size)
+    return refused
 
 
 def over_rate(p: PersonState, event: Event, per_minute: int) -> bool:

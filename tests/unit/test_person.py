@@ -14,6 +14,7 @@ from msgspec import structs
 from engine.events import Event
 from engine.person import (
     DECISION,
+    DLQ,
     LIFECYCLE,
     OUTBOX_FIRST,
     OUTBOX_FORMAT,
@@ -38,7 +39,7 @@ from engine.person import (
     settle,
 )
 from engine.person_records import StoredPerson
-from engine.sales import complete_routing, route_promotion
+from engine.sales import apply_feedback, complete_routing, route_promotion
 from engine.settings import load_settings
 
 NOW_MS = 1_793_000_000_000
@@ -463,6 +464,19 @@ def test_a_merge_adds_up_the_minute_of_both_people() -> None:
     absorb(fresh, caught, event("join2", type_="identify", t_ms=later), RULES, later)
     assert fresh.rate is not None
     assert (fresh.rate.count, fresh.rate.flooded) == (1, True)  # its minute; caught stays caught
+
+
+def test_a_flood_marks_a_person_sales_disqualified_a_bot_without_a_transition() -> None:
+    """As a merge with the flooding cookie would: whichever comes first, the same person."""
+    p = known_buyer()
+    apply_feedback(p, event("dq", "disqualify", trusted=True, actor="sdr", reason="timing"),
+                   RULES, NOW_MS)  # fmt: skip
+    assert (p.stage, p.disqualified) == ("disqualified", "")
+    views = [event(f"f{n}", type_="page", path="/x") for n in range(125)]
+    out = [o for v in views for o in apply_event(p, v, RULES, NOW_MS)[0]]
+    assert p.disqualified == "rate_limited"
+    assert [o for o in out if o.kind == LIFECYCLE] == []
+    assert sum(o.kind == DLQ for o in out) == 125 + 1 - 120  # the identify counts, not sales
 
 
 def test_an_absorbed_mql_brings_its_work_and_timers() -> None:
