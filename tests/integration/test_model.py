@@ -36,7 +36,8 @@ Invariants, checked after every step:
    own promotions, in event-time order, but two workers' promotions of one
    batch race for the rotation (as they do in the dataflow, where the workers
    run at once; README, "Delivery guarantees"); invariant 3 still holds there.
-   So are the scores, consent and profile of a person who flooded (had events
+   So are the scores, consent, profile and reason for disqualification (not
+   whether disqualified) of a person who flooded (had events
    refused by the rate limit, ``rate_limited``, whatever disqualified them): a
    flood's first events in a broker minute count and the rest are refused whole
    (what they score, what consent they state, what traits they carry), so which
@@ -517,6 +518,9 @@ class EngineModel(RuleBasedStateMachine):
                 got.pop("owner", None)
                 want.pop("owner", None)
                 if flooded:
+                    # Disqualified on both, but which reason came first (a flood, a
+                    # cleansing) follows arrival too.
+                    assert bool(got.pop("disqualified")) == bool(want.pop("disqualified"))
                     for learned_from_events in ("scores", "consent", "profile"):
                         got.pop(learned_from_events)
                         want.pop(learned_from_events)
