@@ -364,7 +364,7 @@ class _Round:
         person = self.people[one_id]
         self.at(item.event)
         target = live.get(item.one_id, person)
-        self._merge_and_note(one_id, n, item, target, live, out)
+        seen = self._merge_and_note(one_id, n, item, target, live, out)
         event = item.event
         if item.looked_up and 0 < target.erased_ms < event.event_ms:
             # Its owner was read before the erasure: dropped as if it had come just
@@ -376,7 +376,7 @@ class _Round:
             self.erased.setdefault(one_id, []).extend(m.one_id for m in target.merged_from)
             out.append(erase(target, event, self.rules, self.now_ms))
             return False
-        if not self._step(target, event, out, one_id):
+        if not self._step(target, event, seen, out, one_id):
             return False
         if live or target is not person:
             # People still to be merged in this batch hold changes that can only be
@@ -412,8 +412,8 @@ class _Round:
         target: PersonState,
         live: dict[str, PersonState],
         out: list[Output],
-    ) -> None:
-        """The merges and refusals an event brings, and whether it was seen before."""
+    ) -> Seen:
+        """The merges and refusals an event brings; whether it was seen before."""
         event = item.event
         digest = message_digest(event.message_id)
         before = len(out)
@@ -436,19 +436,25 @@ class _Round:
         # the merge done and the event seen).
         if len(out) > before:
             remember(target, digest, out[before:], self.settings.limits.outbox_size)
+        return seen
 
-    def _step(self, person: PersonState, event: Event, out: list[Output], home: str) -> bool:
-        """Apply one event, timer or sales feedback; True when it needs an SDR (queued)."""
+    def _step(
+        self, person: PersonState, event: Event, seen: Seen, out: list[Output], home: str
+    ) -> bool:
+        """Apply one event, timer or sales feedback; True when it needs an SDR (queued).
+
+        ``seen`` is :func:`already_applied`'s answer, asked by ``_merge_and_note``.
+        """
         routing, promotion = None, None
         if event.type == TIMER:
             # Named as scheduled: a timer of a person since merged away fires for the survivor.
             _, scheduled_for, kind, due = event.message_id.split("|")
             self.fired.append((home, (scheduled_for, kind, int(due))))
-            records, routing, promotion = fire_timer(person, event, self.rules, self.now_ms)
+            records, routing, promotion = fire_timer(person, event, self.rules, self.now_ms, seen)
         elif event.trusted and event.name in FEEDBACK:
-            records = apply_feedback(person, event, self.rules, self.now_ms)
+            records = apply_feedback(person, event, self.rules, self.now_ms, seen)
         else:
-            records, promotion = apply_event(person, event, self.rules, self.now_ms)
+            records, promotion = apply_event(person, event, self.rules, self.now_ms, seen)
         if promotion is not None:
             routing = route_promotion(promotion, self.rules, self.now_ms)
         if routing is None:

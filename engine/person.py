@@ -533,13 +533,15 @@ def current_scores(p: PersonState, rules: Rulebook) -> dict[str, float]:
 
 
 def apply_event(
-    p: PersonState, event: Event, rules: Rulebook, now_ms: int
+    p: PersonState, event: Event, rules: Rulebook, now_ms: int, seen: Seen | None = None
 ) -> tuple[list[Output], Promotion | None]:
     """Apply ``event`` to ``p`` (mutated) and say what it produced.
 
     Returns the output records to emit now, and a :class:`Promotion` when the
     event made the person an MQL; its decision is completed once an SDR is
-    assigned (:func:`engine.sales.complete_routing`).
+    assigned (:func:`engine.sales.complete_routing`). ``seen`` is
+    :func:`already_applied`'s answer when the caller asked it already (the batch does,
+    for every event), so that it is asked once.
     """
     settings = rules.settings
     if p.erased_ms:
@@ -548,8 +550,11 @@ def apply_event(
             # itself, replayed, sends its record again.
             return replayed_outputs(p, event, message_digest(event.message_id)), None
         _revive(p)
+        seen = None  # asked of the erased state: the new person has seen nothing
     digest = message_digest(event.message_id)
-    if seen := already_applied(p, event, digest):
+    if seen is None:
+        seen = already_applied(p, event, digest)
+    if seen:
         return outputs_again(p, event, seen, digest), None
     if not event.trusted and over_rate(p, event, settings.limits.max_events_per_minute):
         return refuse_flood(p, event, digest, rules, now_ms), None

@@ -33,6 +33,7 @@ from engine.person import (
     PersonState,
     Promotion,
     Rulebook,
+    Seen,
     already_applied,
     decision_record,
     iso,
@@ -205,14 +206,21 @@ def withhold_from_sales(r: Routing, rules: Rulebook, now_ms: int) -> list[Output
     return outputs
 
 
-def apply_feedback(p: PersonState, event: Event, rules: Rulebook, now_ms: int) -> list[Output]:
-    """Move ``p`` as a trusted sales event says; an illegal move becomes a DLQ record."""
+def apply_feedback(
+    p: PersonState, event: Event, rules: Rulebook, now_ms: int, seen: Seen | None = None
+) -> list[Output]:
+    """Move ``p`` as a trusted sales event says; an illegal move becomes a DLQ record.
+
+    ``seen``: :func:`already_applied`'s answer, when the caller asked it already.
+    """
     settings = rules.settings
     if p.is_new:  # nobody is known by its identifiers: nothing to move, no one to create
         detail = f"{event.name}: no lead is known by this event's identifiers"
         return [Output(DLQ, p.one_id, refusal(event, "illegal_transition", detail))]
     digest = message_digest(event.message_id)
-    if seen := already_applied(p, event, digest):
+    if seen is None:
+        seen = already_applied(p, event, digest)
+    if seen:
         return outputs_again(p, event, seen, digest)
     mark_applied(p, event, digest, settings.limits.dedup_window)
     props = event.payload.get("properties") or {}
@@ -258,12 +266,17 @@ def _recycle(p: PersonState, rules: Rulebook, now_ms: int) -> None:
 
 
 def fire_timer(
-    p: PersonState, event: Event, rules: Rulebook, now_ms: int
+    p: PersonState, event: Event, rules: Rulebook, now_ms: int, seen: Seen | None = None
 ) -> tuple[list[Output], Routing | None, Promotion | None]:
-    """Fire a due timer: records to emit now, or a routing / promotion to complete."""
+    """Fire a due timer: records to emit now, or a routing / promotion to complete.
+
+    ``seen``: :func:`already_applied`'s answer, when the caller asked it already.
+    """
     kind, due = event.name, event.event_ms
     digest = message_digest(event.message_id)
-    if seen := already_applied(p, event, digest):
+    if seen is None:
+        seen = already_applied(p, event, digest)
+    if seen:
         return outputs_again(p, event, seen, digest), None, None
     if p.timers.get(kind) != due:
         return [], None, None  # cancelled or moved since it was scheduled
