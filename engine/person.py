@@ -26,7 +26,7 @@ import zlib
 from bisect import bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -191,13 +191,25 @@ def iso(ms: int) -> str:
     """Epoch milliseconds as ISO-8601 UTC with millisecond precision.
 
     Remembered for the last 4,096 instants: a batch's records stamp the same few
-    (the batch's now, each event's time) several times each.
+    (the batch's now, each event's time) several times each. The time of day is
+    written by arithmetic, the date looked up: ``datetime.fromtimestamp(...).isoformat()``
+    took about 22,000 instructions per new instant (callgrind), 5 % of the engine's.
     """
-    return (
-        datetime.fromtimestamp(ms / 1000, UTC)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
+    day, in_day = divmod(ms, _DAY_MS)
+    seconds, millis = divmod(in_day, 1000)
+    minutes, second = divmod(seconds, 60)
+    hour, minute = divmod(minutes, 60)
+    return f"{_iso_date(day)}T{hour:02d}:{minute:02d}:{second:02d}.{millis:03d}Z"
+
+
+_DAY_MS = 86_400_000
+_EPOCH_DAY = date(1970, 1, 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _iso_date(day: int) -> str:
+    """The date ``day`` days after 1 Jan 1970, as ISO-8601."""
+    return (_EPOCH_DAY + timedelta(days=day)).isoformat()
 
 
 def epoch_ms(value: object) -> float | None:

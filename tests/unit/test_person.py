@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -537,3 +538,11 @@ def test_a_group_call_gives_the_profile_its_company_and_a_screen_scores_like_a_p
         == [r.name for r in RULES.scoring.matching_rules(page)]
         != []
     )
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.integers(min_value=-62_135_596_800_000, max_value=253_402_300_799_999))
+def test_iso_writes_what_datetime_writes(ms: int) -> None:
+    """iso's arithmetic agrees with datetime's isoformat, from year 1 to 9999."""
+    moment = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
+    assert iso(ms) == moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
