@@ -193,16 +193,22 @@ def iso(ms: int) -> str:
     Remembered for the last 4,096 instants: a batch's records stamp the same few
     (the batch's now, each event's time) several times each. The time of day is
     written by arithmetic, the date looked up: ``datetime.fromtimestamp(...).isoformat()``
-    took about 22,000 instructions per new instant (callgrind), 5 % of the engine's.
+    took about 22,000 instructions per new instant (callgrind), 4.9 % of the process's.
     """
     day, in_day = divmod(ms, _DAY_MS)
     seconds, millis = divmod(in_day, 1000)
     minutes, second = divmod(seconds, 60)
     hour, minute = divmod(minutes, 60)
-    return f"{_iso_date(day)}T{hour:02d}:{minute:02d}:{second:02d}.{millis:03d}Z"
+    # Padded from tables: a format spec (`:02d`) costs a __format__ call each.
+    return (
+        f"{_iso_date(day)}T{_TWO_DIGITS[hour]}:{_TWO_DIGITS[minute]}:"
+        f"{_TWO_DIGITS[second]}.{_THREE_DIGITS[millis]}Z"
+    )
 
 
 _DAY_MS = 86_400_000
+_TWO_DIGITS = tuple(f"{n:02d}" for n in range(60))
+_THREE_DIGITS = tuple(f"{n:03d}" for n in range(1000))
 _EPOCH_DAY = date(1970, 1, 1)
 
 
