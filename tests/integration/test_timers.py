@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -270,10 +270,13 @@ def test_a_lead_nobody_can_take_moves_to_the_fallback_queue_after_max_wait(
     inbound = replace(routing.queues[0], max_wait_minutes=10.0, fallback_queue="overflow")
     overflow = replace(routing.queues[0], name="overflow")
     cfg = replace(settings, routing=replace(routing, queues=(inbound, overflow)))
-    today = datetime.fromtimestamp(START, UTC).date().isoformat()
+    # Away from START's day to the next: START is an hour ago, so the ten minutes may
+    # cross midnight (UTC), when an away of one day would end and Ana take the lead.
+    today = datetime.fromtimestamp(START, UTC).date()
+    away = f'[["{today.isoformat()}", "{(today + timedelta(days=1)).isoformat()}"]]'
     roster = tmp_path / "roster.toml"
     roster.write_text(
-        f'[[sdrs]]\nid = "sdr-ana"\nqueue = "inbound"\nout_of_office = [["{today}", "{today}"]]\n'
+        f'[[sdrs]]\nid = "sdr-ana"\nqueue = "inbound"\nout_of_office = {away}\n'
         '[[sdrs]]\nid = "sdr-olga"\nqueue = "overflow"\n'
     )
     from leadflow.roster import apply_roster
